@@ -1,0 +1,3 @@
+//! polars-node: one binary for every role of a self-hosted Polars cluster.
+pub mod address;
+pub mod config;
