@@ -850,16 +850,15 @@ fn not_yet_implemented(c: &Config) -> Vec<String> {
     check(s.default_workers_per_query.is_some(), "scheduler.default_workers_per_query");
     check(s.max_workers_per_query.is_some(), "scheduler.max_workers_per_query");
     check(s.default_partitions_per_worker.is_some(), "scheduler.default_partitions_per_worker");
-    check(s.anonymous_result_location != d.scheduler.anonymous_result_location, "scheduler.anonymous_result_location");
+    check(!s.anonymous_result_location.is_local(), "scheduler.anonymous_result_location");
     check(s.checkpoint.is_some(), "scheduler.checkpoint");
     let w = &c.worker;
-    check(w.shuffle_location != d.worker.shuffle_location, "worker.shuffle_location");
+    check(!w.shuffle_location.is_local(), "worker.shuffle_location");
     check(w.checkpoint_location.is_some(), "worker.checkpoint_location");
     check(!w.env_vars.is_empty(), "worker.env_vars");
     let o = &c.observatory;
     check(o.rest_api.service.connection.is_some(), "observatory.rest_api.service.connection");
     check(o.rest_api.service.auth.is_some(), "observatory.rest_api.service.auth");
-    check(o.database_path != d.observatory.database_path, "observatory.database_path");
     check(o.max_metrics_bytes_total != d.observatory.max_metrics_bytes_total, "observatory.max_metrics_bytes_total");
     check(o.database_export.is_some(), "observatory.database_export");
     check(c.monitoring.enabled, "monitoring.enabled");

@@ -1,1 +1,193 @@
-fn main() {}
+//! The `polars-node` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use polars_node::activation::{self, Activated};
+use polars_node::cgroup::MemoryCgroup;
+use polars_node::config::{self, Loaded};
+use polars_node::layout::{self, Layout};
+use polars_node::logging::{self, LogFormat};
+use polars_node::node;
+use polars_node::proto::{ListWorkersRequest, WorkerState, membership_client::MembershipClient};
+
+#[derive(Parser)]
+#[command(name = "polars-node", version, about = "A node of a self-hosted Polars cluster: scheduler, worker and observatory in one binary")]
+struct Cli {
+    /// Log format on stderr (also PLC_LOG_FORMAT); the level comes from PLC_LOG_LEVEL.
+    #[arg(long, global = true, value_enum, env = "PLC_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every role the configuration file enables.
+    Service {
+        #[arg(long)]
+        config_path: PathBuf,
+    },
+    /// Validate a configuration and print it with every address resolved; exit 1 listing
+    /// every problem otherwise.
+    CheckConfig { config_path: PathBuf },
+    /// Print a complete, commented configuration with every default.
+    DefaultConfig,
+    /// Run a whole cluster in this process on loopback: scheduler, one worker, observatory.
+    Local {
+        /// Directory for results, shuffle data and the observatory database.
+        #[arg(long, default_value = "/tmp/polars/local")]
+        data_dir: PathBuf,
+    },
+    /// List the workers a scheduler knows, live or lost.
+    Workers {
+        /// The scheduler's worker service (or client service) address.
+        #[arg(long, default_value = "127.0.0.1:5050")]
+        scheduler: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = || std::env::vars().collect::<Vec<_>>();
+    let result = match cli.command {
+        Command::DefaultConfig => {
+            print!("{}", config::default_config_toml());
+            Ok(())
+        }
+        Command::CheckConfig { config_path } => check_config(&config_path, env()),
+        Command::Service { config_path } => {
+            logging::init(cli.log_format);
+            config::load_file(&config_path, env())
+                .map_err(|e| e.to_string())
+                .and_then(|loaded| run_node(loaded, None))
+        }
+        Command::Local { data_dir } => {
+            logging::init(cli.log_format);
+            let banner = "local cluster ready (scheduler, worker, observatory). Connect a client with:\n\n    \
+                          import polars_cloud as pc\n    ctx = pc.ClusterContext(uri=\"http://127.0.0.1:5051\")\n\n\
+                          Dashboard: http://127.0.0.1:3001   Stop: Ctrl-C"
+                .to_string();
+            config::load_str(&local_config(&data_dir), "<local>", env())
+                .map_err(|e| e.to_string())
+                .and_then(|loaded| run_node(loaded, Some(banner)))
+        }
+        Command::Workers { scheduler, json } => list_workers(&scheduler, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("polars-node: {}", message.trim_end());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: &Path, env: Vec<(String, String)>) -> Result<(), String> {
+    let loaded = config::load_file(path, env).map_err(|e| e.to_string())?;
+    let layout = layout::plan(&loaded.config).map_err(|p| config::ConfigErrors(p).to_string())?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let effective = toml_edit::ser::to_string_pretty(&loaded.config).map_err(|e| e.to_string())?;
+    println!("# effective configuration of {}\n{effective}\n{}", path.display(), layout.describe());
+    Ok(())
+}
+
+/// Everything that can fail on bad input happens here, before the runtime and before any
+/// service serves: configuration, addresses, activated sockets, cgroup, binding.
+fn run_node(loaded: Loaded, banner: Option<String>) -> Result<(), String> {
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    let config = loaded.config;
+    let layout: Layout = layout::plan(&config).map_err(|p| config::ConfigErrors(p).to_string())?;
+    // SAFETY: no thread has been started yet; the runtime is built below.
+    let activated = unsafe { Activated::take_from_env() }?;
+    let _cgroup = match config.memory_limit {
+        Some(limit) => {
+            let cg = MemoryCgroup::enter(limit)?;
+            tracing::info!(cgroup = %cg.dir.display(), version = cg.version, limit, "memory limit enforced");
+            Some(cg)
+        }
+        None => None,
+    };
+    let listeners = activation::acquire(&layout.endpoints, activated)?;
+    for e in &layout.endpoints {
+        tracing::info!(service = e.kind.fd_name(), bind = %e.bind, advertised = %e.advertised(), "{} listening", e.kind.title());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(node::run(config, layout, listeners, banner)).map_err(|e| format!("{e:#}"))
+}
+
+/// The embedded default: every role on loopback, data under `data_dir`.
+fn local_config(data_dir: &Path) -> String {
+    let d = data_dir.display();
+    format!(
+        r#"instance_id = "local"
+[scheduler]
+enabled = true
+client_service.bind_addr = "127.0.0.1:5051"
+worker_service.bind_addr = "127.0.0.1:5050"
+anonymous_result_location.local.path = "{d}/anonymous-results"
+[worker]
+enabled = true
+task_service.bind_addr = "127.0.0.1:5052"
+shuffle_service.bind_addr = "127.0.0.1:5053"
+shuffle_location.local.path = "{d}/shuffle-data"
+[observatory]
+enabled = true
+service.bind_addr = "127.0.0.1:5049"
+rest_api.service.bind_addr = "127.0.0.1:3001"
+database_path = "{d}/observatory/data.db"
+"#
+    )
+}
+
+fn list_workers(scheduler: &str, json: bool) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let response = runtime.block_on(async {
+        let mut client = MembershipClient::connect(format!("http://{scheduler}"))
+            .await
+            .map_err(|e| format!("cannot connect to the scheduler at {scheduler}: {e}"))?;
+        client.list_workers(ListWorkersRequest {}).await.map(|r| r.into_inner()).map_err(|s| s.message().to_string())
+    })?;
+    let rows: Vec<serde_json::Value> = response
+        .workers
+        .iter()
+        .map(|w| {
+            let info = w.info.clone().unwrap_or_default();
+            let state = match WorkerState::try_from(w.state) {
+                Ok(WorkerState::Alive) => "alive",
+                Ok(WorkerState::Lost) => "lost",
+                _ => "unknown",
+            };
+            serde_json::json!({
+                "instance_id": info.instance_id, "state": state, "task_addr": info.task_addr,
+                "shuffle_addr": info.shuffle_addr, "cpus": info.cpus, "memory_bytes": info.memory_bytes,
+                "version": info.version, "millis_since_heartbeat": w.millis_since_heartbeat,
+                "registrations": w.registrations,
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::json!({ "scheduler": response.scheduler_instance_id, "workers": rows }));
+    } else {
+        println!("{:<20} {:<6} {:<24} {:<24} {:>4}", "INSTANCE", "STATE", "TASK", "SHUFFLE", "CPUS");
+        for r in rows {
+            println!(
+                "{:<20} {:<6} {:<24} {:<24} {:>4}",
+                r["instance_id"].as_str().unwrap_or(""),
+                r["state"].as_str().unwrap_or(""),
+                r["task_addr"].as_str().unwrap_or(""),
+                r["shuffle_addr"].as_str().unwrap_or("-"),
+                r["cpus"]
+            );
+        }
+    }
+    Ok(())
+}

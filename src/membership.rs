@@ -1,0 +1,285 @@
+//! Cluster membership: the scheduler's live set of workers, and each worker's registration
+//! and heartbeat loop.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::proto::membership_client::MembershipClient;
+use crate::proto::membership_server::Membership;
+use crate::proto::{
+    DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, ListWorkersRequest, ListWorkersResponse,
+    RegisterRequest, RegisterResponse, WorkerInfo, WorkerState, WorkerStatus,
+};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How long the scheduler waits for a worker's task service to answer a health check.
+const REACHABILITY_TIMEOUT: Duration = Duration::from_secs(3);
+
+struct Member {
+    info: WorkerInfo,
+    alive: bool,
+    last_heartbeat: Instant,
+    registrations: u64,
+}
+
+/// The scheduler's view of its workers.
+#[derive(Clone)]
+pub struct Registry {
+    instance_id: String,
+    cluster_id: String,
+    /// Changes on every scheduler start; heartbeats from an earlier session mean the worker
+    /// must register again.
+    session: String,
+    lost_after: u32,
+    members: Arc<Mutex<BTreeMap<String, Member>>>,
+    live: watch::Sender<usize>,
+}
+
+impl Registry {
+    pub fn new(instance_id: &str, cluster_id: &str, lost_after: u32) -> Self {
+        Registry {
+            instance_id: instance_id.into(),
+            cluster_id: cluster_id.into(),
+            session: uuid::Uuid::new_v4().to_string(),
+            lost_after,
+            members: Arc::default(),
+            live: watch::channel(0).0,
+        }
+    }
+
+    /// The number of live workers, updated as it changes.
+    pub fn live_workers(&self) -> watch::Receiver<usize> {
+        self.live.subscribe()
+    }
+
+    /// Marks workers lost after `lost_after` heartbeat periods of silence. Runs until dropped.
+    pub async fn watch_heartbeats(self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            let mut members = self.members.lock().unwrap();
+            for (id, m) in members.iter_mut() {
+                let period = Duration::from_millis(m.info.heartbeat_period_ms.max(1));
+                let silent = m.last_heartbeat.elapsed();
+                if m.alive && silent > period * self.lost_after {
+                    m.alive = false;
+                    warn!(worker = %id, silent_ms = silent.as_millis() as u64, "worker lost: no heartbeat for {} periods", self.lost_after);
+                }
+            }
+            self.publish(&members);
+        }
+    }
+
+    fn publish(&self, members: &BTreeMap<String, Member>) {
+        let live = members.values().filter(|m| m.alive).count();
+        self.live.send_if_modified(|n| std::mem::replace(n, live) != live);
+    }
+
+    fn check_compatible(&self, w: &WorkerInfo) -> Result<(), Status> {
+        if w.instance_id.is_empty() {
+            return Err(Status::invalid_argument("a worker must have an instance_id"));
+        }
+        if w.cluster_id != self.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "worker `{}` belongs to cluster `{}` but this scheduler runs cluster `{}`: make `cluster_id` equal on both",
+                w.instance_id, w.cluster_id, self.cluster_id
+            )));
+        }
+        if w.version != VERSION {
+            return Err(Status::failed_precondition(format!(
+                "worker `{}` runs polars-node {} but the scheduler runs {VERSION}: run the same version on every node",
+                w.instance_id, w.version
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Asks the worker's task service for its health at the advertised address, so that a
+/// worker advertising an address the scheduler cannot reach is refused at once rather than
+/// failing queries later.
+async fn probe(addr: &str) -> Result<(), String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(REACHABILITY_TIMEOUT)
+        .timeout(REACHABILITY_TIMEOUT);
+    let channel = endpoint.connect().await.map_err(|e| format!("{e}: {}", source_chain(&e)))?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    health
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .map_err(|s| s.message().to_string())?;
+    Ok(())
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push(s.to_string());
+        cur = s.source();
+    }
+    out.join(": ")
+}
+
+#[tonic::async_trait]
+impl Membership for Registry {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let info = request.into_inner().worker.ok_or_else(|| Status::invalid_argument("missing worker"))?;
+        self.check_compatible(&info)?;
+        if let Err(e) = probe(&info.task_addr).await {
+            warn!(worker = %info.instance_id, addr = %info.task_addr, "refusing registration: task service unreachable: {e}");
+            return Err(Status::failed_precondition(format!(
+                "the scheduler cannot reach worker `{}`'s task service at {} ({e}): set `worker.task_service.public_addr` \
+                 to an address the scheduler can connect to",
+                info.instance_id, info.task_addr
+            )));
+        }
+        let mut members = self.members.lock().unwrap();
+        let member = members.entry(info.instance_id.clone()).or_insert_with(|| Member {
+            info: info.clone(),
+            alive: false,
+            last_heartbeat: Instant::now(),
+            registrations: 0,
+        });
+        let was_alive = member.alive;
+        member.info = info.clone();
+        member.alive = true;
+        member.last_heartbeat = Instant::now();
+        member.registrations += 1;
+        info!(
+            worker = %info.instance_id, task = %info.task_addr, shuffle = info.shuffle_addr.as_deref().unwrap_or("-"),
+            cpus = info.cpus, memory_bytes = info.memory_bytes, rejoined = member.registrations > 1, was_alive,
+            "worker registered"
+        );
+        self.publish(&members);
+        Ok(Response::new(RegisterResponse {
+            scheduler_instance_id: self.instance_id.clone(),
+            scheduler_session: self.session.clone(),
+            lost_after_missed_heartbeats: self.lost_after,
+        }))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let hb = request.into_inner();
+        let mut members = self.members.lock().unwrap();
+        let known = hb.scheduler_session == self.session
+            && match members.get_mut(&hb.instance_id) {
+                // A worker marked lost registers again (and is probed again) to come back.
+                Some(m) if m.alive => {
+                    m.last_heartbeat = Instant::now();
+                    true
+                }
+                _ => false,
+            };
+        Ok(Response::new(HeartbeatResponse { known }))
+    }
+
+    async fn deregister(&self, request: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
+        let id = request.into_inner().instance_id;
+        let mut members = self.members.lock().unwrap();
+        if members.remove(&id).is_some() {
+            info!(worker = %id, "worker left");
+        }
+        self.publish(&members);
+        Ok(Response::new(DeregisterResponse {}))
+    }
+
+    async fn list_workers(&self, _: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+        let members = self.members.lock().unwrap();
+        let workers = members
+            .values()
+            .map(|m| WorkerStatus {
+                info: Some(m.info.clone()),
+                state: if m.alive { WorkerState::Alive } else { WorkerState::Lost } as i32,
+                millis_since_heartbeat: m.last_heartbeat.elapsed().as_millis() as u64,
+                registrations: m.registrations,
+            })
+            .collect();
+        Ok(Response::new(ListWorkersResponse { scheduler_instance_id: self.instance_id.clone(), workers }))
+    }
+}
+
+/// What the worker's registration loop reports to the node's readiness.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Registration {
+    Pending(String),
+    Registered,
+}
+
+/// Registers this worker with the scheduler at `scheduler_addr` and keeps it registered:
+/// heartbeats every period, registering again whenever the scheduler does not know it (it
+/// restarted, or marked the worker lost). Ends when `stop` fires, deregistering on the way out.
+pub async fn run_worker(
+    info: WorkerInfo,
+    scheduler_addr: String,
+    state: watch::Sender<Registration>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let period = Duration::from_millis(info.heartbeat_period_ms);
+    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{scheduler_addr}")) {
+        Ok(e) => e.connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(10)),
+        Err(e) => {
+            state.send_replace(Registration::Pending(format!("invalid scheduler address {scheduler_addr}: {e}")));
+            return;
+        }
+    };
+    // Connects lazily and reconnects by itself after the scheduler restarts.
+    let mut client = MembershipClient::new(endpoint.connect_lazy());
+    let mut session: Option<String> = None;
+    let mut last_problem = String::new();
+    loop {
+        let outcome = match &session {
+            None => client
+                .register(RegisterRequest { worker: Some(info.clone()) })
+                .await
+                .map(|r| Some(r.into_inner().scheduler_session)),
+            Some(s) => client
+                .heartbeat(HeartbeatRequest { instance_id: info.instance_id.clone(), scheduler_session: s.clone() })
+                .await
+                .map(|r| if r.into_inner().known { Some(s.clone()) } else { None }),
+        };
+        match outcome {
+            Ok(Some(s)) => {
+                if session.is_none() {
+                    info!(scheduler = %scheduler_addr, "registered with the scheduler");
+                }
+                session = Some(s);
+                last_problem.clear();
+                state.send_if_modified(|r| std::mem::replace(r, Registration::Registered) != Registration::Registered);
+            }
+            Ok(None) => {
+                info!(scheduler = %scheduler_addr, "the scheduler does not know this worker (restarted or marked it lost); registering again");
+                session = None;
+                continue;
+            }
+            Err(status) => {
+                let problem = format!("waiting for the scheduler at {scheduler_addr} to accept registration: {}", status.message());
+                if problem != last_problem {
+                    warn!("{problem}");
+                    last_problem = problem.clone();
+                }
+                if session.is_some() {
+                    // The next successful call must be a registration: the scheduler may be new.
+                    session = None;
+                }
+                state.send_replace(Registration::Pending(problem));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.deregister(DeregisterRequest { instance_id: info.instance_id.clone() }),
+    )
+    .await;
+}

@@ -1,0 +1,230 @@
+//! A running node: serves every enabled service on its listener, reports readiness once all
+//! of them serve (and the worker is registered, and the scheduler has the workers it waits
+//! for), and stops gracefully on SIGTERM/SIGINT.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::http::StatusCode;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tonic::transport::server::TcpIncoming;
+use tracing::{error, info, warn};
+
+use crate::activation::Listeners;
+use crate::config::Config;
+use crate::layout::{Layout, ServiceKind};
+use crate::membership::{self, Registration, Registry};
+use crate::notify;
+use crate::proto::WorkerInfo;
+use crate::proto::membership_server::MembershipServer;
+
+/// Keep-alive probes on accepted connections: idle client long polls must survive NAT and
+/// load balancers, and dead peers must be noticed.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// `banner` is printed to stdout once the node is ready (the `local` command's instructions).
+pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: Option<String>) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let registry = config.scheduler.enabled.then(|| {
+        Registry::new(&layout.instance_id, &layout.cluster_id, config.scheduler.lost_after_missed_heartbeats)
+    });
+    let mut background = JoinSet::new();
+    if let Some(registry) = &registry {
+        background.spawn(registry.clone().watch_heartbeats());
+    }
+    background.spawn(notify::watchdog());
+
+    let mut servers = JoinSet::new();
+    for (kind, listener) in listeners.0 {
+        let shutdown = stopped(stop_rx.clone());
+        let serve = serve(kind, listener, registry.clone(), ready_rx.clone(), shutdown)?;
+        servers.spawn(async move { (kind, serve.await) });
+    }
+
+    // The worker role's registration with the scheduler.
+    let (registration_tx, mut registration_rx) = watch::channel(Registration::Pending("starting".into()));
+    let mut worker_loop = None;
+    if config.worker.enabled {
+        let task = layout.endpoint(ServiceKind::Task).expect("a worker has a task service");
+        let info = WorkerInfo {
+            instance_id: layout.instance_id.clone(),
+            cluster_id: layout.cluster_id.clone(),
+            task_addr: task.advertised(),
+            shuffle_addr: layout.endpoint(ServiceKind::Shuffle).map(|e| e.advertised()),
+            cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+            memory_bytes: config.memory_limit.unwrap_or_else(total_memory),
+            version: membership::VERSION.into(),
+            heartbeat_period_ms: config.worker.heartbeat_period.0.as_millis() as u64,
+        };
+        let scheduler_addr = layout.scheduler_addr.clone().expect("a worker knows its scheduler");
+        worker_loop = Some(tokio::spawn(membership::run_worker(info, scheduler_addr, registration_tx, stop_rx.clone())));
+    }
+
+    let mut live_rx = registry.as_ref().map(|r| r.live_workers());
+    let wanted_workers = config.scheduler.n_workers.unwrap_or(0) as usize;
+    let roles = roles(&config);
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut last_status = String::new();
+    let mut failure = None;
+    loop {
+        // What the node still waits for, in order.
+        let waiting = match (&*registration_rx.borrow(), config.worker.enabled) {
+            (Registration::Pending(why), true) => Some(why.clone()),
+            _ => None,
+        };
+        let live = live_rx.as_ref().map(|rx| *rx.borrow()).unwrap_or(0);
+        let waiting = waiting.or_else(|| {
+            (live < wanted_workers).then(|| format!("waiting for {wanted_workers} workers to register ({live} registered)"))
+        });
+        let status = match &waiting {
+            Some(w) => w.clone(),
+            None if registry.is_some() => format!("ready: {roles}; {live} live workers"),
+            None => format!("ready: {roles}"),
+        };
+        if status != last_status {
+            if waiting.is_none() && !*ready_rx.borrow() {
+                ready_tx.send_replace(true);
+                notify::ready(&status);
+                if let Some(banner) = &banner {
+                    println!("{banner}");
+                }
+            } else {
+                notify::status(&status);
+            }
+            last_status = status;
+        }
+        tokio::select! {
+            _ = registration_rx.changed() => {}
+            _ = async { live_rx.as_mut().unwrap().changed().await }, if live_rx.is_some() => {}
+            _ = sigterm.recv() => { info!("SIGTERM received"); break }
+            _ = sigint.recv() => { info!("SIGINT received"); break }
+            Some(done) = servers.join_next() => {
+                let (kind, result) = done.expect("server task");
+                failure = Some(match result {
+                    Err(e) => format!("the {} failed: {e:#}", kind.title()),
+                    Ok(()) => format!("the {} stopped unexpectedly", kind.title()),
+                });
+                break;
+            }
+        }
+    }
+
+    notify::stopping();
+    stop_tx.send_replace(true);
+    let graceful = async {
+        if let Some(w) = worker_loop {
+            let _ = w.await;
+        }
+        while let Some(done) = servers.join_next().await {
+            if let Ok((kind, Err(e))) = done {
+                warn!("{} ended with an error while stopping: {e:#}", kind.title());
+            }
+        }
+    };
+    let timeout = config.shutdown_timeout.0;
+    if tokio::time::timeout(timeout, graceful).await.is_err() {
+        warn!("in-flight work did not finish within shutdown_timeout ({}); stopping anyway", config.shutdown_timeout);
+    }
+    background.abort_all();
+    match failure {
+        Some(f) => {
+            error!("{f}");
+            anyhow::bail!(f)
+        }
+        None => {
+            info!("node stopped");
+            Ok(())
+        }
+    }
+}
+
+fn roles(config: &Config) -> String {
+    let mut roles = Vec::new();
+    if config.scheduler.enabled {
+        roles.push("scheduler");
+    }
+    if config.worker.enabled {
+        roles.push("worker");
+    }
+    if config.observatory.enabled {
+        roles.push("observatory");
+    }
+    roles.join(", ")
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
+/// The server of one service on its listener.
+fn serve(
+    kind: ServiceKind,
+    listener: TcpListener,
+    registry: Option<Registry>,
+    ready: watch::Receiver<bool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<ServeFuture> {
+    let listener = tokio::net::TcpListener::from_std(listener).with_context(|| format!("{} listener", kind.title()))?;
+    if kind == ServiceKind::Rest {
+        let app = rest_router(ready);
+        return Ok(Box::pin(async move {
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("REST server")
+        }));
+    }
+    // Tonic does not apply these to a listener it did not bind (socket activation).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE));
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let mut router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health);
+    if matches!(kind, ServiceKind::Client | ServiceKind::Worker) {
+        // Registration works on either scheduler port: deployment tools disagree on which one
+        // `static_leader.scheduler_service.public_addr` names.
+        let registry = registry.expect("a scheduler service has a registry");
+        router = router.add_service(MembershipServer::new(registry));
+    }
+    Ok(Box::pin(async move {
+        reporter.set_serving::<MembershipServer<Registry>>().await;
+        router.serve_with_incoming_shutdown(incoming, shutdown).await.context("gRPC server")
+    }))
+}
+
+/// `/healthz` (the process serves) and `/readyz` (the node is ready) on the REST port.
+fn rest_router(ready: watch::Receiver<bool>) -> axum::Router {
+    let ready = Arc::new(ready);
+    axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" })).route(
+        "/readyz",
+        axum::routing::get(move || {
+            let ready = ready.clone();
+            async move {
+                if *ready.borrow() {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }
+        }),
+    )
+}
+
+/// Physical memory of the host, reported to the scheduler when no memory_limit is set.
+fn total_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
