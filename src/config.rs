@@ -233,19 +233,13 @@ impl Default for RestApiConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct MonitoringConfig {
     /// Send this node's traces and host metrics to `static_leader.observatory_service.public_addr`.
     pub enabled: bool,
     /// Which host metrics are sent.
     pub host_metrics: HostMetricsConfig,
-}
-
-impl Default for MonitoringConfig {
-    fn default() -> Self {
-        MonitoringConfig { enabled: false, host_metrics: HostMetricsConfig::default() }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
@@ -701,8 +695,6 @@ pub fn load_str(text: &str, file: &str, env: impl IntoIterator<Item = (String, S
                 let message = e.message();
                 if let Some(unknown) = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
                     errors.push(format!("{origin}: unknown key `{dotted}`{}", suggestion(&path, unknown)));
-                } else if message.starts_with("unknown variant") {
-                    errors.push(format!("{origin}: `{dotted}`: {message}"));
                 } else {
                     errors.push(format!("{origin}: `{dotted}`: {message}"));
                 }
@@ -871,8 +863,8 @@ fn not_yet_implemented(c: &Config) -> Vec<String> {
 /// A complete, commented TOML document of the defaults. Keys without a default are shown
 /// commented out.
 pub fn default_config_toml() -> String {
-    let mut defaults = Config::default();
-    defaults.instance_id = "polars-node".into();
+    // The real default is the host name, which differs per machine.
+    let defaults = Config { instance_id: "polars-node".into(), ..Config::default() };
     let doc = toml_edit::ser::to_document(&defaults).expect("defaults serialize");
     let mut out = String::from(
         "# polars-node configuration: every key with its default.\n\

@@ -219,3 +219,38 @@ fn seed_layout_across_hosts_with_interface_names_and_nat() {
         (rows == lost).then_some(())
     });
 }
+
+/// An interface that exists but has no address of the asked family is a clear error, and one
+/// with it resolves; checked in a namespace holding an interface with only IPv6.
+#[test]
+fn an_interface_without_an_address_of_the_family() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: creating network namespaces needs root");
+        return;
+    }
+    let mut hosts = Hosts { prefix: format!("pn{}f", std::process::id()), names: Vec::new() };
+    let ns = hosts.add("host");
+    sh(&["ip", "-n", &ns, "link", "add", "data0", "type", "veth", "peer", "name", "data1"]);
+    sh(&["ip", "-n", &ns, "addr", "add", "fc00:231::7/64", "dev", "data0", "nodad"]);
+    sh(&["ip", "-n", &ns, "link", "set", "data0", "up"]);
+    let dir = tempfile::tempdir().unwrap();
+    let check = |family: &str| {
+        let path = dir.path().join(format!("{family}.toml"));
+        std::fs::write(
+            &path,
+            format!("[scheduler]\nenabled = true\nclient_service.bind_addr = {{ interface = \"data0\", port = 5051, family = \"{family}\" }}\n"),
+        )
+        .unwrap();
+        hosts.run("host", &["check-config", path.to_str().unwrap()])
+    };
+    let v4 = check("ipv4");
+    assert_eq!(v4.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&v4.stderr);
+    assert!(
+        err.contains("`scheduler.client_service.bind_addr`: network interface `data0` has no IPv4 address; give it one or set family = \"ipv6\""),
+        "{err}"
+    );
+    let v6 = check("ipv6");
+    assert!(v6.status.success(), "{}", String::from_utf8_lossy(&v6.stderr));
+    assert!(String::from_utf8_lossy(&v6.stdout).contains("bind_addr = \"[fc00:231::7]:5051\""));
+}
