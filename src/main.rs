@@ -40,6 +40,9 @@ enum Command {
         #[arg(long, default_value = "/tmp/polars/local")]
         data_dir: PathBuf,
     },
+    /// Run one query task: a worker's execution process (task on stdin, outcome on stdout).
+    #[command(hide = true)]
+    ExecTask,
     /// List the workers a scheduler knows, live or lost.
     Workers {
         /// The scheduler's worker service (or client service) address.
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
                 .and_then(|loaded| run_node(loaded, Some(banner)))
         }
         Command::Workers { scheduler, json } => list_workers(&scheduler, json),
+        Command::ExecTask => polars_node::task::exec_task(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -58,6 +58,11 @@ impl Registry {
         self.live.subscribe()
     }
 
+    /// The live workers, in a stable order.
+    pub fn live_worker_infos(&self) -> Vec<WorkerInfo> {
+        self.members.lock().unwrap().values().filter(|m| m.alive).map(|m| m.info.clone()).collect()
+    }
+
     /// Marks workers lost after `lost_after` heartbeat periods of silence. Runs until dropped.
     pub async fn watch_heartbeats(self) {
         let mut tick = tokio::time::interval(Duration::from_millis(200));

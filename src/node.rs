@@ -19,8 +19,25 @@ use crate::config::Config;
 use crate::layout::{Layout, ServiceKind};
 use crate::membership::{self, Registration, Registry};
 use crate::notify;
+use crate::client_service::ClientApi;
+use crate::config::StorageLocation;
 use crate::proto::WorkerInfo;
+use crate::proto::client::client_service_server::ClientServiceServer;
 use crate::proto::membership_server::MembershipServer;
+use crate::proto::task_server::TaskServer;
+use crate::queries::Queries;
+use crate::task::TaskService;
+
+/// Plans and results can be large; the default 4 MiB message limit is not enough.
+const MAX_MESSAGE: usize = 1 << 30;
+
+/// The gRPC services this node serves, by role.
+#[derive(Clone)]
+struct Roles {
+    registry: Option<Registry>,
+    queries: Option<Queries>,
+    tasks: Option<TaskService>,
+}
 
 /// Keep-alive probes on accepted connections: idle client long polls must survive NAT and
 /// load balancers, and dead peers must be noticed.
@@ -33,6 +50,19 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
     let registry = config.scheduler.enabled.then(|| {
         Registry::new(&layout.instance_id, &layout.cluster_id, config.scheduler.lost_after_missed_heartbeats)
     });
+    let queries = registry.as_ref().map(|r| {
+        let root = match &config.scheduler.anonymous_result_location {
+            StorageLocation::Local(l) | StorageLocation::SharedFilesystem(l) => l.path.clone(),
+            // Object stores arrive with distributed execution; `load` warns about it.
+            _ => std::env::temp_dir().join("polars/anonymous-results"),
+        };
+        Queries::new(r.clone(), root)
+    });
+    let tasks = match config.worker.enabled {
+        true => Some(TaskService::new(config.worker.env_vars.clone()).context("task service")?),
+        false => None,
+    };
+    let roles = Roles { registry: registry.clone(), queries, tasks };
     let mut background = JoinSet::new();
     if let Some(registry) = &registry {
         background.spawn(registry.clone().watch_heartbeats());
@@ -42,7 +72,7 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
     let mut servers = JoinSet::new();
     for (kind, listener) in listeners.0 {
         let shutdown = stopped(stop_rx.clone());
-        let serve = serve(kind, listener, registry.clone(), ready_rx.clone(), shutdown)?;
+        let serve = serve(kind, listener, roles.clone(), ready_rx.clone(), shutdown)?;
         servers.spawn(async move { (kind, serve.await) });
     }
 
@@ -67,7 +97,7 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
 
     let mut live_rx = registry.as_ref().map(|r| r.live_workers());
     let wanted_workers = config.scheduler.n_workers.unwrap_or(0) as usize;
-    let roles = roles(&config);
+    let role_names = role_names(&config);
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut last_status = String::new();
@@ -84,8 +114,8 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
         });
         let status = match &waiting {
             Some(w) => w.clone(),
-            None if registry.is_some() => format!("ready: {roles}; {live} live workers"),
-            None => format!("ready: {roles}"),
+            None if registry.is_some() => format!("ready: {role_names}; {live} live workers"),
+            None => format!("ready: {role_names}"),
         };
         if status != last_status {
             if waiting.is_none() && !*ready_rx.borrow() {
@@ -144,7 +174,7 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
     }
 }
 
-fn roles(config: &Config) -> String {
+fn role_names(config: &Config) -> String {
     let mut roles = Vec::new();
     if config.scheduler.enabled {
         roles.push("scheduler");
@@ -168,7 +198,7 @@ type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Re
 fn serve(
     kind: ServiceKind,
     listener: TcpListener,
-    registry: Option<Registry>,
+    roles: Roles,
     ready: watch::Receiver<bool>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<ServeFuture> {
@@ -188,8 +218,18 @@ fn serve(
     if matches!(kind, ServiceKind::Client | ServiceKind::Worker) {
         // Registration works on either scheduler port: deployment tools disagree on which one
         // `static_leader.scheduler_service.public_addr` names.
-        let registry = registry.expect("a scheduler service has a registry");
+        let registry = roles.registry.expect("a scheduler service has a registry");
         router = router.add_service(MembershipServer::new(registry));
+    }
+    if kind == ServiceKind::Client {
+        let api = ClientApi::new(roles.queries.expect("a scheduler has queries"));
+        router = router.add_service(
+            ClientServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE),
+        );
+    }
+    if kind == ServiceKind::Task {
+        let tasks = roles.tasks.expect("a worker has a task service");
+        router = router.add_service(TaskServer::new(tasks).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE));
     }
     Ok(Box::pin(async move {
         reporter.set_serving::<MembershipServer<Registry>>().await;

@@ -1,0 +1,203 @@
+//! The scheduler's client service (port 5051): the gRPC API the official `polars-cloud`
+//! client calls, mapped onto `queries`.
+
+use std::pin::Pin;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::proto::client::client_service_server::ClientService;
+use crate::proto::client::{
+    CancelQueryRequest, CancelQueryResponse, ClientQueryPlans, ComputeQueryInfo, DeleteQueryResultRequest,
+    DeleteQueryResultResponse, Engine, ExecuteUntil, GetComputeVersionsRequest, GetComputeVersionsResponse,
+    GetQueryPlansRequest, GetQueryPlansResponse, GetQueryResultRequest, GetQueryResultResponse, GetQueryStatusRequest,
+    GetQueryStatusResponse, QueryStageStatistics, QueryStatus, StageStatistics, SubmitQueryRequest, SubmitQueryResponse,
+    compute_query_info,
+};
+use crate::proto::common::{self, ComputeVersions, Destination, FileType, PlanFormat, QueryId, QueryOutput, QueryPlans};
+use crate::proto::EngineChoice;
+use crate::queries::{Queries, Query, Status as QState, Submission};
+use polars_node_engine as engine;
+
+pub struct ClientApi {
+    queries: Queries,
+}
+
+impl ClientApi {
+    pub fn new(queries: Queries) -> Self {
+        ClientApi { queries }
+    }
+
+    fn query(&self, id: Option<QueryId>) -> Result<std::sync::Arc<Query>, Status> {
+        let text = id.map(|q| q.query_id).unwrap_or_default();
+        let uuid = Uuid::parse_str(&text).map_err(|_| Status::invalid_argument(format!("`{text}` is not a query id")))?;
+        self.queries.get(&uuid).ok_or_else(|| Status::not_found(format!("no query {uuid} on this cluster")))
+    }
+}
+
+fn header<'a, T>(request: &'a Request<T>, name: &str) -> Option<&'a str> {
+    request.metadata().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn wire_status(s: QState) -> QueryStatus {
+    match s {
+        QState::Scheduled => QueryStatus::Scheduled,
+        QState::Running => QueryStatus::Running,
+        QState::Success => QueryStatus::Success,
+        QState::Failed => QueryStatus::Failed,
+        QState::Canceled => QueryStatus::Canceled,
+    }
+}
+
+/// The failure text as the client expects it: a JSON object keyed by "scheduler".
+fn client_error(message: &str) -> common::Error {
+    common::Error { message: serde_json::json!({ "scheduler": message }).to_string() }
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<GetQueryStatusResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ClientService for ClientApi {
+    async fn submit_query(&self, request: Request<SubmitQueryRequest>) -> Result<Response<SubmitQueryResponse>, Status> {
+        let client_polars = header(&request, "x-polars-version").map(str::to_string);
+        let user = header(&request, "x-polars-user").map(str::to_string);
+        let body = request.into_inner();
+        let settings = body.settings.unwrap_or_default();
+        let engine = match Engine::try_from(settings.engine).unwrap_or(Engine::Auto) {
+            Engine::Streaming => EngineChoice::Streaming,
+            Engine::InMemory => EngineChoice::InMemory,
+            Engine::Gpu => EngineChoice::Gpu,
+            Engine::Auto | Engine::Unspecified => EngineChoice::Auto,
+        };
+        let plan_only = match ExecuteUntil::try_from(settings.execute_until).unwrap_or(ExecuteUntil::Execute) {
+            e @ (ExecuteUntil::OptimizeIr | ExecuteUntil::Plan) => Some(e as i32),
+            _ => None,
+        };
+        let submission = Submission {
+            plan: body.plan,
+            engine,
+            optimization_flags: settings.optimization_flags,
+            n_retries: settings.n_retries,
+            plan_only,
+            user,
+        };
+        let query = self.queries.submit(submission, client_polars.as_deref());
+        Ok(Response::new(SubmitQueryResponse { query_id: Some(QueryId { query_id: query.id.to_string() }) }))
+    }
+
+    async fn get_query_result(&self, request: Request<GetQueryResultRequest>) -> Result<Response<GetQueryResultResponse>, Status> {
+        let query = self.query(request.into_inner().query_id)?;
+        // Long poll: the client holds the call open until the query is terminal.
+        let mut watch = query.watch();
+        let status = *watch.wait_for(|s| s.is_terminal()).await.map_err(|_| Status::internal("query state lost"))?;
+        let outcome = query.outcome();
+        let mut result = common::QueryResult { total_stages: 1, ..Default::default() };
+        let mut info = ComputeQueryInfo {
+            execute_until: query.submission.plan_only.unwrap_or(ExecuteUntil::Execute as i32),
+            ..Default::default()
+        };
+        match status {
+            QState::Success if query.submission.plan_only.is_none() => {
+                result.finished_stages = 1;
+                let destination = match query.target {
+                    engine::Target::InMemory => outcome.files.iter().map(|f| Destination { destination: f.clone() }).collect(),
+                    _ => Vec::new(),
+                };
+                result.output = Some(QueryOutput { destination, file_type: FileType::Parquet as i32, n_rows_result: outcome.n_rows });
+                if !outcome.head_ipc.is_empty() {
+                    info.head = Some(compute_query_info::Head::Data(outcome.head_ipc));
+                }
+                info.stage_statistics = Some(QueryStageStatistics {
+                    stage_statistics: [(0, StageStatistics { num_workers_used: outcome.workers_used })].into(),
+                });
+            }
+            QState::Failed => {
+                result.failed_stages = 1;
+                result.errors = outcome.error.iter().map(|e| client_error(e)).collect();
+            }
+            _ => {}
+        }
+        Ok(Response::new(GetQueryResultResponse {
+            query_result: Some(result),
+            compute_info: Some(info),
+            query_status: wire_status(status) as i32,
+        }))
+    }
+
+    type GetQueryStatusStream = StatusStream;
+
+    async fn get_query_status(&self, request: Request<GetQueryStatusRequest>) -> Result<Response<StatusStream>, Status> {
+        let query = self.query(request.into_inner().query_id)?;
+        let mut watch = query.watch();
+        let stream = async_stream_of_status(move || {
+            let current = *watch.borrow_and_update();
+            (current, watch.clone())
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn get_query_plans(&self, request: Request<GetQueryPlansRequest>) -> Result<Response<GetQueryPlansResponse>, Status> {
+        let query = self.query(request.into_inner().query_id)?;
+        let plan = engine::Plan::read(&query.submission.plan)
+            .map_err(|e| Status::failed_precondition(engine::describe_error(&e)))?;
+        let flags = query.submission.optimization_flags;
+        let ir = tokio::task::spawn_blocking(move || plan.explain(flags))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::failed_precondition(engine::describe_error(&e)))?;
+        Ok(Response::new(GetQueryPlansResponse {
+            legacy_plans: Some(QueryPlans { format: PlanFormat::Explain as i32, ir_plan: Some(ir.clone()), phys_plan: None }),
+            plans: Some(ClientQueryPlans { format: PlanFormat::Explain as i32, ir_plan: Some(ir), stage_graph: None }),
+        }))
+    }
+
+    async fn cancel_query(&self, request: Request<CancelQueryRequest>) -> Result<Response<CancelQueryResponse>, Status> {
+        let query = self.query(request.into_inner().query_id)?;
+        self.queries.cancel(&query).await;
+        Ok(Response::new(CancelQueryResponse {}))
+    }
+
+    async fn delete_query_result(&self, request: Request<DeleteQueryResultRequest>) -> Result<Response<DeleteQueryResultResponse>, Status> {
+        let query = self.query(request.into_inner().query_id)?;
+        self.queries
+            .delete_result(&query)
+            .await
+            .map_err(|e| Status::internal(format!("cannot remove {}: {e}", query.result_dir.display())))?;
+        Ok(Response::new(DeleteQueryResultResponse {}))
+    }
+
+    async fn get_compute_versions(&self, _: Request<GetComputeVersionsRequest>) -> Result<Response<GetComputeVersionsResponse>, Status> {
+        Ok(Response::new(GetComputeVersionsResponse {
+            versions: Some(ComputeVersions {
+                compute_plane_version: format!("polars-node {}", env!("CARGO_PKG_VERSION")),
+                polars_python_version: engine::POLARS_VERSION.into(),
+                polars_rust_revision: format!("polars-runtime-64 {} source (DSL schema {})", engine::POLARS_VERSION, engine::own_schema_hash()),
+            }),
+        }))
+    }
+}
+
+/// Every status change until the query is terminal, starting with the current one.
+fn async_stream_of_status(
+    start: impl FnOnce() -> (QState, tokio::sync::watch::Receiver<QState>),
+) -> StatusStream {
+    let (first, watch) = start();
+    let stream = futures_util::stream::unfold((Some(first), watch, false), |(pending, mut watch, done)| async move {
+        if done {
+            return None;
+        }
+        let status = match pending {
+            Some(s) => s,
+            None => {
+                if watch.changed().await.is_err() {
+                    return None;
+                }
+                *watch.borrow_and_update()
+            }
+        };
+        let item = Ok(GetQueryStatusResponse { status: wire_status(status) as i32 });
+        Some((item, (None, watch, status.is_terminal())))
+    });
+    Box::pin(stream)
+}

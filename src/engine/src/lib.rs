@@ -1,0 +1,197 @@
+//! Polars 2.0.0 for polars-node: reads the plans the official client sends and executes them.
+//!
+//! A plan is `lf.sink_parquet(TARGET, lazy=True).serialize()` of the client's py-polars:
+//! `DSL_VERSION` + 4 bytes + the 64-hex `DSL_SCHEMA_HASH` + MessagePack. `TARGET` is the
+//! placeholder `<in-memory>` (results go to the cluster's result storage), `<flight>` (results
+//! stream back through Arrow Flight) or the user's own sink.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+pub use polars;
+use polars::prelude::*;
+
+/// The Polars version whose plans this engine reads.
+pub const POLARS_VERSION: &str = "2.0.0";
+
+const DSL_MAGIC: &[u8] = b"DSL_VERSION";
+
+/// Registers what plans may need at execution (the SQL resolver for SQL-built frames).
+pub fn init() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(polars::sql::register_sql_resolver);
+}
+
+/// The `DSL_SCHEMA_HASH` in the header of a serialized plan, if it has one.
+pub fn schema_hash_of(plan: &[u8]) -> Option<&str> {
+    let rest = plan.strip_prefix(DSL_MAGIC)?;
+    let hash = rest.get(4..4 + 64)?;
+    std::str::from_utf8(hash).ok().filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The `DSL_SCHEMA_HASH` this engine reads (written into every plan it serializes).
+pub fn own_schema_hash() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| {
+        let mut bytes = Vec::new();
+        let plan = DslPlan::default();
+        plan.serialize_versioned(&mut bytes, Default::default()).expect("an empty plan serializes");
+        schema_hash_of(&bytes).expect("own plans have a header").to_string()
+    })
+}
+
+/// Where the client wants the result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `execute()`: the cluster stores the result and hands back its location.
+    InMemory,
+    /// `collect()`: the result streams back through Arrow Flight.
+    Flight,
+    /// A sink of the user's (`sink_parquet("s3://...")`): the plan writes it itself.
+    User,
+}
+
+/// A plan read from the client.
+#[derive(Clone)]
+pub struct Plan {
+    /// The query without the placeholder sink (the whole plan for user sinks).
+    query: DslPlan,
+    pub target: Target,
+}
+
+/// Which engine the client asked for (the client protocol's `Engine` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineChoice {
+    Auto,
+    Streaming,
+    InMemory,
+    Gpu,
+}
+
+impl Plan {
+    /// Reads a serialized plan. A plan of another Polars version fails here with Polars'
+    /// own message naming both schema hashes.
+    pub fn read(bytes: &[u8]) -> PolarsResult<Plan> {
+        let dsl = DslPlan::deserialize_versioned(bytes)?;
+        let placeholder = |payload: &SinkType| match payload {
+            SinkType::File(FileSinkOptions { target: SinkTarget::Path(p), .. }) => match p.as_str() {
+                "<in-memory>" => Some(Target::InMemory),
+                "<flight>" => Some(Target::Flight),
+                _ => None,
+            },
+            _ => None,
+        };
+        Ok(match dsl {
+            DslPlan::Sink { input, payload } if placeholder(&payload).is_some() => {
+                Plan { query: Arc::unwrap_or_clone(input), target: placeholder(&payload).unwrap() }
+            }
+            other => Plan { query: other, target: Target::User },
+        })
+    }
+
+    fn lazy(&self, optimization_flags: Option<u32>) -> LazyFrame {
+        let lf = LazyFrame::from(self.query.clone());
+        match optimization_flags {
+            Some(bits) => lf.with_optimizations(OptFlags::from_bits_truncate(bits)),
+            None => lf,
+        }
+    }
+
+    /// The optimized logical plan as text (`plan("ir")`, `explain()`).
+    pub fn explain(&self, optimization_flags: Option<u32>) -> PolarsResult<String> {
+        self.lazy(optimization_flags).explain(true)
+    }
+
+    /// The optimized logical plan as a Graphviz graph.
+    pub fn dot(&self, optimization_flags: Option<u32>) -> PolarsResult<String> {
+        self.lazy(optimization_flags).to_dot(true)
+    }
+
+    /// Runs the query. For `InMemory` and `Flight` targets the result is written to
+    /// `result_dir` (Parquet for in-memory results, Arrow IPC for Flight) and the first
+    /// `head_rows` rows come back as Arrow IPC file bytes; a `User` plan writes its own sink.
+    pub fn execute(
+        &self,
+        engine: EngineChoice,
+        optimization_flags: Option<u32>,
+        result_dir: &Path,
+        head_rows: usize,
+    ) -> PolarsResult<Executed> {
+        let engine = match engine {
+            EngineChoice::Auto => Engine::Auto,
+            EngineChoice::Streaming => Engine::Streaming,
+            EngineChoice::InMemory => Engine::InMemory,
+            EngineChoice::Gpu => polars_bail!(InvalidOperation: "the GPU engine is not available on this cluster; use engine=\"auto\""),
+        };
+        let lf = self.lazy(optimization_flags);
+        if self.target == Target::User {
+            lf.collect_with_engine(engine)?;
+            return Ok(Executed { n_rows: 0, files: Vec::new(), head_ipc: Vec::new() });
+        }
+        let mut df = lf.collect_with_engine(engine)?.unwrap_single();
+        std::fs::create_dir_all(result_dir).map_err(|e| polars_err!(ComputeError: "cannot create result directory {}: {e}", result_dir.display()))?;
+        let path = match self.target {
+            Target::InMemory => {
+                let path = result_dir.join("0.parquet");
+                ParquetWriter::new(create(&path)?).finish(&mut df)?;
+                path
+            }
+            _ => {
+                let path = result_dir.join("0.arrow");
+                IpcWriter::new(create(&path)?).finish(&mut df)?;
+                path
+            }
+        };
+        let mut head = df.head(Some(head_rows));
+        let mut head_ipc = Vec::new();
+        IpcWriter::new(&mut head_ipc).finish(&mut head)?;
+        Ok(Executed { n_rows: df.height() as u64, files: vec![path], head_ipc })
+    }
+}
+
+fn create(path: &Path) -> PolarsResult<File> {
+    File::create(path).map_err(|e| polars_err!(ComputeError: "cannot write {}: {e}", path.display()))
+}
+
+/// The outcome of a query run to completion.
+#[derive(Debug)]
+pub struct Executed {
+    pub n_rows: u64,
+    pub files: Vec<PathBuf>,
+    pub head_ipc: Vec<u8>,
+}
+
+/// The Python exception py-polars raises for this error, and its message: the client
+/// re-raises `"<Exception>: message"` as that exception.
+pub fn describe_error(error: &PolarsError) -> String {
+    // As py-polars does: context wrappers are folded into the message of the error they wrap,
+    // whose kind names the exception.
+    let traced = error.clone().context_trace();
+    let (name, message) = match &traced {
+        PolarsError::AssertionError(m) => ("AssertionError", m.to_string()),
+        PolarsError::ColumnNotFound(m) => ("ColumnNotFoundError", m.to_string()),
+        PolarsError::ComputeError(m) => ("ComputeError", m.to_string()),
+        PolarsError::Duplicate(m) => ("DuplicateError", m.to_string()),
+        PolarsError::InvalidOperation(m) => ("InvalidOperationError", m.to_string()),
+        PolarsError::IO { error, msg } => {
+            let name = match error.kind() {
+                std::io::ErrorKind::NotFound => "FileNotFoundError",
+                std::io::ErrorKind::PermissionDenied => "PermissionError",
+                _ => "OSError",
+            };
+            (name, msg.as_ref().map(|m| m.to_string()).unwrap_or_else(|| error.to_string()))
+        }
+        PolarsError::NoData(m) => ("NoDataError", m.to_string()),
+        PolarsError::OutOfBounds(m) => ("OutOfBoundsError", m.to_string()),
+        PolarsError::SchemaFieldNotFound(m) => ("SchemaFieldNotFoundError", m.to_string()),
+        PolarsError::SchemaMismatch(m) => ("SchemaError", m.to_string()),
+        PolarsError::ShapeMismatch(m) => ("ShapeError", m.to_string()),
+        PolarsError::SQLInterface(m) => ("SQLInterfaceError", m.to_string()),
+        PolarsError::SQLSyntax(m) => ("SQLSyntaxError", m.to_string()),
+        PolarsError::StringCacheMismatch(m) => ("StringCacheMismatchError", m.to_string()),
+        PolarsError::StructFieldNotFound(m) => ("StructFieldNotFoundError", m.to_string()),
+        other => ("ComputeError", other.to_string()),
+    };
+    format!("{name}: {message}")
+}
