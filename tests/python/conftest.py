@@ -1,0 +1,111 @@
+"""A real cluster for the official client: a scheduler and two workers as separate
+`polars-node` processes on 127.0.0.1 / 127.0.0.2 / 127.0.0.3."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = os.environ.get("POLARS_NODE_BIN") or str(
+    Path(os.environ.get("CARGO_TARGET_DIR", Path(__file__).parents[2] / "target")) / "debug" / "polars-node"
+)
+
+
+def free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.client_port = free_port("127.0.0.1")
+        self.worker_port = free_port("127.0.0.1")
+        self.results = root / "results"
+        self.uri = f"http://127.0.0.1:{self.client_port}"
+
+    def start(self, name: str, config: str) -> None:
+        path = self.root / f"{name}.toml"
+        path.write_text(config)
+        log = open(self.root / f"{name}.log", "w")
+        env = dict(os.environ, PLC_LOG_LEVEL="info")
+        self.procs[name] = subprocess.Popen(
+            [BIN, "service", "--config-path", str(path)], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+
+    def start_scheduler(self) -> None:
+        self.start(
+            "scheduler",
+            f"""instance_id = "scheduler"
+[scheduler]
+enabled = true
+client_service.bind_addr = "127.0.0.1:{self.client_port}"
+worker_service.bind_addr = "127.0.0.1:{self.worker_port}"
+anonymous_result_location.local.path = "{self.results}"
+""",
+        )
+
+    def start_worker(self, name: str, ip: str) -> None:
+        self.start(
+            name,
+            f"""instance_id = "{name}"
+[worker]
+enabled = true
+heartbeat_period = "300ms"
+task_service.bind_addr = "{ip}:{free_port(ip)}"
+shuffle_service.bind_addr = "{ip}:{free_port(ip)}"
+shuffle_location.local.path = "{self.root / name / 'shuffle'}"
+[static_leader]
+scheduler_service.public_addr = "127.0.0.1:{self.worker_port}"
+""",
+        )
+
+    def live_workers(self) -> list[str]:
+        out = subprocess.run(
+            [BIN, "workers", "--json", "--scheduler", f"127.0.0.1:{self.worker_port}"], capture_output=True, text=True
+        )
+        if out.returncode != 0:
+            return []
+        return sorted(w["instance_id"] for w in json.loads(out.stdout)["workers"] if w["state"] == "alive")
+
+    def wait_for_workers(self, names: list[str], timeout: float = 30) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.live_workers() == sorted(names):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"workers {names} did not register: {self.live_workers()}\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.root.glob("*.log")))
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    c.start_scheduler()
+    c.start_worker("worker-1", "127.0.0.2")
+    c.start_worker("worker-2", "127.0.0.3")
+    try:
+        c.wait_for_workers(["worker-1", "worker-2"])
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="session")
+def ctx(cluster):
+    import polars_cloud as pc
+
+    return pc.ClusterContext(uri=cluster.uri)

@@ -1,0 +1,148 @@
+"""The official client (polars-cloud 0.12.0, polars 2.0.0) against a real cluster. Every
+result is compared with the same query collected by local Polars."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+import polars_cloud as pc
+from polars_cloud.query.query_status import QueryStatus
+
+
+def sales() -> pl.LazyFrame:
+    return pl.LazyFrame(
+        {
+            "region": ["north", "south", "north", "east", "south", "north", "west"] * 30,
+            "units": list(range(210)),
+            "price": [1.5, 2.0, 3.25, 4.0, 0.5, 1.0, 2.5] * 30,
+        }
+    )
+
+
+def revenue() -> pl.LazyFrame:
+    return (
+        sales()
+        .with_columns(revenue=pl.col("units") * pl.col("price"))
+        .group_by("region")
+        .agg(pl.col("revenue").sum(), pl.len(), pl.col("units").max().alias("max_units"))
+        .sort("region")
+    )
+
+
+def test_show_versions(ctx, capsys):
+    ctx.show_versions()
+    out = capsys.readouterr().out
+    assert "Polars Python Version: 2.0.0" in out
+    assert "Compute Plane Version: polars-node" in out
+
+
+def test_execute_head_and_lazy(ctx):
+    expected = revenue().collect()
+    result = revenue().remote(ctx).execute()
+    assert result.status == QueryStatus.SUCCESS
+    assert_frame_equal(result.head, expected.head(10))
+    assert_frame_equal(result.lazy().collect(), expected)
+    assert result.n_rows_total == expected.height
+    # len() is UInt64 on the client's 64-bit-index build: the engine must match it.
+    assert result.lazy().collect().schema["len"] == pl.UInt64
+
+
+def test_single_node(ctx):
+    q = sales().filter(pl.col("units") > 100).select("region", "units").sort("units")
+    result = q.remote(ctx).single_node().execute()
+    assert_frame_equal(result.lazy().collect(), q.collect())
+
+
+def test_parquet_file_set(ctx, tmp_path):
+    for i in range(3):
+        pl.DataFrame({"k": [i % 2, 1, 0] * 100, "v": [float(i)] * 300}).write_parquet(tmp_path / f"part-{i}.parquet")
+    q = pl.scan_parquet(tmp_path / "*.parquet").group_by("k").agg(pl.col("v").mean(), pl.len()).sort("k")
+    result = q.remote(ctx).execute()
+    assert_frame_equal(result.lazy().collect(), q.collect())
+
+
+def test_sink_parquet_and_await_result(ctx, tmp_path):
+    target = tmp_path / "out" / "revenue.parquet"
+    target.parent.mkdir()
+    query = revenue().remote(ctx).sink_parquet(str(target), sink_to_single_file=True)
+    result = query.await_result()
+    assert result.status == QueryStatus.SUCCESS
+    assert_frame_equal(pl.read_parquet(target), revenue().collect())
+
+
+def test_plan_ir(ctx):
+    result = revenue().remote(ctx).execute()
+    ir = result.plan("ir")
+    assert "AGGREGATE" in ir.upper() and "region" in ir, ir
+
+
+def test_get_status_then_await(ctx):
+    query = revenue().remote(ctx).execute(blocking=False)
+    assert query.get_status() in (QueryStatus.SCHEDULED, QueryStatus.INPROGRESS, QueryStatus.SUCCESS)
+    result = query.await_result()
+    assert query.get_status() == QueryStatus.SUCCESS
+    assert_frame_equal(result.lazy().collect(), revenue().collect())
+
+
+def execution_processes() -> int:
+    out = subprocess.run(["pgrep", "-f", "polars-node exec-task"], capture_output=True, text=True)
+    return len(out.stdout.split())
+
+
+def test_cancel_a_long_query(ctx):
+    long = pl.LazyFrame({"a": range(3000)}).join(pl.LazyFrame({"b": range(3000)}), how="cross")
+    long = long.with_columns((pl.col("a") * pl.col("b")).alias("c")).sort("c").select(pl.col("c").sum())
+    query = long.remote(ctx).execute(blocking=False)
+    deadline = time.time() + 20
+    while query.get_status() != QueryStatus.INPROGRESS and time.time() < deadline:
+        time.sleep(0.05)
+    assert query.get_status() == QueryStatus.INPROGRESS
+    assert execution_processes() >= 1
+    query.cancel()
+    assert query.get_status() == QueryStatus.CANCELED
+    # The work stops on the worker: its execution process is gone.
+    deadline = time.time() + 10
+    while execution_processes() and time.time() < deadline:
+        time.sleep(0.1)
+    assert execution_processes() == 0
+
+
+def test_delete_result(ctx):
+    result = revenue().remote(ctx).execute()
+    location = [Path(p) for p in result.location]
+    assert location and all(p.exists() for p in location)
+    result.delete()
+    assert not any(p.exists() for p in location)
+
+
+def test_unknown_column_raises_the_polars_exception(ctx):
+    with pytest.raises(pl.exceptions.ColumnNotFoundError, match="no_such_column"):
+        sales().select("no_such_column").remote(ctx).execute()
+
+
+def test_a_client_of_another_polars_version_gets_a_clear_error(cluster):
+    python = os.environ.get("POLARS_CLOUD_OLD_PYTHON")
+    if not python:
+        pytest.skip("POLARS_CLOUD_OLD_PYTHON (a venv with polars-cloud==0.11.3) is not set")
+    script = f"""
+import polars as pl, polars_cloud as pc
+ctx = pc.ClusterContext(uri="{cluster.uri}")
+try:
+    pl.LazyFrame({{"a": [1]}}).remote(ctx).execute()
+except Exception as e:
+    print("ERROR", type(e).__name__, e)
+else:
+    print("NO ERROR")
+"""
+    out = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert "ERROR" in out.stdout, text
+    assert "1.44.2" in text and "2.0.0" in text and "polars-cloud==0.12.0" in text, text
+    # The scheduler keeps serving the right client.
+    assert cluster.live_workers() == ["worker-1", "worker-2"]
