@@ -129,11 +129,13 @@ impl ClientService for ClientApi {
 
     async fn get_query_status(&self, request: Request<GetQueryStatusRequest>) -> Result<Response<StatusStream>, Status> {
         let query = self.query(request.into_inner().query_id)?;
-        let mut watch = query.watch();
-        let stream = async_stream_of_status(move || {
-            let current = *watch.borrow_and_update();
-            (current, watch.clone())
-        });
+        tracing::debug!(query = %query.id, status = ?query.status(), "GetQueryStatus");
+        // A `.collect()` client reads this stream until RUNNING or SUCCESS, then asks Flight for
+        // the result; a failure after RUNNING would reach it as a transport error rather than
+        // the query's Polars exception. So a Flight query reports RUNNING only once its
+        // result is ready, which lets a failure reach the client as FAILED.
+        let hide_running = query.target == engine::Target::Flight;
+        let stream = status_stream(query.watch(), hide_running);
         Ok(Response::new(stream))
     }
 
@@ -178,26 +180,24 @@ impl ClientService for ClientApi {
     }
 }
 
-/// Every status change until the query is terminal, starting with the current one.
-fn async_stream_of_status(
-    start: impl FnOnce() -> (QState, tokio::sync::watch::Receiver<QState>),
-) -> StatusStream {
-    let (first, watch) = start();
-    let stream = futures_util::stream::unfold((Some(first), watch, false), |(pending, mut watch, done)| async move {
-        if done {
+/// Every status change until the query is terminal, starting with the current one. With
+/// `hide_running`, RUNNING is reported as SCHEDULED.
+fn status_stream(watch: tokio::sync::watch::Receiver<QState>, hide_running: bool) -> StatusStream {
+    let shown = move |s: QState| if hide_running && s == QState::Running { QState::Scheduled } else { s };
+    let stream = futures_util::stream::unfold((watch, None::<QState>), move |(mut watch, last)| async move {
+        if last.is_some_and(QState::is_terminal) {
             return None;
         }
-        let status = match pending {
-            Some(s) => s,
-            None => {
-                if watch.changed().await.is_err() {
-                    return None;
-                }
-                *watch.borrow_and_update()
+        loop {
+            let status = shown(*watch.borrow_and_update());
+            if Some(status) != last {
+                let item = Ok(GetQueryStatusResponse { status: wire_status(status) as i32 });
+                return Some((item, (watch, Some(status))));
             }
-        };
-        let item = Ok(GetQueryStatusResponse { status: wire_status(status) as i32 });
-        Some((item, (None, watch, status.is_terminal())))
+            if watch.changed().await.is_err() {
+                return None;
+            }
+        }
     });
     Box::pin(stream)
 }

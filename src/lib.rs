@@ -10,6 +10,7 @@ pub mod client_service;
 pub mod address;
 pub mod cgroup;
 pub mod config;
+pub mod flight;
 pub mod layout;
 pub mod logging;
 pub mod membership;

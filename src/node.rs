@@ -20,6 +20,8 @@ use crate::layout::{Layout, ServiceKind};
 use crate::membership::{self, Registration, Registry};
 use crate::notify;
 use crate::client_service::ClientApi;
+use crate::flight::FlightApi;
+use arrow_flight::flight_service_server::FlightServiceServer;
 use crate::config::StorageLocation;
 use crate::proto::WorkerInfo;
 use crate::proto::client::client_service_server::ClientServiceServer;
@@ -222,10 +224,12 @@ fn serve(
         router = router.add_service(MembershipServer::new(registry));
     }
     if kind == ServiceKind::Client {
-        let api = ClientApi::new(roles.queries.expect("a scheduler has queries"));
-        router = router.add_service(
-            ClientServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE),
-        );
+        let queries = roles.queries.expect("a scheduler has queries");
+        let api = ClientApi::new(queries.clone());
+        router = router
+            .add_service(ClientServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
+            // `.collect()` reads results over Arrow Flight on the same port.
+            .add_service(FlightServiceServer::new(FlightApi::new(queries)).max_encoding_message_size(MAX_MESSAGE));
     }
     if kind == ServiceKind::Task {
         let tasks = roles.tasks.expect("a worker has a task service");

@@ -55,6 +55,8 @@ pub struct QueryOutcome {
     pub files: Vec<String>,
     pub n_rows: u64,
     pub head_ipc: Vec<u8>,
+    /// Schema message of a Flight result.
+    pub flight_schema: Vec<u8>,
     /// `"<PolarsException>: message"` of a failed query.
     pub error: Option<String>,
     pub workers_used: u32,
@@ -184,6 +186,7 @@ impl Queries {
                     outcome.files = s.files;
                     outcome.n_rows = s.n_rows;
                     outcome.head_ipc = s.head_ipc;
+                    outcome.flight_schema = s.flight_schema;
                     outcome.workers_used = 1;
                     drop(outcome);
                     query.advance(Status::Success);

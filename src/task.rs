@@ -208,6 +208,7 @@ pub fn exec_task() -> Result<(), String> {
                 files: done.files.iter().map(|p| p.display().to_string()).collect(),
                 n_rows: done.n_rows,
                 head_ipc: done.head_ipc,
+                flight_schema: done.flight_schema,
             })),
         },
         Err(e) => failure(&engine::describe_error(&e), false),

@@ -146,3 +146,18 @@ else:
     assert "1.44.2" in text and "2.0.0" in text and "polars-cloud==0.12.0" in text, text
     # The scheduler keeps serving the right client.
     assert cluster.live_workers() == ["worker-1", "worker-2"]
+
+
+def test_collect_over_flight(ctx):
+    expected = revenue().collect()
+    df = revenue().remote(ctx).collect()
+    if isinstance(df, pl.LazyFrame):
+        df = df.collect()
+    assert_frame_equal(df, expected)
+
+
+def test_collect_of_a_failing_query_raises(ctx):
+    with pytest.raises(pl.exceptions.ColumnNotFoundError):
+        df = sales().select("no_such_column").remote(ctx).collect()
+        if isinstance(df, pl.LazyFrame):
+            df.collect()

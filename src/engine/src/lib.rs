@@ -109,8 +109,9 @@ impl Plan {
     }
 
     /// Runs the query. For `InMemory` and `Flight` targets the result is written to
-    /// `result_dir` (Parquet for in-memory results, Arrow IPC for Flight) and the first
-    /// `head_rows` rows come back as Arrow IPC file bytes; a `User` plan writes its own sink.
+    /// `result_dir` (Parquet for in-memory results; an Arrow IPC *stream* for Flight, whose
+    /// messages map one to one onto Flight data messages) and the first `head_rows` rows come
+    /// back as Arrow IPC file bytes; a `User` plan writes its own sink.
     pub fn execute(
         &self,
         engine: EngineChoice,
@@ -127,10 +128,11 @@ impl Plan {
         let lf = self.lazy(optimization_flags);
         if self.target == Target::User {
             lf.collect_with_engine(engine)?;
-            return Ok(Executed { n_rows: 0, files: Vec::new(), head_ipc: Vec::new() });
+            return Ok(Executed { n_rows: 0, files: Vec::new(), head_ipc: Vec::new(), flight_schema: Vec::new() });
         }
         let mut df = lf.collect_with_engine(engine)?.unwrap_single();
         std::fs::create_dir_all(result_dir).map_err(|e| polars_err!(ComputeError: "cannot create result directory {}: {e}", result_dir.display()))?;
+        let mut flight_schema = Vec::new();
         let path = match self.target {
             Target::InMemory => {
                 let path = result_dir.join("0.parquet");
@@ -138,16 +140,34 @@ impl Plan {
                 path
             }
             _ => {
-                let path = result_dir.join("0.arrow");
-                IpcWriter::new(create(&path)?).finish(&mut df)?;
+                let path = result_dir.join("0.arrows");
+                IpcStreamWriter::new(create(&path)?).finish(&mut df)?;
+                flight_schema = first_ipc_message(&path)?;
                 path
             }
         };
         let mut head = df.head(Some(head_rows));
         let mut head_ipc = Vec::new();
         IpcWriter::new(&mut head_ipc).finish(&mut head)?;
-        Ok(Executed { n_rows: df.height() as u64, files: vec![path], head_ipc })
+        Ok(Executed { n_rows: df.height() as u64, files: vec![path], head_ipc, flight_schema })
     }
+}
+
+/// The first encapsulated message of an Arrow IPC stream (its schema), as Flight's
+/// `FlightInfo.schema` wants it.
+fn first_ipc_message(path: &Path) -> PolarsResult<Vec<u8>> {
+    use std::io::Read;
+    let mut file = File::open(path)?;
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix)?;
+    let len = if prefix[..4] == [0xff; 4] {
+        u32::from_le_bytes(prefix[4..8].try_into().unwrap()) as usize + 8
+    } else {
+        u32::from_le_bytes(prefix[..4].try_into().unwrap()) as usize + 4
+    };
+    let mut message = vec![0u8; len];
+    File::open(path)?.read_exact(&mut message)?;
+    Ok(message)
 }
 
 fn create(path: &Path) -> PolarsResult<File> {
@@ -160,6 +180,8 @@ pub struct Executed {
     pub n_rows: u64,
     pub files: Vec<PathBuf>,
     pub head_ipc: Vec<u8>,
+    /// The schema message of a Flight result.
+    pub flight_schema: Vec<u8>,
 }
 
 /// The Python exception py-polars raises for this error, and its message: the client
