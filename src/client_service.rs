@@ -22,11 +22,13 @@ use polars_node_engine as engine;
 
 pub struct ClientApi {
     queries: Queries,
+    /// `scheduler.deny_anonymous_users`: every query needs `x-polars-user`.
+    deny_anonymous_users: bool,
 }
 
 impl ClientApi {
-    pub fn new(queries: Queries) -> Self {
-        ClientApi { queries }
+    pub fn new(queries: Queries, deny_anonymous_users: bool) -> Self {
+        ClientApi { queries, deny_anonymous_users }
     }
 
     fn query(&self, id: Option<QueryId>) -> Result<std::sync::Arc<Query>, Status> {
@@ -61,7 +63,13 @@ type StatusStream = Pin<Box<dyn Stream<Item = Result<GetQueryStatusResponse, Sta
 impl ClientService for ClientApi {
     async fn submit_query(&self, request: Request<SubmitQueryRequest>) -> Result<Response<SubmitQueryResponse>, Status> {
         let client_polars = header(&request, "x-polars-version").map(str::to_string);
-        let user = header(&request, "x-polars-user").map(str::to_string);
+        let user = header(&request, "x-polars-user").filter(|u| !u.trim().is_empty()).map(str::to_string);
+        if self.deny_anonymous_users && user.is_none() {
+            return Err(Status::unauthenticated(
+                "this cluster does not accept anonymous queries (scheduler.deny_anonymous_users = true): \
+                 the client must send a user name (header x-polars-user)",
+            ));
+        }
         let body = request.into_inner();
         let settings = body.settings.unwrap_or_default();
         let engine = match Engine::try_from(settings.engine).unwrap_or(Engine::Auto) {

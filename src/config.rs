@@ -836,9 +836,6 @@ fn not_yet_implemented(c: &Config) -> Vec<String> {
     let s = &c.scheduler;
     check(s.client_service.connection.is_some(), "scheduler.client_service.connection");
     check(s.client_service.auth.is_some(), "scheduler.client_service.auth");
-    check(!s.allow_local_scans, "scheduler.allow_local_scans");
-    check(!s.allow_local_sinks, "scheduler.allow_local_sinks");
-    check(s.deny_anonymous_users, "scheduler.deny_anonymous_users");
     check(s.default_workers_per_query.is_some(), "scheduler.default_workers_per_query");
     check(s.max_workers_per_query.is_some(), "scheduler.max_workers_per_query");
     check(s.default_partitions_per_worker.is_some(), "scheduler.default_partitions_per_worker");
@@ -847,7 +844,6 @@ fn not_yet_implemented(c: &Config) -> Vec<String> {
     let w = &c.worker;
     check(!w.shuffle_location.is_local(), "worker.shuffle_location");
     check(w.checkpoint_location.is_some(), "worker.checkpoint_location");
-    check(!w.env_vars.is_empty(), "worker.env_vars");
     let o = &c.observatory;
     check(o.rest_api.service.connection.is_some(), "observatory.rest_api.service.connection");
     check(o.rest_api.service.auth.is_some(), "observatory.rest_api.service.auth");
@@ -1050,12 +1046,12 @@ observatory_service.public_addr = "192.168.1.2:5049"
 
     #[test]
     fn real_keys_not_implemented_yet_warn_and_load() {
-        let loaded = load("[license.on_prem_enterprise]\nlicense_path = \"/etc/polars/license.json\"\n[scheduler]\ndeny_anonymous_users = true\n").unwrap();
+        let loaded = load("[license.on_prem_enterprise]\nlicense_path = \"/etc/polars/license.json\"\n[scheduler]\ncheckpoint.period = \"1m\"\n").unwrap();
         assert_eq!(
             loaded.warnings,
             vec![
                 "`license` is accepted but not implemented yet; it has no effect",
-                "`scheduler.deny_anonymous_users` is accepted but not implemented yet; it has no effect",
+                "`scheduler.checkpoint` is accepted but not implemented yet; it has no effect",
             ]
         );
     }

@@ -27,7 +27,7 @@ use crate::proto::WorkerInfo;
 use crate::proto::client::client_service_server::ClientServiceServer;
 use crate::proto::membership_server::MembershipServer;
 use crate::proto::task_server::TaskServer;
-use crate::queries::Queries;
+use crate::queries::{Policy, Queries};
 use crate::task::TaskService;
 
 /// Plans and results can be large; the default 4 MiB message limit is not enough.
@@ -39,6 +39,7 @@ struct Roles {
     registry: Option<Registry>,
     queries: Option<Queries>,
     tasks: Option<TaskService>,
+    deny_anonymous_users: bool,
 }
 
 /// Keep-alive probes on accepted connections: idle client long polls must survive NAT and
@@ -58,13 +59,14 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
             // Object stores arrive with distributed execution; `load` warns about it.
             _ => std::env::temp_dir().join("polars/anonymous-results"),
         };
-        Queries::new(r.clone(), root)
+        let policy = Policy { allow_local_scans: config.scheduler.allow_local_scans, allow_local_sinks: config.scheduler.allow_local_sinks };
+        Queries::new(r.clone(), policy, root)
     });
     let tasks = match config.worker.enabled {
         true => Some(TaskService::new(config.worker.env_vars.clone()).context("task service")?),
         false => None,
     };
-    let roles = Roles { registry: registry.clone(), queries, tasks };
+    let roles = Roles { registry: registry.clone(), queries, tasks, deny_anonymous_users: config.scheduler.deny_anonymous_users };
     let mut background = JoinSet::new();
     if let Some(registry) = &registry {
         background.spawn(registry.clone().watch_heartbeats());
@@ -225,7 +227,7 @@ fn serve(
     }
     if kind == ServiceKind::Client {
         let queries = roles.queries.expect("a scheduler has queries");
-        let api = ClientApi::new(queries.clone());
+        let api = ClientApi::new(queries.clone(), roles.deny_anonymous_users);
         router = router
             .add_service(ClientServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
             // `.collect()` reads results over Arrow Flight on the same port.

@@ -104,6 +104,13 @@ impl Query {
     }
 }
 
+/// What the scheduler allows queries to do (`[scheduler]` keys of the same names).
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub allow_local_scans: bool,
+    pub allow_local_sinks: bool,
+}
+
 #[derive(Clone)]
 pub struct Queries {
     inner: Arc<Inner>,
@@ -111,14 +118,16 @@ pub struct Queries {
 
 struct Inner {
     registry: Registry,
+    policy: Policy,
     result_root: PathBuf,
     queries: Mutex<HashMap<Uuid, Arc<Query>>>,
     next_worker: AtomicUsize,
 }
 
 impl Queries {
-    pub fn new(registry: Registry, result_root: PathBuf) -> Self {
-        Queries { inner: Arc::new(Inner { registry, result_root, queries: Mutex::default(), next_worker: AtomicUsize::new(0) }) }
+    pub fn new(registry: Registry, policy: Policy, result_root: PathBuf) -> Self {
+        let inner = Inner { registry, policy, result_root, queries: Mutex::default(), next_worker: AtomicUsize::new(0) };
+        Queries { inner: Arc::new(inner) }
     }
 
     pub fn get(&self, id: &Uuid) -> Option<Arc<Query>> {
@@ -129,9 +138,9 @@ impl Queries {
     /// an id, so the client reads the failure the usual way).
     pub fn submit(&self, submission: Submission, client_polars: Option<&str>) -> Arc<Query> {
         let id = Uuid::new_v4();
-        let read = check_version(client_polars, &submission.plan).and_then(|()| {
-            engine::Plan::read(&submission.plan).map_err(|e| engine::describe_error(&e))
-        });
+        let read = check_version(client_polars, &submission.plan)
+            .and_then(|()| engine::Plan::read(&submission.plan).map_err(|e| engine::describe_error(&e)))
+            .and_then(|plan| check_policy(self.inner.policy, &plan).map(|()| plan));
         let target = read.as_ref().map(|p| p.target.clone()).unwrap_or(engine::Target::InMemory);
         let query = Arc::new(Query {
             id,
@@ -292,6 +301,27 @@ pub fn task_client(addr: &str) -> Result<TaskClient<tonic::transport::Channel>, 
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
     Ok(TaskClient::new(endpoint.connect_lazy()).max_decoding_message_size(256 << 20))
+}
+
+/// Refuses plans that touch the local file system where the scheduler forbids it, before
+/// any worker runs them.
+fn check_policy(policy: Policy, plan: &engine::Plan) -> Result<(), String> {
+    let local = plan.local_paths();
+    if !policy.allow_local_scans && !local.scans.is_empty() {
+        return Err(format!(
+            "InvalidOperationError: this cluster does not allow queries to read the local file system \
+             (scheduler.allow_local_scans = false), and the query reads {}; read from object storage (s3://, gs://, az://, https://) instead",
+            local.scans.join(", ")
+        ));
+    }
+    if !policy.allow_local_sinks && !local.sinks.is_empty() {
+        return Err(format!(
+            "InvalidOperationError: this cluster does not allow queries to write to the local file system \
+             (scheduler.allow_local_sinks = false), and the query writes {}; sink to object storage instead, or use execute() for a stored result",
+            local.sinks.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// A client of another Polars version sends plans this cluster cannot read: say which

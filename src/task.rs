@@ -56,15 +56,22 @@ impl TaskService {
 
     async fn execute(&self, request: RunTaskRequest) -> Result<RunTaskResponse, String> {
         let query_id = request.query_id.clone();
-        let mut child = tokio::process::Command::new(&self.inner.exe)
+        let mut command = tokio::process::Command::new(&self.inner.exe);
+        command
             .arg("exec-task")
             .envs(&self.inner.env_vars)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("cannot start the execution process: {e}"))?;
+            .kill_on_drop(true);
+        // SAFETY: only an async-signal-safe prctl between fork and exec. It makes the task die
+        // with its worker, so a killed worker leaves no work behind.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let mut child = command.spawn().map_err(|e| format!("cannot start the execution process: {e}"))?;
         if let Some(pid) = child.id() {
             self.inner.running.lock().unwrap().insert(query_id.clone(), pid);
         }

@@ -39,12 +39,13 @@ class Cluster:
             [BIN, "service", "--config-path", str(path)], stdout=log, stderr=subprocess.STDOUT, env=env
         )
 
-    def start_scheduler(self) -> None:
+    def start_scheduler(self, extra: str = "") -> None:
         self.start(
             "scheduler",
             f"""instance_id = "scheduler"
 [scheduler]
 enabled = true
+{extra}
 client_service.bind_addr = "127.0.0.1:{self.client_port}"
 worker_service.bind_addr = "127.0.0.1:{self.worker_port}"
 anonymous_result_location.local.path = "{self.results}"
@@ -99,6 +100,19 @@ def cluster(tmp_path_factory):
     c.start_worker("worker-2", "127.0.0.3")
     try:
         c.wait_for_workers(["worker-1", "worker-2"])
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="session")
+def restricted(tmp_path_factory):
+    """A cluster that forbids local scans and sinks and anonymous queries."""
+    c = Cluster(tmp_path_factory.mktemp("restricted"))
+    c.start_scheduler("allow_local_scans = false\nallow_local_sinks = false\ndeny_anonymous_users = true")
+    c.start_worker("worker-r", "127.0.0.4")
+    try:
+        c.wait_for_workers(["worker-r"])
         yield c
     finally:
         c.stop()

@@ -98,6 +98,28 @@ impl Plan {
         }
     }
 
+    /// Paths on the local file system that the plan reads (`scans`) and writes (`sinks`);
+    /// object-store and HTTP URLs are not local. Read from the plan itself, without touching
+    /// any file, so the scheduler can judge plans whose files only workers can see.
+    pub fn local_paths(&self) -> LocalPaths {
+        let mut found = LocalPaths::default();
+        let local = |p: &PlRefPath| p.scheme().is_none_or(|s| s.is_file());
+        walk(&self.query, &mut |plan| match plan {
+            DslPlan::Scan { sources: ScanSources::Paths(paths), .. } => {
+                found.scans.extend(paths.iter().filter(|p| local(p)).map(|p| p.as_str().to_string()));
+            }
+            DslPlan::Sink { payload, .. } => match payload {
+                SinkType::File(FileSinkOptions { target: SinkTarget::Path(p), .. }) if local(p) => {
+                    found.sinks.push(p.as_str().to_string())
+                }
+                SinkType::Partitioned(opts) if local(&opts.base_path) => found.sinks.push(opts.base_path.as_str().to_string()),
+                _ => {}
+            },
+            _ => {}
+        });
+        found
+    }
+
     /// The optimized logical plan as text (`plan("ir")`, `explain()`).
     pub fn explain(&self, optimization_flags: Option<u32>) -> PolarsResult<String> {
         self.lazy(optimization_flags).explain(true)
@@ -168,6 +190,48 @@ fn first_ipc_message(path: &Path) -> PolarsResult<Vec<u8>> {
     let mut message = vec![0u8; len];
     File::open(path)?.read_exact(&mut message)?;
     Ok(message)
+}
+
+/// Local file-system paths a plan touches.
+#[derive(Debug, Default, PartialEq)]
+pub struct LocalPaths {
+    pub scans: Vec<String>,
+    pub sinks: Vec<String>,
+}
+
+/// Calls `f` on every node of a plan. Every variant with inputs must be listed here: a
+/// missed one would hide the scans below it from `local_paths`.
+fn walk(plan: &DslPlan, f: &mut impl FnMut(&DslPlan)) {
+    f(plan);
+    match plan {
+        DslPlan::Filter { input, .. }
+        | DslPlan::Cache { input, .. }
+        | DslPlan::Select { input, .. }
+        | DslPlan::GroupBy { input, .. }
+        | DslPlan::HStack { input, .. }
+        | DslPlan::MatchToSchema { input, .. }
+        | DslPlan::Pivot { input, .. }
+        | DslPlan::Distinct { input, .. }
+        | DslPlan::Sort { input, .. }
+        | DslPlan::Slice { input, .. }
+        | DslPlan::MapFunction { input, .. }
+        | DslPlan::Sink { input, .. } => walk(input, f),
+        DslPlan::IR { dsl, .. } => walk(dsl, f),
+        DslPlan::Join { input_left, input_right, .. } | DslPlan::MergeSorted { input_left, input_right, .. } => {
+            walk(input_left, f);
+            walk(input_right, f);
+        }
+        DslPlan::Gather { input, idxs, .. } => {
+            walk(input, f);
+            walk(idxs, f);
+        }
+        DslPlan::PipeWithSchema { input, .. } => input.iter().for_each(|p| walk(p, f)),
+        DslPlan::Union { inputs, .. } | DslPlan::HConcat { inputs, .. } | DslPlan::SinkMultiple { inputs } => {
+            inputs.iter().for_each(|p| walk(p, f))
+        }
+        DslPlan::SQL { relations, .. } => relations.iter().for_each(|(_, p)| walk(p, f)),
+        DslPlan::Scan { .. } | DslPlan::DataFrameScan { .. } | DslPlan::Resolver { .. } => {}
+    }
 }
 
 fn create(path: &Path) -> PolarsResult<File> {
