@@ -63,6 +63,19 @@ impl Registry {
         self.members.lock().unwrap().values().filter(|m| m.alive).map(|m| m.info.clone()).collect()
     }
 
+    /// Marks a worker lost at once (its task service stopped answering). If it is in fact
+    /// alive, its next heartbeat is refused and it registers again, probed anew.
+    pub fn suspect(&self, instance_id: &str) {
+        let mut members = self.members.lock().unwrap();
+        if let Some(m) = members.get_mut(instance_id)
+            && m.alive
+        {
+            m.alive = false;
+            warn!(worker = %instance_id, "worker lost: its task service stopped answering");
+        }
+        self.publish(&members);
+    }
+
     /// Marks workers lost after `lost_after` heartbeat periods of silence. Runs until dropped.
     pub async fn watch_heartbeats(self) {
         let mut tick = tokio::time::interval(Duration::from_millis(200));

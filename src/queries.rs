@@ -172,8 +172,9 @@ impl Queries {
     /// query's `n_retries`.
     async fn run(self, query: Arc<Query>) {
         let mut attempts = 0;
+        let mut lost_workers: Vec<String> = Vec::new();
         loop {
-            let Some(worker) = self.pick_worker().await else {
+            let Some(worker) = self.pick_worker(&lost_workers).await else {
                 query.fail(
                     "ComputeError: no live worker is registered with the scheduler: start a node with [worker] enabled = true \
                      whose static_leader.scheduler_service.public_addr points at this scheduler"
@@ -208,8 +209,12 @@ impl Queries {
                     return;
                 }
                 Ok(Outcome::Failure(f)) => self.lost(&query, &worker, &f.message, &mut attempts),
-                Err(status) => self.lost(&query, &worker, status.message(), &mut attempts),
+                Err(status) => {
+                    self.inner.registry.suspect(&worker.instance_id);
+                    self.lost(&query, &worker, status.message(), &mut attempts)
+                }
             }
+            lost_workers.push(worker.instance_id.clone());
             if query.status().is_terminal() {
                 return;
             }
@@ -250,12 +255,16 @@ impl Queries {
         response.outcome.ok_or_else(|| tonic::Status::internal("the worker sent no outcome"))
     }
 
-    /// The next live worker, round robin; waits a bounded time for one to register.
-    async fn pick_worker(&self) -> Option<WorkerInfo> {
+    /// The next live worker, round robin, preferring those that have not failed this query;
+    /// waits a bounded time for one to register.
+    async fn pick_worker(&self, avoid: &[String]) -> Option<WorkerInfo> {
         let mut live = self.inner.registry.live_workers();
         let deadline = tokio::time::Instant::now() + WORKER_WAIT;
         loop {
-            let workers = self.inner.registry.live_worker_infos();
+            let mut workers = self.inner.registry.live_worker_infos();
+            if workers.iter().any(|w| !avoid.contains(&w.instance_id)) {
+                workers.retain(|w| !avoid.contains(&w.instance_id));
+            }
             if !workers.is_empty() {
                 let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % workers.len();
                 return Some(workers[i].clone());

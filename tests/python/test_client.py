@@ -161,3 +161,55 @@ def test_collect_of_a_failing_query_raises(ctx):
         df = sales().select("no_such_column").remote(ctx).collect()
         if isinstance(df, pl.LazyFrame):
             df.collect()
+
+
+def long_query() -> pl.LazyFrame:
+    lf = pl.LazyFrame({"a": range(2500)}).join(pl.LazyFrame({"b": range(2500)}), how="cross")
+    return lf.with_columns((pl.col("a") * pl.col("b") % 1000).alias("c")).group_by("c").agg(pl.len()).sort("c")
+
+
+@pytest.fixture
+def two_worker_cluster(tmp_path):
+    from conftest import Cluster
+
+    c = Cluster(tmp_path)
+    c.start_scheduler()
+    c.start_worker("worker-a", "127.0.0.5")
+    c.start_worker("worker-b", "127.0.0.6")
+    try:
+        c.wait_for_workers(["worker-a", "worker-b"])
+        yield c
+    finally:
+        c.stop()
+
+
+def kill_the_busy_worker(cluster, query) -> str:
+    """Waits until the query runs, then kills (SIGKILL) the worker running it."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if query.get_status() == QueryStatus.INPROGRESS:
+            for name, proc in cluster.procs.items():
+                children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+                if name.startswith("worker") and children:
+                    proc.kill()
+                    proc.wait()
+                    return name
+        time.sleep(0.02)
+    raise AssertionError("the query never ran on a worker")
+
+
+def test_a_worker_killed_mid_query_is_replaced(two_worker_cluster):
+    ctx = pc.ClusterContext(uri=two_worker_cluster.uri)
+    query = long_query().remote(ctx, n_retries=1).execute(blocking=False)
+    killed = kill_the_busy_worker(two_worker_cluster, query)
+    result = query.await_result()
+    assert_frame_equal(result.lazy().collect(), long_query().collect())
+    assert killed not in two_worker_cluster.live_workers()
+
+
+def test_without_retries_a_lost_worker_fails_the_query_naming_it(two_worker_cluster):
+    ctx = pc.ClusterContext(uri=two_worker_cluster.uri)
+    query = long_query().remote(ctx, n_retries=0).execute(blocking=False)
+    killed = kill_the_busy_worker(two_worker_cluster, query)
+    with pytest.raises(pl.exceptions.ComputeError, match=f"worker `{killed}` .* was lost while running the query"):
+        query.await_result()
