@@ -213,3 +213,11 @@ def test_without_retries_a_lost_worker_fails_the_query_naming_it(two_worker_clus
     killed = kill_the_busy_worker(two_worker_cluster, query)
     with pytest.raises(pl.exceptions.ComputeError, match=f"worker `{killed}` .* was lost while running the query"):
         query.await_result()
+
+
+def test_explain_plans_without_executing(ctx, cluster):
+    q = revenue().filter(pl.col("region") != "west")
+    tasks_before = sum(p.read_text().count("task started") for p in cluster.root.glob("worker-*.log"))
+    assert q.remote(ctx).explain(plan_stage="ir") == q.explain()
+    tasks_after = sum(p.read_text().count("task started") for p in cluster.root.glob("worker-*.log"))
+    assert tasks_after == tasks_before, "explain must not run the query"
