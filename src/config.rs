@@ -834,8 +834,6 @@ fn not_yet_implemented(c: &Config) -> Vec<String> {
     check(c.lineage.is_some(), "lineage");
     check(c.cpu_reserved.is_some(), "cpu_reserved");
     let s = &c.scheduler;
-    check(s.client_service.connection.is_some(), "scheduler.client_service.connection");
-    check(s.client_service.auth.is_some(), "scheduler.client_service.auth");
     check(s.default_workers_per_query.is_some(), "scheduler.default_workers_per_query");
     check(s.max_workers_per_query.is_some(), "scheduler.max_workers_per_query");
     check(s.default_partitions_per_worker.is_some(), "scheduler.default_partitions_per_worker");

@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod client_service;
 pub mod address;
+pub mod auth;
 pub mod cgroup;
 pub mod config;
 pub mod flight;

@@ -19,7 +19,10 @@ use crate::config::Config;
 use crate::layout::{Layout, ServiceKind};
 use crate::membership::{self, Registration, Registry};
 use crate::notify;
+use crate::auth::JwksAuth;
 use crate::client_service::ClientApi;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, ServerTlsConfig};
 use crate::flight::FlightApi;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use crate::config::StorageLocation;
@@ -40,6 +43,26 @@ struct Roles {
     queries: Option<Queries>,
     tasks: Option<TaskService>,
     deny_anonymous_users: bool,
+    /// TLS identity of the client service (`scheduler.client_service.connection.tls`).
+    client_tls: Option<Identity>,
+    /// Bearer-token checks of the client service (`scheduler.client_service.auth.jwks`).
+    client_auth: Option<JwksAuth>,
+}
+
+/// Reads the client service's certificate chain and key, naming the key of a file that
+/// cannot be read.
+fn client_identity(config: &Config) -> anyhow::Result<Option<Identity>> {
+    let Some(tls) = config.scheduler.client_service.connection.as_ref().and_then(|c| c.tls.as_ref()) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path, key: &str| {
+        std::fs::read(path).with_context(|| {
+            format!("cannot read {} (scheduler.client_service.connection.tls.{key})", path.display())
+        })
+    };
+    let cert = read(&tls.certificate_key_file, "certificate_key_file")?;
+    let key = read(&tls.private_key_file, "private_key_file")?;
+    Ok(Some(Identity::from_pem(cert, key)))
 }
 
 /// Keep-alive probes on accepted connections: idle client long polls must survive NAT and
@@ -66,8 +89,23 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
         true => Some(TaskService::new(config.worker.env_vars.clone()).context("task service")?),
         false => None,
     };
-    let roles = Roles { registry: registry.clone(), queries, tasks, deny_anonymous_users: config.scheduler.deny_anonymous_users };
+    let scheduler = &config.scheduler;
+    let client_tls = if scheduler.enabled { client_identity(&config)? } else { None };
+    let client_auth = scheduler.client_service.auth.as_ref().filter(|_| scheduler.enabled).map(|a| JwksAuth::new(a.jwks.clone()));
+    let roles = Roles {
+        registry: registry.clone(),
+        queries,
+        tasks,
+        deny_anonymous_users: scheduler.deny_anonymous_users,
+        client_tls,
+        client_auth: client_auth.clone(),
+    };
     let mut background = JoinSet::new();
+    if let Some(auth) = client_auth {
+        notify::status("fetching the client service's JSON Web Key Set");
+        auth.load().await;
+        background.spawn(auth.keep_keys());
+    }
     if let Some(registry) = &registry {
         background.spawn(registry.clone().watch_heartbeats());
     }
@@ -216,9 +254,13 @@ fn serve(
     // Tonic does not apply these to a listener it did not bind (socket activation).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE));
     let (reporter, health) = tonic_health::server::health_reporter();
-    let mut router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(health);
+    let mut builder = tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
+    if kind == ServiceKind::Client
+        && let Some(identity) = roles.client_tls.clone()
+    {
+        builder = builder.tls_config(ServerTlsConfig::new().identity(identity)).context("TLS of the client service")?;
+    }
+    let mut router = builder.add_service(health);
     if matches!(kind, ServiceKind::Client | ServiceKind::Worker) {
         // Registration works on either scheduler port: deployment tools disagree on which one
         // `static_leader.scheduler_service.public_addr` names.
@@ -227,11 +269,18 @@ fn serve(
     }
     if kind == ServiceKind::Client {
         let queries = roles.queries.expect("a scheduler has queries");
-        let api = ClientApi::new(queries.clone(), roles.deny_anonymous_users);
-        router = router
-            .add_service(ClientServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
-            // `.collect()` reads results over Arrow Flight on the same port.
-            .add_service(FlightServiceServer::new(FlightApi::new(queries)).max_encoding_message_size(MAX_MESSAGE));
+        let api = ClientServiceServer::new(ClientApi::new(queries.clone(), roles.deny_anonymous_users))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        // `.collect()` reads results over Arrow Flight on the same port.
+        let flight = FlightServiceServer::new(FlightApi::new(queries)).max_encoding_message_size(MAX_MESSAGE);
+        // Registration (also served on this port) stays open: workers carry no token.
+        router = match roles.client_auth {
+            Some(auth) => router
+                .add_service(InterceptedService::new(api, auth.clone()))
+                .add_service(InterceptedService::new(flight, auth)),
+            None => router.add_service(api).add_service(flight),
+        };
     }
     if kind == ServiceKind::Task {
         let tasks = roles.tasks.expect("a worker has a task service");

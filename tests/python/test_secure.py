@@ -1,0 +1,162 @@
+"""TLS on the client service and bearer tokens checked against a JSON Web Key Set, with the
+official client: its CA option, its extra headers."""
+
+import datetime
+import http.server
+import json
+import threading
+
+import jwt
+import polars as pl
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from polars.testing import assert_frame_equal
+
+import polars_cloud as pc
+from conftest import Cluster, free_port
+
+ISSUER = "https://issuer.test"
+AUDIENCE = "polars-node"
+
+
+def certificates(tmp_path):
+    """A CA (given to the client) and the server certificate it signed (for the scheduler)."""
+    import ipaddress
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def build(subject, issuer, public_key, signing_key, ca, sans=None):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "polars-node test CA")])
+    ca = build(ca_name, ca_name, ca_key.public_key(), ca_key, True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    server = build(server_name, ca_name, key.public_key(), ca_key, False, sans)
+    (tmp_path / "cert.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return ca.public_bytes(serialization.Encoding.PEM)
+
+
+class KeyServer:
+    """Serves a JSON Web Key Set on loopback and signs tokens with its key."""
+
+    def __init__(self):
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
+        jwk.update(kid="test-key", use="sig", alg="RS256")
+        body = json.dumps({"keys": [jwk]}).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def token(self, issuer=ISSUER, audience=AUDIENCE, expires_in=600, key=None):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        claims = {"sub": "alice", "iss": issuer, "aud": audience, "exp": now + datetime.timedelta(seconds=expires_in)}
+        return jwt.encode(claims, key or self.key, algorithm="RS256", headers={"kid": "test-key"})
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory):
+    root = tmp_path_factory.mktemp("secure")
+    cert = certificates(root)
+    keys = KeyServer()
+    c = Cluster(root)
+    c.start(
+        "scheduler",
+        f"""instance_id = "scheduler"
+[scheduler]
+enabled = true
+client_service.bind_addr = "127.0.0.1:{c.client_port}"
+worker_service.bind_addr = "127.0.0.1:{c.worker_port}"
+anonymous_result_location.local.path = "{c.results}"
+
+[scheduler.client_service.connection.tls]
+certificate_key_file = "{root / 'cert.pem'}"
+private_key_file = "{root / 'key.pem'}"
+
+[scheduler.client_service.auth.jwks]
+url = "{keys.url}"
+issuers = ["{ISSUER}"]
+audience = "{AUDIENCE}"
+""",
+    )
+    c.start_worker("worker-s", "127.0.0.7")
+    try:
+        c.wait_for_workers(["worker-s"])
+        yield c, cert, keys
+    finally:
+        c.stop()
+        keys.server.shutdown()
+
+
+def context(secure, token=None):
+    cluster, cert, _ = secure
+    headers = {"authorization": f"Bearer {token}"} if token else None
+    return pc.ClusterContext(
+        uri=f"https://127.0.0.1:{cluster.client_port}", tls_options=pc.TLSOptions(ca_cert=cert), extra_headers=headers
+    )
+
+
+def test_tls_and_a_valid_token(secure):
+    q = pl.LazyFrame({"a": [3, 1, 2]}).sort("a")
+    result = q.remote(context(secure, secure[2].token())).execute()
+    assert_frame_equal(result.head, q.collect())
+    # Flight (.collect()) goes through the same checks.
+    assert_frame_equal(q.remote(context(secure, secure[2].token())).collect(), q.collect())
+
+
+def test_a_missing_token_is_refused(secure):
+    with pytest.raises(RuntimeError, match="requires a bearer token"):
+        pl.LazyFrame({"a": [1]}).remote(context(secure)).execute()
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"issuer": "https://elsewhere.test"}, "InvalidIssuer"),
+        ({"audience": "someone-else"}, "InvalidAudience"),
+        ({"expires_in": -3600}, "ExpiredSignature"),
+        ({"key": rsa.generate_private_key(public_exponent=65537, key_size=2048)}, "InvalidSignature"),
+    ],
+)
+def test_bad_tokens_are_refused(secure, kwargs, reason):
+    with pytest.raises(RuntimeError, match=f"bearer token was refused.*{reason}"):
+        pl.LazyFrame({"a": [1]}).remote(context(secure, secure[2].token(**kwargs))).execute()
+
+
+def test_plaintext_clients_cannot_talk_to_a_tls_port(secure):
+    cluster = secure[0]
+    ctx = pc.ClusterContext(uri=f"http://127.0.0.1:{cluster.client_port}")
+    with pytest.raises(Exception):
+        pl.LazyFrame({"a": [1]}).remote(ctx).execute()
