@@ -221,3 +221,13 @@ def test_explain_plans_without_executing(ctx, cluster):
     assert q.remote(ctx).explain(plan_stage="ir") == q.explain()
     tasks_after = sum(p.read_text().count("task started") for p in cluster.root.glob("worker-*.log"))
     assert tasks_after == tasks_before, "explain must not run the query"
+
+
+@pytest.mark.parametrize("kind", ["csv", "ipc"])  # the sinks polars-cloud 0.12.0 offers besides parquet
+def test_user_sinks(ctx, tmp_path, kind):
+    target = tmp_path / f"revenue.{kind}"
+    sink = getattr(revenue().remote(ctx), f"sink_{kind}")
+    sink(str(target), sink_to_single_file=True).await_result()
+    expected = revenue().collect()
+    got = pl.read_ipc(target) if kind == "ipc" else pl.read_csv(target).cast(expected.schema)
+    assert_frame_equal(got, expected)
