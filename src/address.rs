@@ -75,6 +75,16 @@ impl Address {
         Ok(Address { host: Host::Name(host.to_string()), port })
     }
 
+    /// The host part as written (names and interfaces compare by this).
+    pub fn host_key(&self) -> String {
+        match &self.host {
+            Host::Any => String::new(),
+            Host::Ip(ip) => ip.to_string(),
+            Host::Name(name) => format!("name:{name}"),
+            Host::Interface { name, family } => format!("interface:{name}:{family:?}"),
+        }
+    }
+
     /// Whether this is the "every interface" address (before resolving names).
     pub fn is_unspecified(&self) -> bool {
         match &self.host {

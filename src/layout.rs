@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::address::Address;
+use crate::address::{Address, Host};
 use crate::config::Config;
 
 /// The network services a node can run. The names are also the socket-activation descriptor
@@ -142,8 +142,38 @@ impl Layout {
     }
 }
 
+/// How addresses are resolved while planning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// Interfaces and host names are looked up on this host (starting a node).
+    Here,
+    /// Nothing is looked up: a configuration is checked for another host (e.g. at build time in
+    /// the Nix sandbox, which has neither the interfaces nor DNS). Each distinct interface or
+    /// name stands for one placeholder address, so port conflicts are still found.
+    Offline,
+}
+
 /// Checks the configuration as a whole and resolves every address. All problems are returned.
 pub fn plan(config: &Config) -> Result<Layout, Vec<String>> {
+    plan_with(config, Resolution::Here)
+}
+
+pub fn plan_with(config: &Config, resolution: Resolution) -> Result<Layout, Vec<String>> {
+    let mut placeholders: Vec<String> = Vec::new();
+    let mut resolve = |addr: &Address| -> Result<SocketAddr, crate::address::AddressError> {
+        match (&addr.host, resolution) {
+            (Host::Name(_) | Host::Interface { .. }, Resolution::Offline) => {
+                let key = addr.host_key();
+                let index = placeholders.iter().position(|k| *k == key).unwrap_or_else(|| {
+                    placeholders.push(key);
+                    placeholders.len() - 1
+                });
+                // 198.18.0.0/15 is reserved for benchmarks: never a real host's address.
+                Ok(SocketAddr::new(Ipv4Addr::new(198, 18, (index / 256) as u8, (index % 256) as u8).into(), addr.port))
+            }
+            _ => addr.resolve(),
+        }
+    };
     let mut problems = Vec::new();
     let mut services: Vec<(ServiceKind, &Address, Option<&Address>)> = Vec::new();
     let (s, w, o) = (&config.scheduler, &config.worker, &config.observatory);
@@ -171,7 +201,7 @@ pub fn plan(config: &Config) -> Result<Layout, Vec<String>> {
     let mut endpoints = Vec::new();
     for (kind, bind, public) in services {
         let key = kind.key();
-        let bind_resolved = match bind.resolve() {
+        let bind_resolved = match resolve(bind) {
             Ok(addr) => Some(addr),
             Err(e) => {
                 problems.push(format!("`{key}.bind_addr`: {e}"));
@@ -179,7 +209,7 @@ pub fn plan(config: &Config) -> Result<Layout, Vec<String>> {
             }
         };
         if let Some(public) = public {
-            check_public(&format!("{key}.public_addr"), public, &mut problems);
+            check_public(&format!("{key}.public_addr"), public, &mut resolve, &mut problems);
         } else if kind.must_be_reachable() && bind.is_unspecified() {
             problems.push(format!(
                 "`{key}.bind_addr` is {bind} (every interface), so other nodes cannot tell which address reaches the {}: \
@@ -211,10 +241,10 @@ pub fn plan(config: &Config) -> Result<Layout, Vec<String>> {
 
     let leader = &config.static_leader;
     if let Some(addr) = &leader.scheduler_service.public_addr {
-        check_public("static_leader.scheduler_service.public_addr", addr, &mut problems);
+        check_public("static_leader.scheduler_service.public_addr", addr, &mut resolve, &mut problems);
     }
     if let Some(addr) = &leader.observatory_service.public_addr {
-        check_public("static_leader.observatory_service.public_addr", addr, &mut problems);
+        check_public("static_leader.observatory_service.public_addr", addr, &mut resolve, &mut problems);
     }
 
     // Where this node's worker registers: the leader's address, or this node's own scheduler.
@@ -263,7 +293,12 @@ pub fn plan(config: &Config) -> Result<Layout, Vec<String>> {
 }
 
 /// A public address must name something others can connect to, and must resolve.
-fn check_public(key: &str, addr: &Address, problems: &mut Vec<String>) {
+fn check_public(
+    key: &str,
+    addr: &Address,
+    resolve: &mut impl FnMut(&Address) -> Result<SocketAddr, crate::address::AddressError>,
+    problems: &mut Vec<String>,
+) {
     if addr.is_unspecified() {
         problems.push(format!(
             "`{key}` is {addr}, which no other node can connect to: give the address others reach the service at (e.g. \"10.0.0.5:{}\")",
@@ -271,7 +306,7 @@ fn check_public(key: &str, addr: &Address, problems: &mut Vec<String>) {
         ));
         return;
     }
-    if let Err(e) = addr.resolve() {
+    if let Err(e) = resolve(addr) {
         problems.push(format!("`{key}`: {e}"));
     }
 }
@@ -399,6 +434,26 @@ mod tests {
         .unwrap();
         assert_eq!(layout.endpoint(ServiceKind::Task).unwrap().bind, "127.0.0.1:4005".parse().unwrap());
         assert_eq!(layout.endpoint(ServiceKind::Task).unwrap().advertised(), "127.0.0.1:4005");
+    }
+
+    #[test]
+    fn offline_planning_resolves_nothing_but_still_finds_conflicts() {
+        let config = load_str(
+            "[worker]\nenabled = true\ntask_service.bind_addr = { interface = \"eth7\", port = 4005 }\n\
+             shuffle_service.bind_addr = { interface = \"eth7\", port = 4006 }\n\
+             [static_leader]\nscheduler_service.public_addr = \"scheduler.invalid:5050\"\n",
+            "node.toml",
+            Vec::new(),
+        )
+        .unwrap()
+        .config;
+        assert!(plan(&config).is_err(), "eth7 does not exist here");
+        let layout = plan_with(&config, Resolution::Offline).unwrap();
+        assert_eq!(layout.endpoint(ServiceKind::Task).unwrap().bind.ip(), layout.endpoint(ServiceKind::Shuffle).unwrap().bind.ip());
+        let mut clash = config.clone();
+        clash.worker.shuffle_service.bind_addr.port = 4005;
+        let errors = plan_with(&clash, Resolution::Offline).unwrap_err();
+        assert!(errors[0].contains("use the same port 4005"), "{errors:?}");
     }
 
     #[test]

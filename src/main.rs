@@ -31,7 +31,12 @@ enum Command {
     },
     /// Validate a configuration and print it with every address resolved; exit 1 listing
     /// every problem otherwise.
-    CheckConfig { config_path: PathBuf },
+    CheckConfig {
+        config_path: PathBuf,
+        /// Check for another host: look up no interface or host name (for build-time checks).
+        #[arg(long)]
+        no_resolve: bool,
+    },
     /// Print a complete, commented configuration with every default.
     DefaultConfig,
     /// Run a whole cluster in this process on loopback: scheduler, one worker, observatory.
@@ -62,7 +67,7 @@ fn main() -> ExitCode {
             print!("{}", config::default_config_toml());
             Ok(())
         }
-        Command::CheckConfig { config_path } => check_config(&config_path, env()),
+        Command::CheckConfig { config_path, no_resolve } => check_config(&config_path, no_resolve, env()),
         Command::Service { config_path } => {
             logging::init(cli.log_format);
             config::load_file(&config_path, env())
@@ -91,14 +96,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_config(path: &Path, env: Vec<(String, String)>) -> Result<(), String> {
+fn check_config(path: &Path, no_resolve: bool, env: Vec<(String, String)>) -> Result<(), String> {
     let loaded = config::load_file(path, env).map_err(|e| e.to_string())?;
-    let layout = layout::plan(&loaded.config).map_err(|p| config::ConfigErrors(p).to_string())?;
+    let resolution = if no_resolve { layout::Resolution::Offline } else { layout::Resolution::Here };
+    let layout = layout::plan_with(&loaded.config, resolution).map_err(|p| config::ConfigErrors(p).to_string())?;
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
     let effective = toml_edit::ser::to_string_pretty(&loaded.config).map_err(|e| e.to_string())?;
     println!("# effective configuration of {}\n{effective}\n{}", path.display(), layout.describe());
+    if no_resolve {
+        println!("# --no-resolve: interfaces and host names were not looked up; 198.18.x.y addresses stand for them");
+    }
     Ok(())
 }
 
