@@ -58,7 +58,9 @@ let
   interfaces = lib.unique (map (s: s.opts.bind) (builtins.filter (s: isInterface s.opts.bind) enabledServices));
   deviceUnits = map (i: "sys-subsystem-net-devices-${i}.device") interfaces;
 
-  rendered = pkgs.writeText "polars-node-unchecked.toml" (render.render {
+  # Typed options -> settings (the pure ./render.nix, which CI evaluates without nixpkgs),
+  # written as TOML by pkgs.formats.toml (RFC 42).
+  rendered = (pkgs.formats.toml { }).generate "polars-node-unchecked.toml" (render.settingsFor {
     inherit (cfg) instanceId clusterId memoryLimit settings;
     leader = {
       inherit (cfg.leader) instanceId;
