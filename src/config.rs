@@ -822,7 +822,6 @@ fn suggestion(path: &[String], unknown: &str) -> String {
 /// Real Polars on-premises keys that are set in this configuration but have no effect yet.
 /// Each later capability removes its keys from this list.
 fn not_yet_implemented(c: &Config) -> Vec<String> {
-    let d = Config::default();
     let mut keys: Vec<&str> = Vec::new();
     let mut check = |set: bool, key: &'static str| {
         if set {
@@ -845,7 +844,6 @@ fn not_yet_implemented(c: &Config) -> Vec<String> {
     let o = &c.observatory;
     check(o.rest_api.service.connection.is_some(), "observatory.rest_api.service.connection");
     check(o.rest_api.service.auth.is_some(), "observatory.rest_api.service.auth");
-    check(o.max_metrics_bytes_total != d.observatory.max_metrics_bytes_total, "observatory.max_metrics_bytes_total");
     check(o.database_export.is_some(), "observatory.database_export");
     check(c.monitoring.enabled, "monitoring.enabled");
     keys.into_iter().map(|k| format!("`{k}` is accepted but not implemented yet; it has no effect")).collect()

@@ -17,6 +17,7 @@ pub mod logging;
 pub mod membership;
 pub mod node;
 pub mod notify;
+pub mod observatory;
 pub mod queries;
 pub mod task;
 

@@ -20,6 +20,10 @@ use crate::layout::{Layout, ServiceKind};
 use crate::membership::{self, Registration, Registry};
 use crate::notify;
 use crate::auth::JwksAuth;
+use crate::observatory::otlp::{self, Receiver};
+use crate::observatory::store::{Store, database_file};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
 use crate::client_service::ClientApi;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, ServerTlsConfig};
@@ -47,6 +51,8 @@ struct Roles {
     client_tls: Option<Identity>,
     /// Bearer-token checks of the client service (`scheduler.client_service.auth.jwks`).
     client_auth: Option<JwksAuth>,
+    /// The observatory's store (observatory role).
+    observatory: Option<Store>,
 }
 
 /// Reads the client service's certificate chain and key, naming the key of a file that
@@ -92,7 +98,18 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
     let scheduler = &config.scheduler;
     let client_tls = if scheduler.enabled { client_identity(&config)? } else { None };
     let client_auth = scheduler.client_service.auth.as_ref().filter(|_| scheduler.enabled).map(|a| JwksAuth::new(a.jwks.clone()));
+    let observatory = match config.observatory.enabled {
+        true => {
+            let path = database_file(&config.observatory.database_path, &config.cluster_id);
+            let store = Store::open(&path, config.observatory.max_metrics_bytes_total)
+                .with_context(|| format!("cannot open the observatory database {} (observatory.database_path)", path.display()))?;
+            info!(database = %path.display(), "observatory store open");
+            Some(store)
+        }
+        false => None,
+    };
     let roles = Roles {
+        observatory,
         registry: registry.clone(),
         queries,
         tasks,
@@ -246,7 +263,10 @@ fn serve(
 ) -> anyhow::Result<ServeFuture> {
     let listener = tokio::net::TcpListener::from_std(listener).with_context(|| format!("{} listener", kind.title()))?;
     if kind == ServiceKind::Rest {
-        let app = rest_router(ready);
+        let mut app = rest_router(ready);
+        if let Some(store) = roles.observatory.clone() {
+            app = app.merge(crate::observatory::rest::router(store));
+        }
         return Ok(Box::pin(async move {
             axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("REST server")
         }));
@@ -281,6 +301,12 @@ fn serve(
                 .add_service(InterceptedService::new(flight, auth)),
             None => router.add_service(api).add_service(flight),
         };
+    }
+    if kind == ServiceKind::Otlp {
+        let receiver = Receiver::new(roles.observatory.clone().expect("an observatory has a store"));
+        router = router
+            .add_service(TraceServiceServer::new(receiver.clone()).max_decoding_message_size(otlp::MAX_REQUEST))
+            .add_service(MetricsServiceServer::new(receiver).max_decoding_message_size(otlp::MAX_REQUEST));
     }
     if kind == ServiceKind::Task {
         let tasks = roles.tasks.expect("a worker has a task service");

@@ -1,0 +1,140 @@
+"""The observatory's OTLP receiver and REST API, fed by the OpenTelemetry SDK's own exporter
+(not the project's), and its behaviour on bad input."""
+
+import json
+import socket
+import time
+import urllib.request
+import uuid
+
+import grpc
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import Status, StatusCode
+
+from conftest import Cluster, free_port
+
+
+@pytest.fixture(scope="module")
+def observatory(tmp_path_factory):
+    root = tmp_path_factory.mktemp("observatory")
+    c = Cluster(root)
+    otlp, rest = free_port("127.0.0.1"), free_port("127.0.0.1")
+    c.start(
+        "observatory",
+        f"""instance_id = "observatory"
+cluster_id = "obs-test"
+[observatory]
+enabled = true
+service.bind_addr = "127.0.0.1:{otlp}"
+rest_api.service.bind_addr = "127.0.0.1:{rest}"
+database_path = "{root / 'data.db'}"
+max_metrics_bytes_total = 200000
+[static_leader]
+scheduler_service.public_addr = "127.0.0.1:1"
+""",
+    )
+    deadline = time.time() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{rest}/readyz", timeout=1)
+            break
+        except Exception:
+            assert time.time() < deadline, c.logs()
+            time.sleep(0.1)
+    try:
+        yield c, f"127.0.0.1:{otlp}", f"http://127.0.0.1:{rest}", root
+    finally:
+        c.stop()
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_spans_from_an_sdk_are_served_by_the_rest_api(observatory):
+    _, otlp, rest, root = observatory
+    provider = TracerProvider(resource=Resource.create({"service.name": "polars-node", "service.instance.id": "worker-7"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=otlp, insecure=True)))
+    tracer = provider.get_tracer("test")
+    query_id = str(uuid.uuid4())
+    with tracer.start_as_current_span("query", attributes={"polars.query_id": query_id}):
+        with tracer.start_as_current_span("task", attributes={"polars.query_id": query_id, "polars.stage": 0, "rows": 42}):
+            pass
+        with tracer.start_as_current_span("task", attributes={"polars.query_id": query_id, "polars.stage": 1}) as s:
+            s.set_status(Status(StatusCode.ERROR, "boom"))
+    provider.shutdown()
+
+    listed = get(f"{rest}/api/v1/queries")["queries"]
+    mine = [q for q in listed if q["query_id"] == query_id]
+    assert mine and mine[0]["spans"] == 3 and mine[0]["status"] == "failed", listed
+    detail = get(f"{rest}/api/v1/query/{query_id}")
+    assert detail["workers"] == ["worker-7"]
+    assert sorted(s["stage"] for s in detail["stages"]) == [0, 1]
+    task = next(s for s in detail["spans"] if s["attributes"].get("rows") == 42)
+    assert task["name"] == "task" and task["service"] == "polars-node"
+    assert (root / "data.obs-test.db").exists(), "the cluster id is in the database file name"
+
+
+def test_metrics_from_an_sdk_are_served_per_node(observatory):
+    _, otlp, rest, _ = observatory
+    reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=otlp, insecure=True), export_interval_millis=100_000)
+    provider = MeterProvider(resource=Resource.create({"service.instance.id": "worker-8"}), metric_readers=[reader])
+    gauge = provider.get_meter("test").create_gauge("host.cpu.utilization")
+    gauge.set(0.25)
+    reader.force_flush()
+    gauge.set(0.75)
+    reader.force_flush()
+    provider.shutdown()
+    points = get(f"{rest}/api/v1/metrics?node=worker-8&name=host.cpu.utilization")["points"]
+    values = [p["value"] for p in points]
+    # Two flushes, and shutdown exports the last value once more.
+    assert values[:2] == [0.25, 0.75] and set(values[2:]) <= {0.75}, values
+    assert any(n["node"] == "worker-8" for n in get(f"{rest}/api/v1/nodes")["nodes"])
+    prom = urllib.request.urlopen(f"{rest}/metrics", timeout=5).read().decode()
+    assert "polars_observatory_metric_points" in prom
+
+
+def test_malformed_and_oversized_payloads_are_refused_without_harm(observatory):
+    cluster, otlp, rest, _ = observatory
+    channel = grpc.insecure_channel(otlp, options=[("grpc.max_send_message_length", 64 << 20)])
+    export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+    with pytest.raises(grpc.RpcError) as bad:
+        export(b"\xff\xff\xff\xff not protobuf", timeout=5)
+    assert bad.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+    with pytest.raises(grpc.RpcError) as big:
+        export(b"\x0a" + b"\x80" * 3 + b"\x01" + b"x" * (20 << 20), timeout=10)
+    # tonic answers OUT_OF_RANGE, naming the limit.
+    assert big.value.code() in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED), big.value
+    assert "limit is: 16777216 bytes" in big.value.details()
+    # Raw garbage on the port does not take it down either.
+    with socket.create_connection(otlp.split(":")) as s:
+        s.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"\x00" * 1000)
+    assert get(f"{rest}/api/v1/queries") is not None
+    assert cluster.procs["observatory"].poll() is None
+
+
+def test_a_flood_of_metrics_stays_within_the_byte_bound(observatory):
+    _, otlp, rest, _ = observatory
+    reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=otlp, insecure=True), export_interval_millis=100_000)
+    provider = MeterProvider(resource=Resource.create({"service.instance.id": "flood"}), metric_readers=[reader])
+    meter = provider.get_meter("flood")
+    gauges = [meter.create_gauge(f"flood.metric.{i}") for i in range(200)]
+    for round_ in range(15):
+        for g in gauges:
+            g.set(round_)
+        reader.force_flush()
+    provider.shutdown()
+    prom = urllib.request.urlopen(f"{rest}/metrics", timeout=5).read().decode()
+    stored = int(next(line.split()[1] for line in prom.splitlines() if line.startswith("polars_observatory_metric_bytes ")))
+    assert 0 < stored <= 200_000
+    # The newest round survived.
+    latest = get(f"{rest}/api/v1/metrics?node=flood&name=flood.metric.0")["points"]
+    assert latest and latest[-1]["value"] == 14
