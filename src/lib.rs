@@ -15,6 +15,7 @@ pub mod flight;
 pub mod layout;
 pub mod logging;
 pub mod membership;
+pub mod monitoring;
 pub mod node;
 pub mod notify;
 pub mod observatory;

@@ -18,6 +18,7 @@ use crate::activation::Listeners;
 use crate::config::Config;
 use crate::layout::{Layout, ServiceKind};
 use crate::membership::{self, Registration, Registry};
+use crate::monitoring;
 use crate::notify;
 use crate::auth::JwksAuth;
 use crate::observatory::otlp::{self, Receiver};
@@ -116,6 +117,13 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
         deny_anonymous_users: scheduler.deny_anonymous_users,
         client_tls,
         client_auth: client_auth.clone(),
+    };
+    let monitoring = match &layout.observatory_addr {
+        Some(addr) => Some(
+            monitoring::start(&layout.instance_id, &layout.cluster_id, addr, &config.monitoring.host_metrics)
+                .context("monitoring")?,
+        ),
+        None => None,
     };
     let mut background = JoinSet::new();
     if let Some(auth) = client_auth {
@@ -221,6 +229,10 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
         warn!("in-flight work did not finish within shutdown_timeout ({}); stopping anyway", config.shutdown_timeout);
     }
     background.abort_all();
+    if let Some(m) = monitoring {
+        // Flushes what is buffered; bounded by the exporters' timeouts.
+        let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
+    }
     match failure {
         Some(f) => {
             error!("{f}");

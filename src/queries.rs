@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span as _, Tracer as _};
 use polars_node_engine as engine;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -168,9 +170,30 @@ impl Queries {
         query
     }
 
+    /// Runs a query, traced as a `query` span (exported when `[monitoring]` is on).
+    async fn run(self, query: Arc<Query>) {
+        let tracer = opentelemetry::global::tracer("polars-node");
+        let mut span = tracer
+            .span_builder("query")
+            .with_attributes([
+                KeyValue::new("polars.query_id", query.id.to_string()),
+                KeyValue::new("polars.user", query.submission.user.clone().unwrap_or_default()),
+            ])
+            .start(&tracer);
+        self.run_attempts(&query).await;
+        let outcome = query.outcome();
+        span.set_attribute(KeyValue::new("polars.status", format!("{:?}", query.status())));
+        span.set_attribute(KeyValue::new("polars.rows", outcome.n_rows as i64));
+        if let Some(error) = outcome.error {
+            span.set_status(opentelemetry::trace::Status::error(error));
+        }
+        span.end();
+    }
+
     /// Runs a query on one worker, moving to another when its worker is lost, up to the
     /// query's `n_retries`.
-    async fn run(self, query: Arc<Query>) {
+    async fn run_attempts(&self, query: &Arc<Query>) {
+        let query = query.clone();
         let mut attempts = 0;
         let mut lost_workers: Vec<String> = Vec::new();
         loop {
@@ -186,7 +209,20 @@ impl Queries {
             if !query.advance(Status::Running) && query.status().is_terminal() {
                 return;
             }
+            let tracer = opentelemetry::global::tracer("polars-node");
+            let mut span = tracer
+                .span_builder("task")
+                .with_attributes([
+                    KeyValue::new("polars.query_id", query.id.to_string()),
+                    KeyValue::new("polars.stage", 0i64),
+                    KeyValue::new("polars.worker", worker.instance_id.clone()),
+                ])
+                .start(&tracer);
             let result = self.run_on(&query, &worker).await;
+            if !matches!(result, Ok(Outcome::Success(_))) {
+                span.set_status(opentelemetry::trace::Status::error("the task did not succeed"));
+            }
+            span.end();
             if query.status().is_terminal() {
                 return; // canceled meanwhile
             }

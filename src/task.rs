@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
+use opentelemetry::trace::{Span as _, Tracer as _};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::ReceiverStream;
@@ -120,6 +121,15 @@ impl Task for TaskService {
         let request = request.into_inner();
         let query_id = request.query_id.clone();
         info!(query = %query_id, "task started");
+        let tracer = opentelemetry::global::tracer("polars-node");
+        let mut span = tracer
+            .span_builder("task.execute")
+            .with_attributes([
+                opentelemetry::KeyValue::new("polars.query_id", query_id.clone()),
+                opentelemetry::KeyValue::new("polars.stage", 0i64),
+                opentelemetry::KeyValue::new("polars.plan_bytes", request.plan.len() as i64),
+            ])
+            .start(&tracer);
         let response = match self.execute(request).await {
             Ok(r) => r,
             Err(e) => {
@@ -128,6 +138,12 @@ impl Task for TaskService {
             }
         };
         info!(query = %query_id, ok = matches!(response.outcome, Some(Outcome::Success(_))), "task ended");
+        match &response.outcome {
+            Some(Outcome::Success(s)) => span.set_attribute(opentelemetry::KeyValue::new("polars.rows", s.n_rows as i64)),
+            Some(Outcome::Failure(f)) => span.set_status(opentelemetry::trace::Status::error(f.message.clone())),
+            None => {}
+        }
+        span.end();
         Ok(Response::new(response))
     }
 

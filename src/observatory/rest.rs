@@ -50,9 +50,11 @@ async fn query(State(store): State<Store>, Path(id): Path<String>) -> Result<Jso
         if let Some(stage) = s.attributes.get("polars.stage") {
             let entry = stages.entry(stage.to_string()).or_insert_with(|| json!({ "stage": stage, "workers": [], "spans": 0 }));
             entry["spans"] = (entry["spans"].as_i64().unwrap_or(0) + 1).into();
+            // The worker a span is about: named by the span, else the node that sent it.
+            let worker = s.attributes.get("polars.worker").cloned().unwrap_or_else(|| json!(s.instance));
             let workers = entry["workers"].as_array_mut().expect("array");
-            if !workers.iter().any(|w| w == &json!(s.instance)) {
-                workers.push(json!(s.instance));
+            if !workers.contains(&worker) {
+                workers.push(worker);
             }
         }
     }

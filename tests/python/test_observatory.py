@@ -138,3 +138,86 @@ def test_a_flood_of_metrics_stays_within_the_byte_bound(observatory):
     # The newest round survived.
     latest = get(f"{rest}/api/v1/metrics?node=flood&name=flood.metric.0")["points"]
     assert latest and latest[-1]["value"] == 14
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory):
+    """A scheduler + observatory node and two workers, every node with [monitoring] on."""
+    root = tmp_path_factory.mktemp("monitored")
+    c = Cluster(root)
+    otlp, rest = free_port("127.0.0.1"), free_port("127.0.0.1")
+    c.start(
+        "scheduler",
+        f"""instance_id = "scheduler"
+[scheduler]
+enabled = true
+client_service.bind_addr = "127.0.0.1:{c.client_port}"
+worker_service.bind_addr = "127.0.0.1:{c.worker_port}"
+anonymous_result_location.local.path = "{c.results}"
+[observatory]
+enabled = true
+service.bind_addr = "127.0.0.1:{otlp}"
+rest_api.service.bind_addr = "127.0.0.1:{rest}"
+database_path = "{root / 'data.db'}"
+[monitoring]
+enabled = true
+host_metrics.disk_usage_metrics = true
+""",
+    )
+    for name, ip in (("worker-1", "127.0.0.2"), ("worker-2", "127.0.0.3")):
+        c.start(
+            name,
+            f"""instance_id = "{name}"
+[worker]
+enabled = true
+heartbeat_period = "300ms"
+task_service.bind_addr = "{ip}:{free_port(ip)}"
+shuffle_service.bind_addr = "{ip}:{free_port(ip)}"
+[monitoring]
+enabled = true
+[static_leader]
+scheduler_service.public_addr = "127.0.0.1:{c.worker_port}"
+observatory_service.public_addr = "127.0.0.1:{otlp}"
+""",
+        )
+    try:
+        c.wait_for_workers(["worker-1", "worker-2"])
+        yield c, f"http://127.0.0.1:{rest}"
+    finally:
+        c.stop()
+
+
+def test_queries_of_the_official_client_show_up_with_stages_workers_and_host_metrics(monitored):
+    import polars as pl
+    import polars_cloud as pc
+
+    cluster, rest = monitored
+    ctx = pc.ClusterContext(uri=cluster.uri)
+    q = pl.LazyFrame({"a": [1, 2, 3]}).select(pl.col("a").sum())
+    ids = []
+    for _ in range(2):
+        running = q.remote(ctx).execute(blocking=False)
+        running.await_result()
+        ids.append(str(running._query_id))
+    deadline = time.time() + 20
+    while True:
+        listed = {x["query_id"] for x in get(f"{rest}/api/v1/queries")["queries"]}
+        nodes = {n["node"] for n in get(f"{rest}/api/v1/nodes")["nodes"]}
+        if set(ids) <= listed and {"scheduler", "worker-1", "worker-2"} <= nodes:
+            break
+        assert time.time() < deadline, (listed, nodes)
+        time.sleep(0.3)
+    for query_id in ids:
+        detail = get(f"{rest}/api/v1/query/{query_id}")
+        names = {s["name"] for s in detail["spans"]}
+        assert {"query", "task", "task.execute"} <= names, names
+        assert detail["status"] == "ok"
+        stage = detail["stages"][0]
+        assert stage["stage"] == 0 and set(stage["workers"]) & {"worker-1", "worker-2"}, detail["stages"]
+    # Round robin: the two queries ran on the two workers.
+    workers = {w for i in ids for w in get(f"{rest}/api/v1/query/{i}")["stages"][0]["workers"]}
+    assert workers == {"worker-1", "worker-2"}
+    for node in ("scheduler", "worker-1", "worker-2"):
+        memory = get(f"{rest}/api/v1/metrics?node={node}&name=host.memory.used")["points"]
+        assert memory and memory[-1]["value"] > 0, node
+    assert get(f"{rest}/api/v1/metrics?node=scheduler&name=host.disk.used")["points"]

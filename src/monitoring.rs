@@ -1,0 +1,167 @@
+//! `[monitoring]`: this node's traces and host metrics, exported over OTLP/gRPC to the
+//! observatory. Spans go through a batch processor with a bounded queue and metrics through a
+//! periodic reader: neither ever blocks a query, and an unreachable observatory costs the
+//! exporter's warnings, not errors.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+
+use crate::config::HostMetricsConfig;
+
+/// How often host metrics are sampled and sent.
+const METRICS_INTERVAL: Duration = Duration::from_secs(2);
+
+pub struct Monitoring {
+    tracer: SdkTracerProvider,
+    meter: SdkMeterProvider,
+}
+
+/// Starts exporting to the observatory at `observatory_addr`. Must run inside the Tokio
+/// runtime: the gRPC channels live on it.
+pub fn start(instance_id: &str, cluster_id: &str, observatory_addr: &str, host: &HostMetricsConfig) -> anyhow::Result<Monitoring> {
+    let endpoint = format!("http://{observatory_addr}");
+    let resource = Resource::builder()
+        .with_service_name("polars-node")
+        .with_attributes([
+            KeyValue::new("service.instance.id", instance_id.to_string()),
+            KeyValue::new("polars.cluster_id", cluster_id.to_string()),
+        ])
+        .build();
+    let spans = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(&endpoint)
+        .with_timeout(Duration::from_secs(3))
+        .build()?;
+    let tracer = SdkTracerProvider::builder().with_resource(resource.clone()).with_batch_exporter(spans).build();
+    opentelemetry::global::set_tracer_provider(tracer.clone());
+
+    let metrics = opentelemetry_otlp::MetricExporter::builder()
+        .with_tonic()
+        .with_endpoint(&endpoint)
+        .with_timeout(Duration::from_secs(3))
+        .build()?;
+    let reader = PeriodicReader::builder(metrics).with_interval(METRICS_INTERVAL).build();
+    let meter = SdkMeterProvider::builder().with_resource(resource).with_reader(reader).build();
+    if host.enabled {
+        register_host_metrics(&meter, host);
+    }
+    Ok(Monitoring { tracer, meter })
+}
+
+impl Monitoring {
+    /// Sends what is buffered (bounded by the exporters' timeouts).
+    pub fn shutdown(self) {
+        let _ = self.tracer.shutdown();
+        let _ = self.meter.shutdown();
+    }
+}
+
+/// Host metrics, read when the reader samples them: from this node's cgroup where it has
+/// one (what the node may use), else from /proc (the host).
+fn register_host_metrics(provider: &SdkMeterProvider, host: &HostMetricsConfig) {
+    let meter = provider.meter("polars-node.host");
+    let cpu = Mutex::new(None::<(u64, u64)>);
+    meter
+        .f64_observable_gauge("host.cpu.utilization")
+        .with_description("Share of CPU time busy since the previous sample (0..1), all cores")
+        .with_callback(move |obs| {
+            if let Some((busy, total)) = cpu_times() {
+                let mut last = cpu.lock().unwrap();
+                if let Some((b0, t0)) = *last
+                    && total > t0
+                {
+                    obs.observe((busy - b0) as f64 / (total - t0) as f64, &[]);
+                }
+                *last = Some((busy, total));
+            }
+        })
+        .build();
+    meter
+        .u64_observable_gauge("host.memory.used")
+        .with_unit("By")
+        .with_callback(|obs| {
+            if let Some((used, _)) = memory() {
+                obs.observe(used, &[]);
+            }
+        })
+        .build();
+    meter
+        .u64_observable_gauge("host.memory.total")
+        .with_unit("By")
+        .with_callback(|obs| {
+            if let Some((_, total)) = memory() {
+                obs.observe(total, &[]);
+            }
+        })
+        .build();
+    if host.disk_usage_metrics {
+        meter
+            .u64_observable_gauge("host.disk.used")
+            .with_unit("By")
+            .with_callback(|obs| {
+                if let Ok(s) = nix::sys::statvfs::statvfs("/") {
+                    let used = (s.blocks() - s.blocks_free()) as u64 * s.fragment_size() as u64;
+                    obs.observe(used, &[KeyValue::new("mount", "/")]);
+                }
+            })
+            .build();
+    }
+    if host.disk_io_metrics {
+        meter
+            .u64_observable_counter("host.disk.io")
+            .with_unit("By")
+            .with_callback(|obs| {
+                if let Some((read, written)) = disk_io() {
+                    obs.observe(read, &[KeyValue::new("direction", "read")]);
+                    obs.observe(written, &[KeyValue::new("direction", "write")]);
+                }
+            })
+            .build();
+    }
+}
+
+/// (busy, total) jiffies of all CPUs.
+fn cpu_times() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let total: u64 = fields.iter().sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// (used, total) bytes: the cgroup's usage and limit when limited, else the host's.
+fn memory() -> Option<(u64, u64)> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    let (total, available) = (field("MemTotal:")?, field("MemAvailable:")?);
+    Some((total.saturating_sub(available), total))
+}
+
+/// Cumulative bytes read and written by all disks.
+fn disk_io() -> Option<(u64, u64)> {
+    let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
+    let (mut read, mut written) = (0u64, 0u64);
+    for line in stats.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // Whole devices only (partitions would count twice).
+        if f.len() > 9 && !f[2].starts_with("loop") && !f[2].chars().last().is_some_and(|c| c.is_ascii_digit()) {
+            read += f[5].parse::<u64>().unwrap_or(0) * 512;
+            written += f[9].parse::<u64>().unwrap_or(0) * 512;
+        }
+    }
+    Some((read, written))
+}
