@@ -101,9 +101,18 @@ async fn prometheus(State(store): State<Store>) -> Result<String, Response> {
     ))
 }
 
-/// The REST API over `store`.
+/// The dashboard, compiled into the binary: it works offline and needs no build step.
+const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+const DASHBOARD_JS: &str = include_str!("dashboard.js");
+
+/// The REST API over `store`, and the dashboard at `/`.
 pub fn router(store: Store) -> axum::Router {
     axum::Router::new()
+        .route("/", get(|| async { axum::response::Html(DASHBOARD_HTML) }))
+        .route(
+            "/dashboard.js",
+            get(|| async { ([(axum::http::header::CONTENT_TYPE, "text/javascript; charset=utf-8")], DASHBOARD_JS) }),
+        )
         .route("/api/v1/queries", get(queries))
         .route("/api/v1/query/{id}", get(query))
         .route("/api/v1/nodes", get(nodes))

@@ -2,6 +2,7 @@
 (not the project's), and its behaviour on bad input."""
 
 import json
+import os
 import socket
 import time
 import urllib.request
@@ -221,3 +222,47 @@ def test_queries_of_the_official_client_show_up_with_stages_workers_and_host_met
         memory = get(f"{rest}/api/v1/metrics?node={node}&name=host.memory.used")["points"]
         assert memory and memory[-1]["value"] > 0, node
     assert get(f"{rest}/api/v1/metrics?node=scheduler&name=host.disk.used")["points"]
+
+
+def chromium(*args, timeout=60):
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("chromium is not installed (.ci/run installs Debian's package)")
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+           "--virtual-time-budget=8000", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_dashboard_lists_queries_and_draws_the_stage_graph(monitored):
+    import polars as pl
+    import polars_cloud as pc
+    from pathlib import Path
+
+    cluster, rest = monitored
+    running = pl.LazyFrame({"a": [1, 2]}).remote(pc.ClusterContext(uri=cluster.uri)).execute(blocking=False)
+    running.await_result()
+    query_id = str(running._query_id)
+    deadline = time.time() + 20
+    while query_id not in {q["query_id"] for q in get(f"{rest}/api/v1/queries")["queries"]}:
+        assert time.time() < deadline
+        time.sleep(0.3)
+
+    listing = chromium("--dump-dom", f"{rest}/#/").stdout
+    assert f'data-query="{query_id}"' in listing, listing[:2000]
+
+    page = chromium("--dump-dom", f"{rest}/#/query/{query_id}").stdout
+    assert 'class="stage-graph"' in page and 'data-stage="0"' in page, page[:2000]
+    assert "worker-1" in page or "worker-2" in page
+
+    nodes = chromium("--dump-dom", f"{rest}/#/nodes").stdout
+    assert 'id="nodes"' in nodes and 'class="chart"' in nodes, nodes[:2000]
+
+    # A screenshot of the query page, kept as a test artifact.
+    artifacts = Path(os.environ.get("POLARS_NODE_ARTIFACTS", Path(__file__).parents[2] / "target" / "test-artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shot = artifacts / "dashboard-query.png"
+    chromium(f"--screenshot={shot}", "--window-size=1280,800", f"{rest}/#/query/{query_id}")
+    assert shot.exists() and shot.stat().st_size > 10_000
