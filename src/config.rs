@@ -844,7 +844,6 @@ fn not_yet_implemented(c: &Config) -> Vec<String> {
     let o = &c.observatory;
     check(o.rest_api.service.connection.is_some(), "observatory.rest_api.service.connection");
     check(o.rest_api.service.auth.is_some(), "observatory.rest_api.service.auth");
-    check(o.database_export.is_some(), "observatory.database_export");
     keys.into_iter().map(|k| format!("`{k}` is accepted but not implemented yet; it has no effect")).collect()
 }
 

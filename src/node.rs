@@ -126,6 +126,17 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
         None => None,
     };
     let mut background = JoinSet::new();
+    let export = roles.observatory.clone().zip(config.observatory.database_export.clone());
+    if let Some((store, path)) = export.clone() {
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(DATABASE_EXPORT_PERIOD);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                export_database(&store, &path).await;
+            }
+        });
+    }
     if let Some(auth) = client_auth {
         notify::status("fetching the client service's JSON Web Key Set");
         auth.load().await;
@@ -229,6 +240,9 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
         warn!("in-flight work did not finish within shutdown_timeout ({}); stopping anyway", config.shutdown_timeout);
     }
     background.abort_all();
+    if let Some((store, path)) = export {
+        export_database(&store, &path).await;
+    }
     if let Some(m) = monitoring {
         // Flushes what is buffered; bounded by the exporters' timeouts.
         let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
@@ -242,6 +256,18 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
             info!("node stopped");
             Ok(())
         }
+    }
+}
+
+/// How often `observatory.database_export` is refreshed (and once more when the node stops).
+const DATABASE_EXPORT_PERIOD: Duration = Duration::from_secs(60);
+
+async fn export_database(store: &Store, path: &std::path::Path) {
+    let (store, target) = (store.clone(), path.to_path_buf());
+    match tokio::task::spawn_blocking(move || store.export_to(&target)).await {
+        Ok(Ok(())) => info!(path = %path.display(), "observatory database exported"),
+        Ok(Err(e)) => warn!(path = %path.display(), "cannot export the observatory database: {e}"),
+        Err(e) => warn!("export task: {e}"),
     }
 }
 

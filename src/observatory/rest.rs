@@ -104,6 +104,8 @@ async fn prometheus(State(store): State<Store>) -> Result<String, Response> {
 /// The dashboard, compiled into the binary: it works offline and needs no build step.
 const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 const DASHBOARD_JS: &str = include_str!("dashboard.js");
+/// The API's description (OpenAPI 3.1).
+const OPENAPI: &str = include_str!("openapi.json");
 
 /// The REST API over `store`, and the dashboard at `/`.
 pub fn router(store: Store) -> axum::Router {
@@ -112,6 +114,10 @@ pub fn router(store: Store) -> axum::Router {
         .route(
             "/dashboard.js",
             get(|| async { ([(axum::http::header::CONTENT_TYPE, "text/javascript; charset=utf-8")], DASHBOARD_JS) }),
+        )
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
         .route("/api/v1/queries", get(queries))
         .route("/api/v1/query/{id}", get(query))

@@ -113,6 +113,17 @@ impl Store {
         tx.commit()
     }
 
+    /// Writes a consistent copy of the database to `path` (replaced atomically).
+    pub fn export_to(&self, path: &Path) -> rusqlite::Result<()> {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = path.with_extension("exporting");
+        let _ = std::fs::remove_file(&tmp);
+        self.db.lock().unwrap().execute("VACUUM INTO ?1", params![tmp.to_string_lossy()])?;
+        std::fs::rename(&tmp, path).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+    }
+
     pub fn metric_bytes(&self) -> u64 {
         let db = self.db.lock().unwrap();
         db.query_row("SELECT COALESCE(SUM(bytes), 0) FROM metrics", [], |r| r.get::<_, i64>(0)).unwrap_or(0) as u64

@@ -266,3 +266,75 @@ def test_the_dashboard_lists_queries_and_draws_the_stage_graph(monitored):
     shot = artifacts / "dashboard-query.png"
     chromium(f"--screenshot={shot}", "--window-size=1280,800", f"{rest}/#/query/{query_id}")
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def required_keys_hold(schema, value, components):
+    """The response carries every key the OpenAPI document requires (recursively)."""
+    if "$ref" in schema:
+        return required_keys_hold(components[schema["$ref"].split("/")[-1]], value, components)
+    if schema.get("type") == "object":
+        assert isinstance(value, dict), value
+        for key in schema.get("required", []):
+            assert key in value, (key, value)
+        for key, sub in schema.get("properties", {}).items():
+            if key in value and value[key] is not None:
+                required_keys_hold(sub, value[key], components)
+    if schema.get("type") == "array":
+        for item in value:
+            required_keys_hold(schema["items"], item, components)
+    return True
+
+
+def test_the_openapi_document_describes_the_responses(monitored):
+    _, rest = monitored
+    doc = get(f"{rest}/api/v1/openapi.json")
+    components = doc["components"]["schemas"]
+    query_id = get(f"{rest}/api/v1/queries")["queries"][0]["query_id"]
+    for path, concrete in [("/api/v1/queries", "/api/v1/queries"), ("/api/v1/query/{id}", f"/api/v1/query/{query_id}"),
+                           ("/api/v1/nodes", "/api/v1/nodes"), ("/api/v1/metrics", "/api/v1/metrics?name=host.memory.used")]:
+        schema = doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert required_keys_hold(schema, get(f"{rest}{concrete}"), components)
+
+
+def test_the_database_survives_restarts_and_is_exported(tmp_path):
+    import sqlite3
+
+    c = Cluster(tmp_path)
+    otlp, rest = free_port("127.0.0.1"), free_port("127.0.0.1")
+    config = f"""instance_id = "observatory"
+[observatory]
+enabled = true
+service.bind_addr = "127.0.0.1:{otlp}"
+rest_api.service.bind_addr = "127.0.0.1:{rest}"
+database_path = "{tmp_path / 'data.db'}"
+database_export = "{tmp_path / 'export' / 'copy.db'}"
+[static_leader]
+scheduler_service.public_addr = "127.0.0.1:1"
+"""
+
+    def start():
+        c.start("observatory", config)
+        deadline = time.time() + 20
+        while True:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{rest}/readyz", timeout=1)
+            except Exception:
+                assert time.time() < deadline, c.logs()
+                time.sleep(0.1)
+
+    start()
+    provider = TracerProvider(resource=Resource.create({"service.instance.id": "n1"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"127.0.0.1:{otlp}", insecure=True)))
+    query_id = str(uuid.uuid4())
+    with provider.get_tracer("t").start_as_current_span("query", attributes={"polars.query_id": query_id}):
+        pass
+    provider.shutdown()
+    c.procs["observatory"].terminate()
+    c.procs["observatory"].wait(timeout=30)
+    exported = sqlite3.connect(tmp_path / "export" / "copy.db").execute("SELECT query_id FROM spans").fetchall()
+    assert (query_id,) in exported
+    start()
+    try:
+        assert get(f"http://127.0.0.1:{rest}/api/v1/query/{query_id}")["query_id"] == query_id
+    finally:
+        c.stop()
