@@ -107,7 +107,7 @@ fn register_host_metrics(provider: &SdkMeterProvider, host: &HostMetricsConfig) 
             .with_unit("By")
             .with_callback(|obs| {
                 if let Ok(s) = nix::sys::statvfs::statvfs("/") {
-                    let used = (s.blocks() - s.blocks_free()) as u64 * s.fragment_size() as u64;
+                    let used = (s.blocks() - s.blocks_free()) * s.fragment_size();
                     obs.observe(used, &[KeyValue::new("mount", "/")]);
                 }
             })

@@ -25,10 +25,11 @@ async fn queries(State(store): State<Store>) -> Result<Json<serde_json::Value>, 
     let rows = blocking(move || store.queries()).await?;
     let queries: Vec<_> = rows
         .into_iter()
-        .map(|(id, start, end, spans, failed)| {
+        .map(|q| {
             json!({
-                "query_id": id, "start_ns": start, "end_ns": end, "duration_ms": (end - start) as f64 / 1e6,
-                "spans": spans, "status": if failed > 0 { "failed" } else { "ok" },
+                "query_id": q.query_id, "start_ns": q.start_ns, "end_ns": q.end_ns,
+                "duration_ms": (q.end_ns - q.start_ns) as f64 / 1e6, "spans": q.spans,
+                "status": if q.failed_spans > 0 { "failed" } else { "ok" },
             })
         })
         .collect();

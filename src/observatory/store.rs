@@ -46,6 +46,16 @@ pub struct MetricRow {
     pub attributes: serde_json::Value,
 }
 
+/// A query as its spans describe it.
+#[derive(Debug, Clone)]
+pub struct QuerySeen {
+    pub query_id: String,
+    pub start_ns: i64,
+    pub end_ns: i64,
+    pub spans: i64,
+    pub failed_spans: i64,
+}
+
 impl Store {
     pub fn open(path: &Path, max_metrics_bytes: u64) -> rusqlite::Result<Store> {
         if let Some(dir) = path.parent() {
@@ -161,14 +171,16 @@ impl Store {
         rows.collect()
     }
 
-    /// Each query seen in spans: (query id, first start, last end, span count, failed spans).
-    pub fn queries(&self) -> rusqlite::Result<Vec<(String, i64, i64, i64, i64)>> {
+    /// Each query seen in spans, newest first.
+    pub fn queries(&self) -> rusqlite::Result<Vec<QuerySeen>> {
         let db = self.db.lock().unwrap();
         let mut stmt = db.prepare(
             "SELECT query_id, MIN(start_ns), MAX(end_ns), COUNT(*), SUM(status_code = 2) FROM spans
              WHERE query_id IS NOT NULL GROUP BY query_id ORDER BY MIN(start_ns) DESC",
         )?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok(QuerySeen { query_id: r.get(0)?, start_ns: r.get(1)?, end_ns: r.get(2)?, spans: r.get(3)?, failed_spans: r.get(4)? })
+        })?;
         rows.collect()
     }
 

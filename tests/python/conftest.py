@@ -1,6 +1,7 @@
 """A real cluster for the official client: a scheduler and two workers as separate
 `polars-node` processes on 127.0.0.1 / 127.0.0.2 / 127.0.0.3."""
 
+import contextlib
 import json
 import os
 import socket
@@ -52,7 +53,8 @@ anonymous_result_location.local.path = "{self.results}"
 """,
         )
 
-    def start_worker(self, name: str, ip: str) -> None:
+    def start_worker(self, name: str, ip: str, tables: str = "", leader: str = "") -> None:
+        """`tables`: further TOML tables; `leader`: further keys of [static_leader]."""
         self.start(
             name,
             f"""instance_id = "{name}"
@@ -62,10 +64,26 @@ heartbeat_period = "300ms"
 task_service.bind_addr = "{ip}:{free_port(ip)}"
 shuffle_service.bind_addr = "{ip}:{free_port(ip)}"
 shuffle_location.local.path = "{self.root / name / 'shuffle'}"
+{tables}
 [static_leader]
 scheduler_service.public_addr = "127.0.0.1:{self.worker_port}"
+{leader}
 """,
         )
+
+    def wait_ready(self, base_url: str, timeout: float = 20) -> None:
+        """Waits for a node's REST port to answer /readyz."""
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{base_url}/readyz", timeout=1)
+                return
+            except Exception:
+                if time.time() > deadline:
+                    raise TimeoutError(f"{base_url} is not ready\n{self.logs()}")
+                time.sleep(0.1)
 
     def live_workers(self) -> list[str]:
         out = subprocess.run(
@@ -92,30 +110,32 @@ scheduler_service.public_addr = "127.0.0.1:{self.worker_port}"
             p.wait()
 
 
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
-    c.start_scheduler()
-    c.start_worker("worker-1", "127.0.0.2")
-    c.start_worker("worker-2", "127.0.0.3")
+@contextlib.contextmanager
+def running_cluster(root: Path, workers: dict[str, str], scheduler: str = ""):
+    """A scheduler (with `scheduler` extra keys) and `workers` (name -> loopback address)."""
+    c = Cluster(root)
+    c.start_scheduler(scheduler)
+    for name, ip in workers.items():
+        c.start_worker(name, ip)
     try:
-        c.wait_for_workers(["worker-1", "worker-2"])
+        c.wait_for_workers(list(workers))
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    with running_cluster(tmp_path_factory.mktemp("cluster"), {"worker-1": "127.0.0.2", "worker-2": "127.0.0.3"}) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")
 def restricted(tmp_path_factory):
     """A cluster that forbids local scans and sinks and anonymous queries."""
-    c = Cluster(tmp_path_factory.mktemp("restricted"))
-    c.start_scheduler("allow_local_scans = false\nallow_local_sinks = false\ndeny_anonymous_users = true")
-    c.start_worker("worker-r", "127.0.0.4")
-    try:
-        c.wait_for_workers(["worker-r"])
+    policy = "allow_local_scans = false\nallow_local_sinks = false\ndeny_anonymous_users = true"
+    with running_cluster(tmp_path_factory.mktemp("restricted"), {"worker-r": "127.0.0.4"}, policy) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="session")

@@ -170,17 +170,11 @@ def long_query() -> pl.LazyFrame:
 
 @pytest.fixture
 def two_worker_cluster(tmp_path):
-    from conftest import Cluster
+    """A cluster of its own: these tests kill workers."""
+    from conftest import running_cluster
 
-    c = Cluster(tmp_path)
-    c.start_scheduler()
-    c.start_worker("worker-a", "127.0.0.5")
-    c.start_worker("worker-b", "127.0.0.6")
-    try:
-        c.wait_for_workers(["worker-a", "worker-b"])
+    with running_cluster(tmp_path, {"worker-a": "127.0.0.5", "worker-b": "127.0.0.6"}) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def kill_the_busy_worker(cluster, query) -> str:

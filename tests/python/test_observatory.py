@@ -41,14 +41,7 @@ max_metrics_bytes_total = 200000
 scheduler_service.public_addr = "127.0.0.1:1"
 """,
     )
-    deadline = time.time() + 20
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{rest}/readyz", timeout=1)
-            break
-        except Exception:
-            assert time.time() < deadline, c.logs()
-            time.sleep(0.1)
+    c.wait_ready(f"http://127.0.0.1:{rest}")
     try:
         yield c, f"127.0.0.1:{otlp}", f"http://127.0.0.1:{rest}", root
     finally:
@@ -166,21 +159,8 @@ host_metrics.disk_usage_metrics = true
 """,
     )
     for name, ip in (("worker-1", "127.0.0.2"), ("worker-2", "127.0.0.3")):
-        c.start(
-            name,
-            f"""instance_id = "{name}"
-[worker]
-enabled = true
-heartbeat_period = "300ms"
-task_service.bind_addr = "{ip}:{free_port(ip)}"
-shuffle_service.bind_addr = "{ip}:{free_port(ip)}"
-[monitoring]
-enabled = true
-[static_leader]
-scheduler_service.public_addr = "127.0.0.1:{c.worker_port}"
-observatory_service.public_addr = "127.0.0.1:{otlp}"
-""",
-        )
+        c.start_worker(name, ip, tables="[monitoring]\nenabled = true",
+                       leader=f'observatory_service.public_addr = "127.0.0.1:{otlp}"')
     try:
         c.wait_for_workers(["worker-1", "worker-2"])
         yield c, f"http://127.0.0.1:{rest}"
@@ -314,13 +294,7 @@ scheduler_service.public_addr = "127.0.0.1:1"
 
     def start():
         c.start("observatory", config)
-        deadline = time.time() + 20
-        while True:
-            try:
-                return urllib.request.urlopen(f"http://127.0.0.1:{rest}/readyz", timeout=1)
-            except Exception:
-                assert time.time() < deadline, c.logs()
-                time.sleep(0.1)
+        c.wait_ready(f"http://127.0.0.1:{rest}")
 
     start()
     provider = TracerProvider(resource=Resource.create({"service.instance.id": "n1"}))
