@@ -56,6 +56,51 @@ struct Roles {
     observatory: Option<Store>,
 }
 
+impl Roles {
+    /// What each enabled role serves with, built before anything serves.
+    fn build(config: &Config, layout: &Layout) -> anyhow::Result<Roles> {
+        let scheduler = &config.scheduler;
+        let registry = scheduler
+            .enabled
+            .then(|| Registry::new(&layout.instance_id, &layout.cluster_id, scheduler.lost_after_missed_heartbeats));
+        let queries = registry.as_ref().map(|r| {
+            let root = match &scheduler.anonymous_result_location {
+                StorageLocation::Local(l) | StorageLocation::SharedFilesystem(l) => l.path.clone(),
+                // Object stores arrive with distributed execution; `load` warns about it.
+                _ => std::env::temp_dir().join("polars/anonymous-results"),
+            };
+            let policy = Policy { allow_local_scans: scheduler.allow_local_scans, allow_local_sinks: scheduler.allow_local_sinks };
+            Queries::new(r.clone(), policy, root)
+        });
+        let tasks = match config.worker.enabled {
+            true => Some(TaskService::new(config.worker.env_vars.clone()).context("task service")?),
+            false => None,
+        };
+        let client_tls = if scheduler.enabled { client_identity(config)? } else { None };
+        let client_auth = scheduler.client_service.auth.as_ref().filter(|_| scheduler.enabled).map(|a| JwksAuth::new(a.jwks.clone()));
+        let observatory = match config.observatory.enabled {
+            true => {
+                let path = database_file(&config.observatory.database_path, &config.cluster_id);
+                let store = Store::open(&path, config.observatory.max_metrics_bytes_total).with_context(|| {
+                    format!("cannot open the observatory database {} (observatory.database_path)", path.display())
+                })?;
+                info!(database = %path.display(), "observatory store open");
+                Some(store)
+            }
+            false => None,
+        };
+        Ok(Roles {
+            registry,
+            queries,
+            tasks,
+            deny_anonymous_users: scheduler.deny_anonymous_users,
+            client_tls,
+            client_auth,
+            observatory,
+        })
+    }
+}
+
 /// Reads the client service's certificate chain and key, naming the key of a file that
 /// cannot be read.
 fn client_identity(config: &Config) -> anyhow::Result<Option<Identity>> {
@@ -80,44 +125,9 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: Option<String>) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
-    let registry = config.scheduler.enabled.then(|| {
-        Registry::new(&layout.instance_id, &layout.cluster_id, config.scheduler.lost_after_missed_heartbeats)
-    });
-    let queries = registry.as_ref().map(|r| {
-        let root = match &config.scheduler.anonymous_result_location {
-            StorageLocation::Local(l) | StorageLocation::SharedFilesystem(l) => l.path.clone(),
-            // Object stores arrive with distributed execution; `load` warns about it.
-            _ => std::env::temp_dir().join("polars/anonymous-results"),
-        };
-        let policy = Policy { allow_local_scans: config.scheduler.allow_local_scans, allow_local_sinks: config.scheduler.allow_local_sinks };
-        Queries::new(r.clone(), policy, root)
-    });
-    let tasks = match config.worker.enabled {
-        true => Some(TaskService::new(config.worker.env_vars.clone()).context("task service")?),
-        false => None,
-    };
-    let scheduler = &config.scheduler;
-    let client_tls = if scheduler.enabled { client_identity(&config)? } else { None };
-    let client_auth = scheduler.client_service.auth.as_ref().filter(|_| scheduler.enabled).map(|a| JwksAuth::new(a.jwks.clone()));
-    let observatory = match config.observatory.enabled {
-        true => {
-            let path = database_file(&config.observatory.database_path, &config.cluster_id);
-            let store = Store::open(&path, config.observatory.max_metrics_bytes_total)
-                .with_context(|| format!("cannot open the observatory database {} (observatory.database_path)", path.display()))?;
-            info!(database = %path.display(), "observatory store open");
-            Some(store)
-        }
-        false => None,
-    };
-    let roles = Roles {
-        observatory,
-        registry: registry.clone(),
-        queries,
-        tasks,
-        deny_anonymous_users: scheduler.deny_anonymous_users,
-        client_tls,
-        client_auth: client_auth.clone(),
-    };
+    let roles = Roles::build(&config, &layout)?;
+    let registry = roles.registry.clone();
+    let client_auth = roles.client_auth.clone();
     let monitoring = match &layout.observatory_addr {
         Some(addr) => Some(
             monitoring::start(&layout.instance_id, &layout.cluster_id, addr, &config.monitoring.host_metrics)
