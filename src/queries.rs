@@ -122,13 +122,22 @@ struct Inner {
     registry: Registry,
     policy: Policy,
     result_root: PathBuf,
+    /// One HTTP/2 connection per worker task service, shared by all queries.
+    workers: Mutex<HashMap<String, TaskClient<tonic::transport::Channel>>>,
     queries: Mutex<HashMap<Uuid, Arc<Query>>>,
     next_worker: AtomicUsize,
 }
 
 impl Queries {
     pub fn new(registry: Registry, policy: Policy, result_root: PathBuf) -> Self {
-        let inner = Inner { registry, policy, result_root, queries: Mutex::default(), next_worker: AtomicUsize::new(0) };
+        let inner = Inner {
+            registry,
+            policy,
+            result_root,
+            workers: Mutex::default(),
+            queries: Mutex::default(),
+            next_worker: AtomicUsize::new(0),
+        };
         Queries { inner: Arc::new(inner) }
     }
 
@@ -272,7 +281,7 @@ impl Queries {
     }
 
     async fn run_on(&self, query: &Query, worker: &WorkerInfo) -> Result<Outcome, tonic::Status> {
-        let mut client = task_client(&worker.task_addr)?;
+        let mut client = self.task_client(&worker.task_addr)?;
         let target = match query.target {
             engine::Target::InMemory => ResultTarget::Stored,
             engine::Target::Flight => ResultTarget::Flight,
@@ -319,7 +328,7 @@ impl Queries {
         info!(query = %query.id, "query canceled");
         let worker = query.worker.lock().unwrap().clone();
         if let Some(worker) = worker
-            && let Ok(mut client) = task_client(&worker.task_addr)
+            && let Ok(mut client) = self.task_client(&worker.task_addr)
         {
             let _ = client.cancel_task(CancelTaskRequest { query_id: query.id.to_string() }).await;
         }
@@ -333,19 +342,27 @@ impl Queries {
         }
     }
 
+    /// A client of the task service at `addr`, over the connection kept for that worker (made
+    /// lazily, re-established by itself when the worker comes back).
+    pub fn task_client(&self, addr: &str) -> Result<TaskClient<tonic::transport::Channel>, tonic::Status> {
+        let mut workers = self.inner.workers.lock().unwrap();
+        if let Some(client) = workers.get(addr) {
+            return Ok(client.clone());
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let client = TaskClient::new(endpoint.connect_lazy()).max_decoding_message_size(256 << 20);
+        workers.insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
+
     /// The worker that ran a query.
     pub fn worker_of(&self, query: &Query) -> Option<WorkerInfo> {
         query.worker.lock().unwrap().clone()
     }
-}
-
-pub fn task_client(addr: &str) -> Result<TaskClient<tonic::transport::Channel>, tonic::Status> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| tonic::Status::internal(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20));
-    Ok(TaskClient::new(endpoint.connect_lazy()).max_decoding_message_size(256 << 20))
 }
 
 /// Refuses plans that touch the local file system where the scheduler forbids it, before
