@@ -84,11 +84,14 @@ impl JwksAuth {
         }
     }
 
-    /// Checks the bearer token of a call; returns the token's subject.
+    /// Checks the bearer token of a gRPC call; returns the token's subject.
     pub fn check(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Option<String>, Status> {
-        let token = metadata
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
+        self.check_authorization(metadata.get("authorization").and_then(|v| v.to_str().ok()))
+    }
+
+    /// Checks an `authorization` header value (gRPC metadata or HTTP header alike).
+    pub fn check_authorization(&self, header: Option<&str>) -> Result<Option<String>, Status> {
+        let token = header
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .ok_or_else(|| {
                 Status::unauthenticated(

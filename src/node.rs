@@ -54,6 +54,8 @@ struct Roles {
     client_auth: Option<JwksAuth>,
     /// The observatory's store (observatory role).
     observatory: Option<Store>,
+    /// Bearer-token checks of the REST API (`observatory.rest_api.service.auth.jwks`).
+    rest_auth: Option<JwksAuth>,
 }
 
 impl Roles {
@@ -89,7 +91,10 @@ impl Roles {
             }
             false => None,
         };
+        let rest = &config.observatory.rest_api.service;
+        let rest_auth = rest.auth.as_ref().filter(|_| config.observatory.enabled).map(|a| JwksAuth::new(a.jwks.clone()));
         Ok(Roles {
+            rest_auth,
             registry,
             queries,
             tasks,
@@ -147,8 +152,8 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
             }
         });
     }
-    if let Some(auth) = client_auth {
-        notify::status("fetching the client service's JSON Web Key Set");
+    for auth in [client_auth, roles.rest_auth.clone()].into_iter().flatten() {
+        notify::status("fetching a JSON Web Key Set for bearer tokens");
         auth.load().await;
         background.spawn(auth.keep_keys());
     }
@@ -313,7 +318,7 @@ fn serve(
     if kind == ServiceKind::Rest {
         let mut app = rest_router(ready);
         if let Some(store) = roles.observatory.clone() {
-            app = app.merge(crate::observatory::rest::router(store));
+            app = app.merge(crate::observatory::rest::router(store, roles.rest_auth.clone()));
         }
         return Ok(Box::pin(async move {
             axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("REST server")

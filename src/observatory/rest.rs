@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::store::Store;
+use crate::auth::JwksAuth;
 
 fn internal(e: impl std::fmt::Display) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e.to_string() }))).into_response()
@@ -108,14 +109,44 @@ const DASHBOARD_JS: &str = include_str!("dashboard.js");
 /// The API's description (OpenAPI 3.1).
 const OPENAPI: &str = include_str!("openapi.json");
 
-/// The REST API over `store`, and the dashboard at `/`.
-pub fn router(store: Store) -> axum::Router {
+/// Refuses API calls without a valid bearer token (`rest_api.service.auth.jwks`).
+async fn require_token(
+    State(auth): State<JwksAuth>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header = request.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match auth.check_authorization(header) {
+        Ok(_) => next.run(request).await,
+        Err(status) => {
+            let code = if status.code() == tonic::Code::Unavailable { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::UNAUTHORIZED };
+            (code, Json(json!({ "error": status.message() }))).into_response()
+        }
+    }
+}
+
+/// The REST API over `store`, and the dashboard at `/`. With `auth`, the API and `/metrics`
+/// need a bearer token; the dashboard's page itself and the health checks stay open.
+pub fn router(store: Store, auth: Option<JwksAuth>) -> axum::Router {
+    let api = api(store.clone());
+    let api = match auth {
+        Some(auth) => api.layer(axum::middleware::from_fn_with_state(auth, require_token)),
+        None => api,
+    };
+    dashboard().merge(api)
+}
+
+fn dashboard() -> axum::Router {
     axum::Router::new()
         .route("/", get(|| async { axum::response::Html(DASHBOARD_HTML) }))
         .route(
             "/dashboard.js",
             get(|| async { ([(axum::http::header::CONTENT_TYPE, "text/javascript; charset=utf-8")], DASHBOARD_JS) }),
         )
+}
+
+fn api(store: Store) -> axum::Router {
+    axum::Router::new()
         .route(
             "/api/v1/openapi.json",
             get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI) }),

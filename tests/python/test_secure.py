@@ -160,3 +160,49 @@ def test_plaintext_clients_cannot_talk_to_a_tls_port(secure):
     ctx = pc.ClusterContext(uri=f"http://127.0.0.1:{cluster.client_port}")
     with pytest.raises(Exception):
         pl.LazyFrame({"a": [1]}).remote(ctx).execute()
+
+
+def test_the_observatory_rest_api_requires_a_token_when_configured(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    keys = KeyServer()
+    c = Cluster(tmp_path)
+    rest = free_port("127.0.0.1")
+    c.start(
+        "observatory",
+        f"""[observatory]
+enabled = true
+service.bind_addr = "127.0.0.1:{free_port('127.0.0.1')}"
+rest_api.service.bind_addr = "127.0.0.1:{rest}"
+database_path = "{tmp_path / 'data.db'}"
+[observatory.rest_api.service.auth.jwks]
+url = "{keys.url}"
+issuers = ["{ISSUER}"]
+audience = "{AUDIENCE}"
+[static_leader]
+scheduler_service.public_addr = "127.0.0.1:1"
+""",
+    )
+    base = f"http://127.0.0.1:{rest}"
+    try:
+        c.wait_ready(base)  # health checks stay open
+
+        def call(path, token=None):
+            request = urllib.request.Request(base + path, headers={"authorization": f"Bearer {token}"} if token else {})
+            try:
+                with urllib.request.urlopen(request, timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        status, body = call("/api/v1/queries")
+        assert status == 401 and "requires a bearer token" in body, body
+        status, body = call("/api/v1/queries", keys.token(issuer="https://elsewhere.test"))
+        assert status == 401 and "InvalidIssuer" in body, body
+        assert call("/api/v1/queries", keys.token()) == (200, '{"queries":[]}')
+        assert call("/metrics")[0] == 401
+        assert call("/")[0] == 200  # the page; its API calls need the token
+    finally:
+        c.stop()
+        keys.server.shutdown()
