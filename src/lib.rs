@@ -21,6 +21,7 @@ pub mod notify;
 pub mod observatory;
 pub mod queries;
 pub mod task;
+pub mod tls;
 
 /// Code generated from `proto/`: the project's own protocols (`polars_node.v1`) and the
 /// client protocol of the official `polars-cloud` client, nested as its packages are.

@@ -56,6 +56,8 @@ struct Roles {
     observatory: Option<Store>,
     /// Bearer-token checks of the REST API (`observatory.rest_api.service.auth.jwks`).
     rest_auth: Option<JwksAuth>,
+    /// TLS of the REST API (`observatory.rest_api.service.connection.tls`).
+    rest_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Roles {
@@ -93,7 +95,16 @@ impl Roles {
         };
         let rest = &config.observatory.rest_api.service;
         let rest_auth = rest.auth.as_ref().filter(|_| config.observatory.enabled).map(|a| JwksAuth::new(a.jwks.clone()));
+        let rest_tls = match rest.connection.as_ref().and_then(|c| c.tls.as_ref()) {
+            Some(tls) if config.observatory.enabled => Some(crate::tls::server_config(
+                &tls.certificate_key_file,
+                &tls.private_key_file,
+                "observatory.rest_api.service.connection.tls",
+            )?),
+            _ => None,
+        };
         Ok(Roles {
+            rest_tls,
             rest_auth,
             registry,
             queries,
@@ -320,9 +331,13 @@ fn serve(
         if let Some(store) = roles.observatory.clone() {
             app = app.merge(crate::observatory::rest::router(store, roles.rest_auth.clone()));
         }
-        return Ok(Box::pin(async move {
-            axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("REST server")
-        }));
+        return Ok(match roles.rest_tls.clone() {
+            Some(tls) => {
+                let listener = crate::tls::TlsListener::new(listener, tls)?;
+                Box::pin(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("REST server") })
+            }
+            None => Box::pin(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("REST server") }),
+        });
     }
     // Tonic does not apply these to a listener it did not bind (socket activation).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE));

@@ -5,6 +5,8 @@ import datetime
 import http.server
 import json
 import threading
+import time
+import urllib.error
 
 import jwt
 import polars as pl
@@ -206,3 +208,45 @@ scheduler_service.public_addr = "127.0.0.1:1"
     finally:
         c.stop()
         keys.server.shutdown()
+
+
+def test_the_observatory_rest_api_over_tls(tmp_path):
+    import ssl
+    import urllib.request
+
+    ca = certificates(tmp_path)
+    c = Cluster(tmp_path)
+    rest = free_port("127.0.0.1")
+    c.start(
+        "observatory",
+        f"""[observatory]
+enabled = true
+service.bind_addr = "127.0.0.1:{free_port('127.0.0.1')}"
+rest_api.service.bind_addr = "127.0.0.1:{rest}"
+database_path = "{tmp_path / 'data.db'}"
+[observatory.rest_api.service.connection.tls]
+certificate_key_file = "{tmp_path / 'cert.pem'}"
+private_key_file = "{tmp_path / 'key.pem'}"
+[static_leader]
+scheduler_service.public_addr = "127.0.0.1:1"
+""",
+    )
+    context = ssl.create_default_context(cadata=ca.decode())
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{rest}/api/v1/queries", context=context, timeout=2) as r:
+                    assert r.status == 200 and json.loads(r.read()) == {"queries": []}
+                    break
+            except (ConnectionError, urllib.error.URLError) as e:
+                if isinstance(getattr(e, "reason", None), ssl.SSLError):
+                    raise
+                assert time.time() < deadline, c.logs()
+                time.sleep(0.2)
+        # Plain HTTP on a TLS port gets nothing useful.
+        with pytest.raises(Exception):
+            urllib.request.urlopen(f"http://127.0.0.1:{rest}/api/v1/queries", timeout=2).read()
+        assert c.procs["observatory"].poll() is None
+    finally:
+        c.stop()
