@@ -139,7 +139,10 @@ impl Task for TaskService {
         };
         info!(query = %query_id, ok = matches!(response.outcome, Some(Outcome::Success(_))), "task ended");
         match &response.outcome {
-            Some(Outcome::Success(s)) => span.set_attribute(opentelemetry::KeyValue::new("polars.rows", s.n_rows as i64)),
+            Some(Outcome::Success(s)) => {
+                span.set_attribute(opentelemetry::KeyValue::new("polars.rows", s.n_rows as i64));
+                span.set_attribute(opentelemetry::KeyValue::new("polars.plan.ir", s.ir_plan.clone()));
+            }
             Some(Outcome::Failure(f)) => span.set_status(opentelemetry::trace::Status::error(f.message.clone())),
             None => {}
         }
@@ -223,15 +226,20 @@ pub fn exec_task() -> Result<(), String> {
         if plan.target != expected {
             polars_node_engine::polars::prelude::polars_bail!(ComputeError: "the plan's sink does not match the task's result target");
         }
+        // The plan as optimized for this run, for the observatory (an unexplainable plan
+        // still runs).
+        let ir_plan = plan.explain(request.optimization_flags).unwrap_or_default();
         plan.execute(choice, request.optimization_flags, Path::new(&request.result_dir), request.head_rows as usize)
+            .map(|done| (done, ir_plan))
     });
     let response = match outcome {
-        Ok(done) => RunTaskResponse {
+        Ok((done, ir_plan)) => RunTaskResponse {
             outcome: Some(Outcome::Success(TaskSuccess {
                 files: done.files.iter().map(|p| p.display().to_string()).collect(),
                 n_rows: done.n_rows,
                 head_ipc: done.head_ipc,
                 flight_schema: done.flight_schema,
+                ir_plan,
             })),
         },
         Err(e) => failure(&engine::describe_error(&e), false),

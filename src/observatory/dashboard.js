@@ -70,6 +70,7 @@ async function queryPage(id) {
     panel(`Query ${q.query_id}`, el("p", {}, badge(q.status), "  ", when(q.start_ns), " · ", ms(q.end_ns - q.start_ns),
       " · nodes: ", q.workers.join(", "))),
     panel("Stage graph", q.stages.length ? stageGraph(q.stages) : el("div", { class: "empty" }, "No stage reported.")),
+    panel("Logical plan (optimized)", q.plans.ir ? el("pre", { id: "plan-ir" }, q.plans.ir) : el("div", { class: "empty" }, "Not reported.")),
     panel("Spans", el("table", {}, el("thead", {}, el("tr", {}, ...["Span", "Node", "Stage", "Duration", "Status", "Rows"].map((h) => el("th", {}, h)))),
       el("tbody", {}, ...spans))));
 }

@@ -63,8 +63,11 @@ async fn query(State(store): State<Store>, Path(id): Path<String>) -> Result<Jso
     let workers: std::collections::BTreeSet<_> = spans.iter().map(|s| s.instance.clone()).collect();
     let start = spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
     let end = spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
+    // The optimized logical plan, as the engine reported it with its task.
+    let ir_plan = spans.iter().find_map(|s| s.attributes.get("polars.plan.ir").and_then(|p| p.as_str()).map(str::to_string));
     Ok(Json(json!({
         "query_id": canonical, "start_ns": start, "end_ns": end,
+        "plans": { "ir": ir_plan },
         "status": if spans.iter().any(|s| s.status_code == 2) { "failed" } else { "ok" },
         "stages": stages.into_values().collect::<Vec<_>>(), "workers": workers, "spans": spans,
     })))

@@ -193,6 +193,7 @@ def test_queries_of_the_official_client_show_up_with_stages_workers_and_host_met
         names = {s["name"] for s in detail["spans"]}
         assert {"query", "task", "task.execute"} <= names, names
         assert detail["status"] == "ok"
+        assert 'sum' in detail["plans"]["ir"] and "DF [" in detail["plans"]["ir"], detail["plans"]
         stage = detail["stages"][0]
         assert stage["stage"] == 0 and set(stage["workers"]) & {"worker-1", "worker-2"}, detail["stages"]
     workers = {w for i in ids for w in get(f"{rest}/api/v1/query/{i}")["stages"][0]["workers"]}
@@ -234,6 +235,7 @@ def test_the_dashboard_lists_queries_and_draws_the_stage_graph(monitored):
 
     page = chromium("--dump-dom", f"{rest}/#/query/{query_id}").stdout
     assert 'class="stage-graph"' in page and 'data-stage="0"' in page, page[:2000]
+    assert 'id="plan-ir"' in page
     assert "worker-1" in page or "worker-2" in page
 
     nodes = chromium("--dump-dom", f"{rest}/#/nodes").stdout
