@@ -71,6 +71,23 @@ scheduler_service.public_addr = "127.0.0.1:{self.worker_port}"
 """,
         )
 
+    def start_observatory(self, rest: int, tables: str = "", otlp: int | None = None, keys: str = "") -> None:
+        """An observatory-only node on loopback; `keys`: more [observatory] keys, `tables`: more tables."""
+        self.start(
+            "observatory",
+            f"""instance_id = "observatory"
+[observatory]
+enabled = true
+service.bind_addr = "127.0.0.1:{otlp or free_port('127.0.0.1')}"
+rest_api.service.bind_addr = "127.0.0.1:{rest}"
+database_path = "{self.root / 'data.db'}"
+{keys}
+{tables}
+[static_leader]
+scheduler_service.public_addr = "127.0.0.1:1"
+""",
+        )
+
     def wait_ready(self, base_url: str, timeout: float = 20) -> None:
         """Waits for a node's REST port to answer /readyz."""
         import urllib.request

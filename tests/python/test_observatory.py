@@ -282,19 +282,8 @@ def test_the_database_survives_restarts_and_is_exported(tmp_path):
 
     c = Cluster(tmp_path)
     otlp, rest = free_port("127.0.0.1"), free_port("127.0.0.1")
-    config = f"""instance_id = "observatory"
-[observatory]
-enabled = true
-service.bind_addr = "127.0.0.1:{otlp}"
-rest_api.service.bind_addr = "127.0.0.1:{rest}"
-database_path = "{tmp_path / 'data.db'}"
-database_export = "{tmp_path / 'export' / 'copy.db'}"
-[static_leader]
-scheduler_service.public_addr = "127.0.0.1:1"
-"""
-
     def start():
-        c.start("observatory", config)
+        c.start_observatory(rest, otlp=otlp, keys=f'database_export = "{tmp_path / "export" / "copy.db"}"')
         c.wait_ready(f"http://127.0.0.1:{rest}")
 
     start()

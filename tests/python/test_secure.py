@@ -171,20 +171,8 @@ def test_the_observatory_rest_api_requires_a_token_when_configured(tmp_path):
     keys = KeyServer()
     c = Cluster(tmp_path)
     rest = free_port("127.0.0.1")
-    c.start(
-        "observatory",
-        f"""[observatory]
-enabled = true
-service.bind_addr = "127.0.0.1:{free_port('127.0.0.1')}"
-rest_api.service.bind_addr = "127.0.0.1:{rest}"
-database_path = "{tmp_path / 'data.db'}"
-[observatory.rest_api.service.auth.jwks]
-url = "{keys.url}"
-issuers = ["{ISSUER}"]
-audience = "{AUDIENCE}"
-[static_leader]
-scheduler_service.public_addr = "127.0.0.1:1"
-""",
+    c.start_observatory(
+        rest, tables=f'[observatory.rest_api.service.auth.jwks]\nurl = "{keys.url}"\nissuers = ["{ISSUER}"]\naudience = "{AUDIENCE}"'
     )
     base = f"http://127.0.0.1:{rest}"
     try:
@@ -217,19 +205,10 @@ def test_the_observatory_rest_api_over_tls(tmp_path):
     ca = certificates(tmp_path)
     c = Cluster(tmp_path)
     rest = free_port("127.0.0.1")
-    c.start(
-        "observatory",
-        f"""[observatory]
-enabled = true
-service.bind_addr = "127.0.0.1:{free_port('127.0.0.1')}"
-rest_api.service.bind_addr = "127.0.0.1:{rest}"
-database_path = "{tmp_path / 'data.db'}"
-[observatory.rest_api.service.connection.tls]
-certificate_key_file = "{tmp_path / 'cert.pem'}"
-private_key_file = "{tmp_path / 'key.pem'}"
-[static_leader]
-scheduler_service.public_addr = "127.0.0.1:1"
-""",
+    c.start_observatory(
+        rest,
+        tables=f'[observatory.rest_api.service.connection.tls]\ncertificate_key_file = "{tmp_path / "cert.pem"}"\n'
+        f'private_key_file = "{tmp_path / "key.pem"}"',
     )
     context = ssl.create_default_context(cadata=ca.decode())
     try:
