@@ -17,7 +17,7 @@ use crate::proto::client::{
 };
 use crate::proto::common::{self, ComputeVersions, Destination, FileType, PlanFormat, QueryId, QueryOutput, QueryPlans};
 use crate::proto::EngineChoice;
-use crate::queries::{Queries, Query, Status as QState, Submission};
+use crate::queries::{Distribution, Queries, Query, ShuffleSettings, Status as QState, Submission};
 use polars_node_engine as engine;
 
 pub struct ClientApi {
@@ -82,7 +82,9 @@ impl ClientService for ClientApi {
             e @ (ExecuteUntil::OptimizeIr | ExecuteUntil::Plan) => Some(e as i32),
             _ => None,
         };
+        let distribution = distribution_of(&settings);
         let submission = Submission {
+            distribution,
             plan: body.plan,
             engine,
             optimization_flags: settings.optimization_flags,
@@ -100,14 +102,15 @@ impl ClientService for ClientApi {
         let mut watch = query.watch();
         let status = *watch.wait_for(|s| s.is_terminal()).await.map_err(|_| Status::internal("query state lost"))?;
         let outcome = query.outcome();
-        let mut result = common::QueryResult { total_stages: 1, ..Default::default() };
+        let stages = outcome.stages.len().max(1) as u32;
+        let mut result = common::QueryResult { total_stages: stages, ..Default::default() };
         let mut info = ComputeQueryInfo {
             execute_until: query.submission.plan_only.unwrap_or(ExecuteUntil::Execute as i32),
             ..Default::default()
         };
         match status {
             QState::Success if query.submission.plan_only.is_none() => {
-                result.finished_stages = 1;
+                result.finished_stages = stages;
                 let destination = match query.target {
                     engine::Target::InMemory => outcome.files.iter().map(|f| Destination { destination: f.clone() }).collect(),
                     _ => Vec::new(),
@@ -117,10 +120,16 @@ impl ClientService for ClientApi {
                     info.head = Some(compute_query_info::Head::Data(outcome.head_ipc));
                 }
                 info.stage_statistics = Some(QueryStageStatistics {
-                    stage_statistics: [(0, StageStatistics { num_workers_used: outcome.workers_used })].into(),
+                    stage_statistics: outcome
+                        .stages
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| (i as u32, StageStatistics { num_workers_used: s.workers.len() as u32 }))
+                        .collect(),
                 });
             }
             QState::Failed => {
+                result.finished_stages = outcome.stages.iter().filter(|s| s.finished).count() as u32;
                 result.failed_stages = 1;
                 result.errors = outcome.error.iter().map(|e| client_error(e)).collect();
             }
@@ -208,4 +217,39 @@ fn status_stream(watch: tokio::sync::watch::Receiver<QState>, hide_running: bool
         }
     });
     Box::pin(stream)
+}
+
+/// The distribution a query asks for: `execute()` sends `distributed` (with shuffle options and
+/// worker bounds), `.single_node()` sends `single`.
+fn distribution_of(settings: &crate::proto::client::QuerySettings) -> Option<Distribution> {
+    use crate::proto::client::query_settings::{NWorkers, NWorkersOneOf, QueryType};
+    use crate::proto::client::{ShuffleCompression as WireCompression, ShuffleFormat as WireFormat, SingleWorkerOps};
+    use crate::proto::{ShuffleCompression, ShuffleFormat};
+    let Some(QueryType::Distributed(opts)) = &settings.query_type else {
+        return None;
+    };
+    let shuffle = opts.shuffle_opts.clone().unwrap_or_default();
+    let format = match WireFormat::try_from(shuffle.format).unwrap_or(WireFormat::Auto) {
+        WireFormat::Parquet => ShuffleFormat::Parquet,
+        _ => ShuffleFormat::Ipc,
+    };
+    let compression = match WireCompression::try_from(shuffle.compression).unwrap_or(WireCompression::Auto) {
+        WireCompression::Zstd => ShuffleCompression::Zstd,
+        WireCompression::Uncompressed => ShuffleCompression::Uncompressed,
+        _ => ShuffleCompression::Lz4,
+    };
+    let (min_workers, max_workers) = match &settings.n_workers {
+        Some(NWorkersOneOf::SingleNumber(n)) => (*n, Some(*n)),
+        Some(NWorkersOneOf::MinMax(NWorkers { min, max })) => (min.unwrap_or(1), *max),
+        None => (1, None),
+    };
+    Some(Distribution {
+        shuffle: ShuffleSettings { format, compression, level: shuffle.compression_level },
+        min_workers,
+        max_workers,
+        partitions_per_worker: opts.partitions_per_worker,
+        broadcast_limit: opts.allow_equi_join_broadcast_limit,
+        forbid_single_worker: opts.single_worker_ops == Some(SingleWorkerOps::Forbid as i32),
+        pre_aggregate: opts.allow_pre_aggregation,
+    })
 }

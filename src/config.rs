@@ -833,9 +833,6 @@ fn not_yet_implemented(c: &Config) -> Vec<String> {
     check(c.lineage.is_some(), "lineage");
     check(c.cpu_reserved.is_some(), "cpu_reserved");
     let s = &c.scheduler;
-    check(s.default_workers_per_query.is_some(), "scheduler.default_workers_per_query");
-    check(s.max_workers_per_query.is_some(), "scheduler.max_workers_per_query");
-    check(s.default_partitions_per_worker.is_some(), "scheduler.default_partitions_per_worker");
     check(!s.anonymous_result_location.is_local(), "scheduler.anonymous_result_location");
     check(s.checkpoint.is_some(), "scheduler.checkpoint");
     let w = &c.worker;

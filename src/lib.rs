@@ -4,7 +4,8 @@
 //! acquires the listening sockets, `node` runs the services, `membership` keeps the live set
 //! of workers, `notify` talks to systemd and `cgroup` enforces the memory limit.
 //! `client_service` is the API of the official client, `queries` the lifecycle of its queries
-//! on the scheduler, `task` their execution on a worker.
+//! on the scheduler, `stages` the execution of split queries stage by stage, `task` the
+//! execution of tasks on a worker and `shuffle` the data stages exchange.
 pub mod activation;
 pub mod client_service;
 pub mod address;
@@ -20,6 +21,8 @@ pub mod node;
 pub mod notify;
 pub mod observatory;
 pub mod queries;
+pub mod shuffle;
+pub mod stages;
 pub mod task;
 pub mod tls;
 

@@ -35,7 +35,9 @@ use crate::proto::WorkerInfo;
 use crate::proto::client::client_service_server::ClientServiceServer;
 use crate::proto::membership_server::MembershipServer;
 use crate::proto::task_server::TaskServer;
-use crate::queries::{Policy, Queries};
+use crate::queries::{Policy, Queries, WorkerBounds};
+use crate::proto::shuffle_server::ShuffleServer;
+use crate::shuffle::ShuffleStore;
 use crate::task::TaskService;
 
 /// Plans and results can be large; the default 4 MiB message limit is not enough.
@@ -47,6 +49,8 @@ struct Roles {
     registry: Option<Registry>,
     queries: Option<Queries>,
     tasks: Option<TaskService>,
+    /// The worker's shuffle files (served on the shuffle port).
+    shuffle: Option<ShuffleStore>,
     deny_anonymous_users: bool,
     /// TLS identity of the client service (`scheduler.client_service.connection.tls`).
     client_tls: Option<Identity>,
@@ -73,12 +77,29 @@ impl Roles {
                 // Object stores arrive with distributed execution; `load` warns about it.
                 _ => std::env::temp_dir().join("polars/anonymous-results"),
             };
-            let policy = Policy { allow_local_scans: scheduler.allow_local_scans, allow_local_sinks: scheduler.allow_local_sinks };
+            let policy = Policy {
+                allow_local_scans: scheduler.allow_local_scans,
+                allow_local_sinks: scheduler.allow_local_sinks,
+                bounds: WorkerBounds {
+                    default_workers_per_query: scheduler.default_workers_per_query,
+                    max_workers_per_query: scheduler.max_workers_per_query,
+                    default_partitions_per_worker: scheduler.default_partitions_per_worker,
+                },
+            };
             Queries::new(r.clone(), policy, root)
         });
-        let tasks = match config.worker.enabled {
-            true => Some(TaskService::new(config.worker.env_vars.clone()).context("task service")?),
-            false => None,
+        let shuffle = config.worker.enabled.then(|| {
+            let (root, shared) = match &config.worker.shuffle_location {
+                StorageLocation::Local(l) => (l.path.clone(), false),
+                StorageLocation::SharedFilesystem(l) => (l.path.clone(), true),
+                // Object stores: `load` warns that they are not implemented; local meanwhile.
+                _ => (std::env::temp_dir().join("polars/shuffle-data"), false),
+            };
+            ShuffleStore::new(root, shared, layout.instance_id.clone())
+        });
+        let tasks = match &shuffle {
+            Some(store) => Some(TaskService::new(config.worker.env_vars.clone(), store.clone()).context("task service")?),
+            None => None,
         };
         let client_tls = if scheduler.enabled { client_identity(config)? } else { None };
         let client_auth = scheduler.client_service.auth.as_ref().filter(|_| scheduler.enabled).map(|a| JwksAuth::new(a.jwks.clone()));
@@ -108,6 +129,7 @@ impl Roles {
             rest_auth,
             registry,
             queries,
+            shuffle,
             tasks,
             deny_anonymous_users: scheduler.deny_anonymous_users,
             client_tls,
@@ -379,6 +401,10 @@ fn serve(
     if kind == ServiceKind::Task {
         let tasks = roles.tasks.expect("a worker has a task service");
         router = router.add_service(TaskServer::new(tasks).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE));
+    }
+    if kind == ServiceKind::Shuffle {
+        let store = roles.shuffle.expect("a worker has shuffle storage");
+        router = router.add_service(ShuffleServer::new(store).max_encoding_message_size(MAX_MESSAGE));
     }
     Ok(Box::pin(async move {
         reporter.set_serving::<MembershipServer<Registry>>().await;

@@ -15,13 +15,17 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::membership::Registry;
+use crate::stages::StageRun;
+use engine::planner::{Limits, Split, StageGraph};
 use crate::proto::task_client::TaskClient;
 use crate::proto::{CancelTaskRequest, EngineChoice, ResultTarget, RunTaskRequest, WorkerInfo, run_task_response::Outcome};
 
 /// How long a query waits for a live worker before it fails.
 const WORKER_WAIT: Duration = Duration::from_secs(30);
 /// Rows returned inline with a stored result (`.head`).
-const HEAD_ROWS: u32 = 10;
+pub(crate) const HEAD_ROWS: u32 = 10;
+/// Fewest rows of one file worth a task of their own when a single file is split.
+const MIN_ROWS_PER_TASK: u64 = 10_000;
 
 /// Lifecycle states, numbered as the client protocol's QueryStatus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +53,50 @@ pub struct Submission {
     /// Plan only (`explain`): OPTIMIZE_IR or PLAN of the protocol's ExecuteUntil.
     pub plan_only: Option<i32>,
     pub user: Option<String>,
+    /// Set for `execute()` in distributed mode (the client's default); unset for `.single_node()`.
+    pub distribution: Option<Distribution>,
+}
+
+/// How a distributed query may be split (the client's `DistributedOpts` and worker bounds).
+#[derive(Debug, Clone)]
+pub struct Distribution {
+    pub shuffle: ShuffleSettings,
+    /// Workers asked for: `n_workers` (a number is min = max), unset = scheduler defaults.
+    pub min_workers: u32,
+    pub max_workers: Option<u32>,
+    pub partitions_per_worker: Option<u32>,
+    pub broadcast_limit: u64,
+    /// `single_worker_ops = FORBID`: fail rather than run the whole query on one worker.
+    pub forbid_single_worker: bool,
+    /// Aggregate within each part before shuffling (`allow_pre_aggregation`).
+    pub pre_aggregate: bool,
+}
+
+/// Shuffle file format, resolved (AUTO = IPC with LZ4).
+#[derive(Debug, Clone, Copy)]
+pub struct ShuffleSettings {
+    pub format: crate::proto::ShuffleFormat,
+    pub compression: crate::proto::ShuffleCompression,
+    pub level: Option<i32>,
+}
+
+/// Scheduler-wide bounds (`[scheduler]` keys of the same names).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerBounds {
+    pub default_workers_per_query: Option<u32>,
+    pub max_workers_per_query: Option<u32>,
+    pub default_partitions_per_worker: Option<u32>,
+}
+
+/// What one stage did, for the client (`num_workers_used`) and the observatory.
+#[derive(Debug, Clone, Default)]
+pub struct StageStats {
+    pub label: String,
+    pub tasks: u32,
+    pub rows: u64,
+    pub bytes: u64,
+    pub workers: Vec<String>,
+    pub finished: bool,
 }
 
 /// The outcome the client reads once the query is terminal.
@@ -62,6 +110,10 @@ pub struct QueryOutcome {
     /// `"<PolarsException>: message"` of a failed query.
     pub error: Option<String>,
     pub workers_used: u32,
+    /// One entry per stage (one stage for a query run whole).
+    pub stages: Vec<StageStats>,
+    /// The stage graph, as text (empty for a query run whole).
+    pub stage_graph: String,
 }
 
 pub struct Query {
@@ -70,8 +122,10 @@ pub struct Query {
     pub target: engine::Target,
     status: watch::Sender<Status>,
     outcome: Mutex<QueryOutcome>,
-    /// Where the query runs now.
+    /// Where the query runs now (for a split query: where its result task ran).
     worker: Mutex<Option<WorkerInfo>>,
+    /// Every worker that ran a task of the query (to cancel and release it there).
+    participants: Mutex<Vec<WorkerInfo>>,
     pub result_dir: PathBuf,
 }
 
@@ -111,6 +165,7 @@ impl Query {
 pub struct Policy {
     pub allow_local_scans: bool,
     pub allow_local_sinks: bool,
+    pub bounds: WorkerBounds,
 }
 
 #[derive(Clone)]
@@ -161,6 +216,7 @@ impl Queries {
             status: watch::channel(Status::Scheduled).0,
             outcome: Mutex::default(),
             worker: Mutex::default(),
+            participants: Mutex::default(),
         });
         self.inner.queries.lock().unwrap().insert(id, query.clone());
         match read {
@@ -189,7 +245,12 @@ impl Queries {
                 KeyValue::new("polars.user", query.submission.user.clone().unwrap_or_default()),
             ])
             .start(&tracer);
-        self.run_attempts(&query).await;
+        match self.plan(&query).await {
+            Ok(Some((graph, workers))) => self.run_split(&query, &graph, workers).await,
+            Ok(None) => self.run_attempts(&query).await,
+            Err(message) => query.fail(message),
+        }
+        self.release(&query).await;
         let outcome = query.outcome();
         span.set_attribute(KeyValue::new("polars.status", format!("{:?}", query.status())));
         span.set_attribute(KeyValue::new("polars.rows", outcome.n_rows as i64));
@@ -215,6 +276,7 @@ impl Queries {
                 return;
             };
             *query.worker.lock().unwrap() = Some(worker.clone());
+            self.note_participant(&query, &worker);
             if !query.advance(Status::Running) && query.status().is_terminal() {
                 return;
             }
@@ -243,6 +305,14 @@ impl Queries {
                     outcome.head_ipc = s.head_ipc;
                     outcome.flight_schema = s.flight_schema;
                     outcome.workers_used = 1;
+                    outcome.stages = vec![StageStats {
+                        label: "whole query".into(),
+                        tasks: 1,
+                        rows: s.n_rows,
+                        workers: vec![worker.instance_id.clone()],
+                        finished: true,
+                        ..Default::default()
+                    }];
                     drop(outcome);
                     query.advance(Status::Success);
                     info!(query = %query.id, worker = %worker.instance_id, "query succeeded");
@@ -282,11 +352,7 @@ impl Queries {
 
     async fn run_on(&self, query: &Query, worker: &WorkerInfo) -> Result<Outcome, tonic::Status> {
         let mut client = self.task_client(&worker.task_addr)?;
-        let target = match query.target {
-            engine::Target::InMemory => ResultTarget::Stored,
-            engine::Target::Flight => ResultTarget::Flight,
-            engine::Target::User => ResultTarget::User,
-        };
+        let target = self.result_target(query);
         let request = RunTaskRequest {
             query_id: query.id.to_string(),
             plan: query.submission.plan.clone(),
@@ -295,6 +361,8 @@ impl Queries {
             result_dir: query.result_dir.display().to_string(),
             head_rows: HEAD_ROWS,
             target: target as i32,
+            stage: None,
+            output_dir: String::new(),
         };
         let response = client.run_task(request).await?.into_inner();
         response.outcome.ok_or_else(|| tonic::Status::internal("the worker sent no outcome"))
@@ -326,11 +394,157 @@ impl Queries {
             return;
         }
         info!(query = %query.id, "query canceled");
-        let worker = query.worker.lock().unwrap().clone();
-        if let Some(worker) = worker
-            && let Ok(mut client) = self.task_client(&worker.task_addr)
-        {
-            let _ = client.cancel_task(CancelTaskRequest { query_id: query.id.to_string() }).await;
+        let workers = query.participants.lock().unwrap().clone();
+        for worker in workers {
+            if let Ok(mut client) = self.task_client(&worker.task_addr) {
+                let _ = client.cancel_task(CancelTaskRequest { query_id: query.id.to_string() }).await;
+            }
+        }
+    }
+
+    /// Decides how a query runs: split into stages (with the workers it runs on), or whole
+    /// on one worker (`None`). Planning reads file metadata: off the async threads.
+    async fn plan(&self, query: &Arc<Query>) -> Result<Option<(StageGraph, Vec<String>)>, String> {
+        let Some(distribution) = query.submission.distribution.clone() else {
+            return Ok(None);
+        };
+        let bounds = self.inner.policy.bounds;
+        let cap = bounds.max_workers_per_query.unwrap_or(u32::MAX);
+        if distribution.min_workers > cap {
+            return Err(format!(
+                "InvalidOperationError: the query asks for at least {} workers, and this scheduler allows at most {cap} per query \
+                 (scheduler.max_workers_per_query); ask for fewer workers",
+                distribution.min_workers
+            ));
+        }
+        let max = distribution.max_workers.or(bounds.default_workers_per_query).unwrap_or(u32::MAX).min(cap).max(distribution.min_workers);
+        let live = self.wait_for_workers(distribution.min_workers.max(1)).await?;
+        // Spread queries over the cluster: each starts at the next worker.
+        let start = self.inner.next_worker.fetch_add(1, Ordering::Relaxed);
+        let workers: Vec<String> =
+            (0..live.len().min(max as usize)).map(|i| live[(start + i) % live.len()].instance_id.clone()).collect();
+        let per_worker = distribution.partitions_per_worker.or(bounds.default_partitions_per_worker).unwrap_or(1).max(1);
+        let limits = Limits {
+            max_tasks: workers.len() * per_worker as usize,
+            broadcast_limit: distribution.broadcast_limit,
+            min_rows_per_task: MIN_ROWS_PER_TASK,
+            pre_aggregate: distribution.pre_aggregate,
+        };
+        let plan = query.submission.plan.clone();
+        let flags = query.submission.optimization_flags;
+        let split = tokio::task::spawn_blocking(move || {
+            engine::init();
+            engine::Plan::read(&plan).and_then(|p| p.plan_stages(flags, limits))
+        })
+        .await
+        .map_err(|e| format!("ComputeError: the planner failed: {e}"))?
+        .map_err(|e| engine::describe_error(&e))?;
+        match split {
+            Split::Stages(graph) => {
+                info!(query = %query.id, stages = graph.stages.len(), workers = workers.len(), "query split into stages\n{}", graph.describe());
+                query.outcome.lock().unwrap().stage_graph = graph.describe();
+                Ok(Some((graph, workers)))
+            }
+            Split::Whole(why) if distribution.forbid_single_worker => Err(format!(
+                "InvalidOperationError: the query would run whole on one worker because {why}, and single_worker_ops is FORBID; \
+                 allow single-worker operations or run it with .single_node()"
+            )),
+            Split::Whole(why) => {
+                info!(query = %query.id, "query runs whole on one worker: {why}");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn run_split(&self, query: &Arc<Query>, graph: &StageGraph, workers: Vec<String>) {
+        if !query.advance(Status::Running) && query.status().is_terminal() {
+            return;
+        }
+        let distribution = query.submission.distribution.clone().expect("split queries are distributed");
+        let run = StageRun::new(self, query, graph, &distribution, workers);
+        match run.run().await {
+            _ if query.status().is_terminal() => {}
+            Ok((success, worker, stages)) => {
+                *query.worker.lock().unwrap() = Some(worker.clone());
+                let mut outcome = query.outcome.lock().unwrap();
+                outcome.files = success.files;
+                outcome.n_rows = success.n_rows;
+                outcome.head_ipc = success.head_ipc;
+                outcome.flight_schema = success.flight_schema;
+                outcome.workers_used = query.participants.lock().unwrap().len() as u32;
+                outcome.stages = stages;
+                drop(outcome);
+                query.advance(Status::Success);
+                info!(query = %query.id, "query succeeded");
+            }
+            Err(message) => {
+                info!(query = %query.id, "query failed: {message}");
+                query.fail(message);
+            }
+        }
+    }
+
+    /// Removes the query's shuffle files from every worker that ran a part of it.
+    async fn release(&self, query: &Query) {
+        let workers = query.participants.lock().unwrap().clone();
+        for worker in workers {
+            if let Ok(mut client) = self.task_client(&worker.task_addr) {
+                let request = crate::proto::ReleaseQueryRequest { query_id: query.id.to_string() };
+                if let Err(e) = tokio::time::timeout(Duration::from_secs(10), client.release_query(request)).await {
+                    warn!(query = %query.id, worker = %worker.instance_id, "cannot release the query's shuffle files: {e}");
+                }
+            }
+        }
+    }
+
+    pub(crate) fn note_participant(&self, query: &Query, worker: &WorkerInfo) {
+        let mut all = query.participants.lock().unwrap();
+        if !all.iter().any(|w| w.instance_id == worker.instance_id) {
+            all.push(worker.clone());
+        }
+    }
+
+    /// A stage of a split query finished (progress for the client and the observatory).
+    pub(crate) fn stage_finished(&self, query: &Query, stage: usize, stats: &[StageStats]) {
+        let mut outcome = query.outcome.lock().unwrap();
+        outcome.stages = stats.to_vec();
+        if let Some(s) = outcome.stages.get_mut(stage) {
+            s.finished = true;
+        }
+        for (i, s) in outcome.stages.iter_mut().enumerate() {
+            s.finished |= i < stage;
+        }
+    }
+
+    /// The live workers once there are at least `min`, or an error naming the shortfall after
+    /// a bounded wait.
+    pub(crate) async fn wait_for_workers(&self, min: u32) -> Result<Vec<WorkerInfo>, String> {
+        let deadline = tokio::time::Instant::now() + WORKER_WAIT;
+        let mut changed = self.inner.registry.live_workers();
+        loop {
+            let live = self.inner.registry.live_worker_infos();
+            if live.len() >= min as usize {
+                return Ok(live);
+            }
+            if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
+                return Err(format!(
+                    "ComputeError: the query needs at least {min} live worker(s) and {} are live (waited {}s); start more workers or ask for fewer (n_workers)",
+                    live.len(),
+                    WORKER_WAIT.as_secs()
+                ));
+            }
+        }
+    }
+
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    pub(crate) fn result_target(&self, query: &Query) -> ResultTarget {
+        match query.target {
+            engine::Target::InMemory => ResultTarget::Stored,
+            engine::Target::Flight => ResultTarget::Flight,
+            engine::Target::User => ResultTarget::User,
         }
     }
 

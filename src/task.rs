@@ -17,9 +17,12 @@ use tracing::{info, warn};
 
 use crate::proto::task_server::Task;
 use crate::proto::{
-    CancelTaskRequest, CancelTaskResponse, FetchResultRequest, ResultChunk, RunTaskRequest, RunTaskResponse,
-    TaskFailure, run_task_response::Outcome,
+    CancelTaskRequest, CancelTaskResponse, FetchResultRequest, ReleaseQueryRequest, ReleaseQueryResponse, ResultChunk,
+    RunTaskRequest, RunTaskResponse, TaskFailure, run_task_response::Outcome,
 };
+use crate::proto::ResultTarget;
+use crate::shuffle::ShuffleStore;
+use polars_node_engine as engine;
 
 #[derive(Clone)]
 pub struct TaskService {
@@ -29,8 +32,9 @@ pub struct TaskService {
 struct Inner {
     exe: PathBuf,
     env_vars: BTreeMap<String, String>,
-    /// Execution process id of each running task, by query id.
-    running: Mutex<HashMap<String, u32>>,
+    shuffle: ShuffleStore,
+    /// Execution process id of each running task (by query id, stage and task), with its query.
+    running: Mutex<HashMap<String, (String, u32)>>,
     /// Queries canceled while running: their process was killed on purpose.
     canceled: Mutex<HashSet<String>>,
     /// Result files this worker wrote: the only files FetchResult serves.
@@ -38,11 +42,12 @@ struct Inner {
 }
 
 impl TaskService {
-    pub fn new(env_vars: BTreeMap<String, String>) -> std::io::Result<Self> {
+    pub fn new(env_vars: BTreeMap<String, String>, shuffle: ShuffleStore) -> std::io::Result<Self> {
         Ok(TaskService {
             inner: Arc::new(Inner {
                 exe: std::env::current_exe()?,
                 env_vars,
+                shuffle,
                 running: Mutex::default(),
                 canceled: Mutex::default(),
                 written: Mutex::default(),
@@ -55,8 +60,22 @@ impl TaskService {
         self.inner.running.lock().unwrap().len()
     }
 
-    async fn execute(&self, request: RunTaskRequest) -> Result<RunTaskResponse, String> {
+    async fn execute(&self, mut request: RunTaskRequest) -> Result<RunTaskResponse, String> {
         let query_id = request.query_id.clone();
+        let key = match &request.stage {
+            Some(stage) => format!("{query_id}/{}/{}", stage.stage, stage.task),
+            None => query_id.clone(),
+        };
+        if let Some(stage) = request.stage.as_mut() {
+            if let Err((worker, message)) = self.inner.shuffle.fetch_inputs(&query_id, stage).await {
+                let mut response = failure(&format!("ComputeError: {message}"), true);
+                if let Some(Outcome::Failure(f)) = response.outcome.as_mut() {
+                    f.lost_worker = worker;
+                }
+                return Ok(response);
+            }
+            request.output_dir = self.inner.shuffle.output_dir(&query_id, stage.stage, stage.task).display().to_string();
+        }
         let mut command = tokio::process::Command::new(&self.inner.exe);
         command
             .arg("exec-task")
@@ -74,7 +93,7 @@ impl TaskService {
         }
         let mut child = command.spawn().map_err(|e| format!("cannot start the execution process: {e}"))?;
         if let Some(pid) = child.id() {
-            self.inner.running.lock().unwrap().insert(query_id.clone(), pid);
+            self.inner.running.lock().unwrap().insert(key.clone(), (query_id.clone(), pid));
         }
         let mut stdin = child.stdin.take().expect("piped");
         let input = request.encode_to_vec();
@@ -87,8 +106,8 @@ impl TaskService {
         let (written, read_out, read_err) =
             tokio::join!(write, stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
         let status = child.wait().await;
-        self.inner.running.lock().unwrap().remove(&query_id);
-        let canceled = self.inner.canceled.lock().unwrap().remove(&query_id);
+        self.inner.running.lock().unwrap().remove(&key);
+        let canceled = self.inner.canceled.lock().unwrap().contains(&query_id);
         let err_text = String::from_utf8_lossy(&err);
         if !err_text.trim().is_empty() {
             for line in err_text.lines() {
@@ -112,7 +131,7 @@ impl TaskService {
 }
 
 fn failure(message: &str, retryable: bool) -> RunTaskResponse {
-    RunTaskResponse { outcome: Some(Outcome::Failure(TaskFailure { message: message.into(), retryable })) }
+    RunTaskResponse { outcome: Some(Outcome::Failure(TaskFailure { message: message.into(), retryable, lost_worker: String::new() })) }
 }
 
 #[tonic::async_trait]
@@ -120,13 +139,15 @@ impl Task for TaskService {
     async fn run_task(&self, request: Request<RunTaskRequest>) -> Result<Response<RunTaskResponse>, Status> {
         let request = request.into_inner();
         let query_id = request.query_id.clone();
-        info!(query = %query_id, "task started");
+        let (stage, task) = request.stage.as_ref().map(|s| (s.stage as i64, s.task as i64)).unwrap_or((0, 0));
+        info!(query = %query_id, stage, task, "task started");
         let tracer = opentelemetry::global::tracer("polars-node");
         let mut span = tracer
             .span_builder("task.execute")
             .with_attributes([
                 opentelemetry::KeyValue::new("polars.query_id", query_id.clone()),
-                opentelemetry::KeyValue::new("polars.stage", 0i64),
+                opentelemetry::KeyValue::new("polars.stage", stage),
+                opentelemetry::KeyValue::new("polars.task", task),
                 opentelemetry::KeyValue::new("polars.plan_bytes", request.plan.len() as i64),
             ])
             .start(&tracer);
@@ -141,6 +162,7 @@ impl Task for TaskService {
         match &response.outcome {
             Some(Outcome::Success(s)) => {
                 span.set_attribute(opentelemetry::KeyValue::new("polars.rows", s.n_rows as i64));
+                span.set_attribute(opentelemetry::KeyValue::new("polars.shuffle.bytes_written", s.bytes_written as i64));
                 span.set_attribute(opentelemetry::KeyValue::new("polars.plan.ir", s.ir_plan.clone()));
             }
             Some(Outcome::Failure(f)) => span.set_status(opentelemetry::trace::Status::error(f.message.clone())),
@@ -152,13 +174,23 @@ impl Task for TaskService {
 
     async fn cancel_task(&self, request: Request<CancelTaskRequest>) -> Result<Response<CancelTaskResponse>, Status> {
         let query_id = request.into_inner().query_id;
-        let pid = self.inner.running.lock().unwrap().get(&query_id).copied();
-        if let Some(pid) = pid {
-            self.inner.canceled.lock().unwrap().insert(query_id.clone());
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-            info!(query = %query_id, "task canceled");
+        // Marked first, so that a task starting now is reported as canceled too.
+        self.inner.canceled.lock().unwrap().insert(query_id.clone());
+        let pids: Vec<u32> = self.inner.running.lock().unwrap().values().filter(|(q, _)| *q == query_id).map(|(_, p)| *p).collect();
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
-        Ok(Response::new(CancelTaskResponse { was_running: pid.is_some() }))
+        if !pids.is_empty() {
+            info!(query = %query_id, tasks = pids.len(), "tasks canceled");
+        }
+        Ok(Response::new(CancelTaskResponse { was_running: !pids.is_empty() }))
+    }
+
+    async fn release_query(&self, request: Request<ReleaseQueryRequest>) -> Result<Response<ReleaseQueryResponse>, Status> {
+        let query_id = request.into_inner().query_id;
+        self.inner.shuffle.release(&query_id).await;
+        self.inner.canceled.lock().unwrap().remove(&query_id);
+        Ok(Response::new(ReleaseQueryResponse {}))
     }
 
     type FetchResultStream = ReceiverStream<Result<ResultChunk, Status>>;
@@ -175,7 +207,7 @@ impl Task for TaskService {
 }
 
 /// Streams a file in 1 MiB chunks; the bounded channel keeps memory bounded.
-async fn stream_file(path: PathBuf, tx: tokio::sync::mpsc::Sender<Result<ResultChunk, Status>>) {
+pub(crate) async fn stream_file(path: PathBuf, tx: tokio::sync::mpsc::Sender<Result<ResultChunk, Status>>) {
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(e) => {
@@ -203,8 +235,7 @@ async fn stream_file(path: PathBuf, tx: tokio::sync::mpsc::Sender<Result<ResultC
 /// The execution process: reads a RunTaskRequest on stdin, runs it with the engine, writes
 /// the RunTaskResponse on stdout. Engine errors are outcomes, not process failures.
 pub fn exec_task() -> Result<(), String> {
-    use crate::proto::{EngineChoice, ResultTarget, TaskSuccess};
-    use polars_node_engine as engine;
+    use crate::proto::EngineChoice;
     use std::io::{Read, Write};
 
     let mut input = Vec::new();
@@ -217,13 +248,25 @@ pub fn exec_task() -> Result<(), String> {
         EngineChoice::Gpu => engine::EngineChoice::Gpu,
         EngineChoice::Auto | EngineChoice::Unspecified => engine::EngineChoice::Auto,
     };
+    let target = match ResultTarget::try_from(request.target).unwrap_or(ResultTarget::Unspecified) {
+        ResultTarget::Flight => engine::Target::Flight,
+        ResultTarget::User => engine::Target::User,
+        ResultTarget::Shuffle => engine::Target::User, // not a result: see run_stage
+        _ => engine::Target::InMemory,
+    };
+    let response = match &request.stage {
+        Some(stage) => run_stage(&request, stage, choice, target),
+        None => run_whole(&request, choice, target),
+    };
+    std::io::stdout().write_all(&response.encode_to_vec()).map_err(|e| e.to_string())
+}
+
+/// A whole query, as the client sent it.
+fn run_whole(request: &RunTaskRequest, choice: engine::EngineChoice, target: engine::Target) -> RunTaskResponse {
+    use crate::proto::TaskSuccess;
+    use polars_node_engine as engine;
     let outcome = engine::Plan::read(&request.plan).and_then(|plan| {
-        let expected = match ResultTarget::try_from(request.target).unwrap_or(ResultTarget::Unspecified) {
-            ResultTarget::Flight => engine::Target::Flight,
-            ResultTarget::User => engine::Target::User,
-            _ => engine::Target::InMemory,
-        };
-        if plan.target != expected {
+        if plan.target != target {
             polars_node_engine::polars::prelude::polars_bail!(ComputeError: "the plan's sink does not match the task's result target");
         }
         // The plan as optimized for this run, for the observatory (an unexplainable plan
@@ -232,7 +275,7 @@ pub fn exec_task() -> Result<(), String> {
         plan.execute(choice, request.optimization_flags, Path::new(&request.result_dir), request.head_rows as usize)
             .map(|done| (done, ir_plan))
     });
-    let response = match outcome {
+    match outcome {
         Ok((done, ir_plan)) => RunTaskResponse {
             outcome: Some(Outcome::Success(TaskSuccess {
                 files: done.files.iter().map(|p| p.display().to_string()).collect(),
@@ -240,9 +283,63 @@ pub fn exec_task() -> Result<(), String> {
                 head_ipc: done.head_ipc,
                 flight_schema: done.flight_schema,
                 ir_plan,
+                bytes_written: 0,
             })),
         },
         Err(e) => failure(&engine::describe_error(&e), false),
+    }
+}
+
+/// One task of a split query: the scheduler's fragment, reading the fetched shuffle files in
+/// place of its input placeholders, writing shuffle partitions or the query's result.
+fn run_stage(request: &RunTaskRequest, stage: &crate::proto::StageTask, choice: engine::EngineChoice, target: engine::Target) -> RunTaskResponse {
+    use crate::proto::{ShuffleCompression, ShuffleFormat, TaskSuccess};
+    use engine::planner::StageOutput;
+
+    let codec = match ShuffleCompression::try_from(stage.compression).unwrap_or_default() {
+        ShuffleCompression::Zstd => engine::shuffle::Codec::Zstd,
+        ShuffleCompression::Uncompressed => engine::shuffle::Codec::Uncompressed,
+        _ => engine::shuffle::Codec::Lz4,
     };
-    std::io::stdout().write_all(&response.encode_to_vec()).map_err(|e| e.to_string())
+    let parquet = stage.format == ShuffleFormat::Parquet as i32;
+    let format = match engine::shuffle::ShuffleFormat::new(parquet, codec, stage.compression_level) {
+        Ok(f) => f,
+        Err(e) => return failure(&engine::describe_error(&e), false),
+    };
+    let inputs = stage
+        .inputs
+        .iter()
+        .map(|i| (i.placeholder.clone(), i.files.iter().map(|f| PathBuf::from(&f.path)).collect()))
+        .collect();
+    let is_result = request.target != ResultTarget::Shuffle as i32;
+    let outcome = engine::Plan::fragment(&request.plan, target).and_then(|mut plan| {
+        plan.with_inputs(&inputs, format)?;
+        if is_result {
+            let ir_plan = plan.explain(request.optimization_flags).unwrap_or_default();
+            let done = plan.execute(choice, request.optimization_flags, Path::new(&request.result_dir), request.head_rows as usize)?;
+            return Ok(TaskSuccess {
+                files: done.files.iter().map(|p| p.display().to_string()).collect(),
+                n_rows: done.n_rows,
+                head_ipc: done.head_ipc,
+                flight_schema: done.flight_schema,
+                ir_plan,
+                bytes_written: 0,
+            });
+        }
+        let output = match stage.hash_keys.is_empty() {
+            true => StageOutput::Single,
+            false => StageOutput::Hash { keys: stage.hash_keys.clone(), partitions: stage.partitions.max(1) as usize },
+        };
+        let written = plan.execute_stage(choice, request.optimization_flags, &output, format, Path::new(&request.output_dir))?;
+        Ok(TaskSuccess {
+            files: written.files.iter().map(|p| p.display().to_string()).collect(),
+            n_rows: written.rows,
+            bytes_written: written.bytes,
+            ..Default::default()
+        })
+    });
+    match outcome {
+        Ok(success) => RunTaskResponse { outcome: Some(Outcome::Success(success)) },
+        Err(e) => failure(&engine::describe_error(&e), false),
+    }
 }

@@ -12,6 +12,9 @@ use std::sync::OnceLock;
 pub use polars;
 use polars::prelude::*;
 
+pub mod planner;
+pub mod shuffle;
+
 /// The Polars version whose plans this engine reads.
 pub const POLARS_VERSION: &str = "2.0.0";
 
@@ -69,6 +72,17 @@ pub enum EngineChoice {
     Gpu,
 }
 
+impl EngineChoice {
+    fn polars(self) -> PolarsResult<Engine> {
+        Ok(match self {
+            EngineChoice::Auto => Engine::Auto,
+            EngineChoice::Streaming => Engine::Streaming,
+            EngineChoice::InMemory => Engine::InMemory,
+            EngineChoice::Gpu => polars_bail!(InvalidOperation: "the GPU engine is not available on this cluster; use engine=\"auto\""),
+        })
+    }
+}
+
 impl Plan {
     /// Reads a serialized plan. A plan of another Polars version fails here with Polars'
     /// own message naming both schema hashes.
@@ -88,6 +102,43 @@ impl Plan {
             }
             other => Plan { query: other, target: Target::User },
         })
+    }
+
+    /// Reads a stage fragment the scheduler planned (a plan without a result sink) that
+    /// delivers to `target`.
+    pub fn fragment(bytes: &[u8], target: Target) -> PolarsResult<Plan> {
+        Ok(Plan { query: DslPlan::deserialize_versioned(bytes)?, target })
+    }
+
+    /// The query without its result sink.
+    pub fn query(&self) -> &DslPlan {
+        &self.query
+    }
+
+    /// Splits the query into stages (see [`planner`]).
+    pub fn plan_stages(&self, optimization_flags: Option<u32>, limits: planner::Limits) -> PolarsResult<planner::Split> {
+        if self.target == Target::User {
+            return Ok(planner::Split::Whole("queries that write their own sink are not split yet".into()));
+        }
+        planner::plan_stages(&self.query, optimization_flags, limits)
+    }
+
+    /// Points the fragment's input placeholders at the local shuffle files fetched for them.
+    pub fn with_inputs(&mut self, inputs: &std::collections::HashMap<String, Vec<PathBuf>>, format: shuffle::ShuffleFormat) -> PolarsResult<()> {
+        shuffle::substitute_inputs(&mut self.query, inputs, format)
+    }
+
+    /// Runs a stage fragment and writes its output partitions under `dir`.
+    pub fn execute_stage(
+        &self,
+        engine: EngineChoice,
+        optimization_flags: Option<u32>,
+        output: &planner::StageOutput,
+        format: shuffle::ShuffleFormat,
+        dir: &Path,
+    ) -> PolarsResult<shuffle::Written> {
+        let mut df = self.lazy(optimization_flags).collect_with_engine(engine.polars()?)?.unwrap_single();
+        shuffle::write_partitions(&mut df, output, format, dir)
     }
 
     fn lazy(&self, optimization_flags: Option<u32>) -> LazyFrame {
@@ -141,12 +192,7 @@ impl Plan {
         result_dir: &Path,
         head_rows: usize,
     ) -> PolarsResult<Executed> {
-        let engine = match engine {
-            EngineChoice::Auto => Engine::Auto,
-            EngineChoice::Streaming => Engine::Streaming,
-            EngineChoice::InMemory => Engine::InMemory,
-            EngineChoice::Gpu => polars_bail!(InvalidOperation: "the GPU engine is not available on this cluster; use engine=\"auto\""),
-        };
+        let engine = engine.polars()?;
         let lf = self.lazy(optimization_flags);
         if self.target == Target::User {
             lf.collect_with_engine(engine)?;

@@ -1,0 +1,869 @@
+//! Splits a query into stages that run on several workers and exchange data through shuffles.
+//!
+//! Planning works on Polars' optimized IR (globs expanded, SQL resolved, predicates and
+//! projections pushed into the scans, every schema known) and emits, per stage task, a DSL
+//! fragment that the worker executes with the ordinary engine. Inputs that come from another
+//! stage appear in a fragment as a placeholder scan (`polars-node-input://STAGE/PART`), which
+//! the worker replaces by the shuffle files it fetched.
+//!
+//! A relation is either *whole* (one task can compute it: small scans, gathered data) or
+//! *spread* over several tasks (a scan split by files or row ranges, and whatever row-wise
+//! operations follow it). Operators that need all rows of a group in one place shuffle by
+//! hash; anything this planner cannot distribute is gathered to one task. Plans with IR nodes
+//! it cannot express as DSL are not split at all: [`plan_stages`] returns `None` and the query
+//! runs whole on one worker.
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+use polars::prelude::*;
+use polars_plan::plans::expr_ir::ExprIR;
+use polars_plan::plans::options::JoinOptionsIR;
+use polars_plan::plans::{AExpr, Card, DslFunction, FileInfo, IR, IRAggExpr, IRPlan, is_elementwise_rec, node_to_expr};
+use polars_plan::prelude::{FileScanDsl, FileScanIR, JoinTypeOptionsIR};
+use polars_defs::join::{IEJoinOptions, InequalityOperator};
+use polars_utils::arena::{Arena, Node};
+
+/// Scheme of the placeholder scans standing for another stage's output.
+pub const INPUT_SCHEME: &str = "polars-node-input://";
+
+/// How far a query may be split.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Tasks per spread stage (workers x partitions per worker).
+    pub max_tasks: usize,
+    /// Scans at most this large (bytes on disk) are read whole by every task that needs them
+    /// (a broadcast) instead of being split; the client's `allow_equi_join_broadcast_limit`.
+    pub broadcast_limit: u64,
+    /// Smallest number of rows worth a task of its own when a single file is split.
+    pub min_rows_per_task: u64,
+    /// Aggregate within each part before shuffling (the client's `allow_pre_aggregation`).
+    pub pre_aggregate: bool,
+}
+
+/// How a stage hands its output to the next one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageOutput {
+    /// Each task writes one partition; the consumer reads all of them.
+    Single,
+    /// Each task writes `partitions` partitions by the hash of `keys`; consumer task `i`
+    /// reads partition `i` of every task.
+    Hash { keys: Vec<String>, partitions: usize },
+    /// The query's result (the last stage, one task).
+    Result,
+}
+
+#[derive(Debug, Clone)]
+pub struct StagePlan {
+    /// The DSL each task runs (serialized, versioned like a client plan).
+    pub tasks: Vec<Vec<u8>>,
+    pub output: StageOutput,
+    /// Stages whose output this stage reads.
+    pub inputs: Vec<usize>,
+    /// What the stage does, for people (stage graph, observatory).
+    pub label: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StageGraph {
+    /// In execution order; the last one produces the result.
+    pub stages: Vec<StagePlan>,
+}
+
+/// The placeholder path for partition `part` (or all partitions) of `stage`'s output.
+pub fn input_path(stage: usize, part: Option<usize>) -> String {
+    match part {
+        Some(p) => format!("{INPUT_SCHEME}{stage}/{p}"),
+        None => format!("{INPUT_SCHEME}{stage}/all"),
+    }
+}
+
+/// Reads a placeholder path back: (stage, partition or None for all).
+pub fn parse_input_path(path: &str) -> Option<(usize, Option<usize>)> {
+    let rest = path.strip_prefix(INPUT_SCHEME)?;
+    let (stage, part) = rest.split_once('/')?;
+    let part = if part == "all" { None } else { Some(part.parse().ok()?) };
+    Some((stage.parse().ok()?, part))
+}
+
+/// The planner's decision.
+#[derive(Debug)]
+pub enum Split {
+    Stages(StageGraph),
+    /// The query runs whole on one worker, for this reason.
+    Whole(String),
+}
+
+/// Plans `query` (without its result sink) into stages, or says why it runs whole on one
+/// worker (nothing worth splitting, or something this planner cannot express).
+pub fn plan_stages(query: &DslPlan, optimization_flags: Option<u32>, limits: Limits) -> PolarsResult<Split> {
+    if limits.max_tasks < 2 {
+        return Ok(Split::Whole("the query may use one worker with one partition".into()));
+    }
+    let mut lf = LazyFrame::from(query.clone());
+    if let Some(bits) = optimization_flags {
+        lf = lf.with_optimizations(OptFlags::from_bits_truncate(bits));
+    }
+    let ir = lf.to_alp_optimized()?;
+    let mut planner = Planner { ir: &ir, limits, graph: StageGraph::default(), largest_scan: largest_scan(&ir) };
+    if planner.largest_scan.is_none() {
+        return Ok(Split::Whole("the query reads no files".into()));
+    }
+    let root = match planner.visit(ir.lp_top) {
+        Ok(rel) => rel,
+        Err(Unsupported(what)) => return Ok(Split::Whole(format!("the distributed planner does not split {what} yet"))),
+    };
+    if planner.graph.stages.is_empty() && matches!(root, Rel::Whole(_)) {
+        return Ok(Split::Whole("its scans are too small to split".into()));
+    }
+    let whole = planner.gather(root, "result");
+    let label = "result".to_string();
+    let inputs = inputs_of(&whole);
+    planner.graph.stages.push(StagePlan { tasks: vec![serialize(&whole)?], output: StageOutput::Result, inputs, label });
+    Ok(Split::Stages(planner.graph))
+}
+
+/// Why a plan is not split.
+struct Unsupported(String);
+
+type Planned<T> = Result<T, Unsupported>;
+
+fn unsupported<T>(what: impl Into<String>) -> Planned<T> {
+    Err(Unsupported(what.into()))
+}
+
+/// A relation during planning.
+enum Rel {
+    /// Computed as one piece by whichever task needs it.
+    Whole(DslPlan),
+    /// Spread over tasks: task `i` computes `parts[i]`; `hashed` names the columns the parts
+    /// are hash-partitioned by, if they are.
+    Spread { parts: Vec<DslPlan>, hashed: Option<Vec<String>>, label: String },
+}
+
+struct Planner<'a> {
+    ir: &'a IRPlan,
+    limits: Limits,
+    graph: StageGraph,
+    /// The scan that is always split (the largest one), by node.
+    largest_scan: Option<Node>,
+}
+
+impl Planner<'_> {
+    fn arena(&self) -> &Arena<IR> {
+        &self.ir.lp_arena
+    }
+
+    fn exprs(&self) -> &Arena<AExpr> {
+        &self.ir.expr_arena
+    }
+
+    fn expr(&self, e: &ExprIR) -> Expr {
+        node_to_expr(e.node(), self.exprs())
+    }
+
+    /// An expression that keeps its IR output name.
+    fn named(&self, e: &ExprIR) -> Expr {
+        self.expr(e).alias(e.output_name().clone())
+    }
+
+    fn elementwise(&self, exprs: &[ExprIR]) -> bool {
+        exprs.iter().all(|e| is_elementwise_rec(e.node(), self.exprs()))
+    }
+
+    fn visit(&mut self, node: Node) -> Planned<Rel> {
+        let ir = self.arena().get(node).clone();
+        match ir {
+            IR::Scan { .. } => self.scan(node),
+            IR::DataFrameScan { df, schema, output_schema } => {
+                let mut plan = DslPlan::DataFrameScan { df, schema };
+                if let Some(out) = output_schema {
+                    plan = select_columns(plan, out.iter_names());
+                }
+                Ok(Rel::Whole(plan))
+            }
+            IR::Filter { input, predicate } => {
+                // A predicate that looks at other rows (`x > x.mean()`) needs all of them.
+                let rowwise = self.elementwise(std::slice::from_ref(&predicate));
+                let predicate = self.expr(&predicate);
+                let rel = self.visit(input)?;
+                let rel = if rowwise { rel } else { Rel::Whole(self.gather(rel, "filter")) };
+                Ok(self.map(rel, "filter", true, |p| DslPlan::Filter { input: Arc::new(p), predicate: predicate.clone() }))
+            }
+            IR::SimpleProjection { input, columns } => {
+                let rel = self.visit(input)?;
+                let names: Vec<PlSmallStr> = columns.iter_names().cloned().collect();
+                Ok(self.map(rel, "project", true, |p| select_columns(p, names.iter())))
+            }
+            IR::Select { input, expr, options, schema } => {
+                let exprs: Vec<Expr> = expr.iter().map(|e| self.named(e)).collect();
+                let rowwise = self.elementwise(&expr);
+                let rel = self.visit(input)?;
+                // Aggregates over all rows: each part aggregates its rows, one task combines.
+                if !rowwise
+                    && matches!(rel, Rel::Spread { .. })
+                    && let Some(split) = self.decompose(&expr, &schema)
+                {
+                    let Rel::Spread { parts, label, .. } = rel else { unreachable!() };
+                    let partial = split.partial.clone();
+                    let parts = parts
+                        .into_iter()
+                        .map(|p| DslPlan::Select { expr: partial.clone(), input: Arc::new(p), options: Default::default() })
+                        .collect();
+                    let rel = Rel::Spread { parts, hashed: None, label: format!("{label} → partial aggregates") };
+                    let gathered = self.gather(rel, "final aggregates");
+                    return Ok(Rel::Whole(DslPlan::Select { expr: split.finals, input: Arc::new(gathered), options }));
+                }
+                let rel = if rowwise { rel } else { Rel::Whole(self.gather(rel, "select")) };
+                Ok(self.map(rel, "select", false, |p| DslPlan::Select { expr: exprs.clone(), input: Arc::new(p), options }))
+            }
+            IR::HStack { input, exprs, options, .. } => {
+                let rowwise = self.elementwise(&exprs);
+                let exprs: Vec<Expr> = exprs.iter().map(|e| self.named(e)).collect();
+                let rel = self.visit(input)?;
+                let rel = if rowwise { rel } else { Rel::Whole(self.gather(rel, "with_columns")) };
+                Ok(self.map(rel, "with_columns", false, |p| DslPlan::HStack { input: Arc::new(p), exprs: exprs.clone(), options }))
+            }
+            IR::GroupBy { input, keys, aggs, maintain_order, options, apply, schema } => {
+                if apply.is_some() || options.is_dynamic() || options.is_rolling() {
+                    return unsupported("group_by with a function, dynamic or rolling windows");
+                }
+                let key_names = self.column_names(&keys);
+                let split = match maintain_order || options.slice.is_some() || keys.is_empty() {
+                    true => None,
+                    false => self.decompose(&aggs, &schema),
+                };
+                let key_outputs: Vec<String> = keys.iter().map(|k| k.output_name().to_string()).collect();
+                let keys: Vec<Expr> = keys.iter().map(|e| self.named(e)).collect();
+                let aggs: Vec<Expr> = aggs.iter().map(|e| self.named(e)).collect();
+                let slice = options.slice;
+                let build_keys = keys.clone();
+                let build = move |p: DslPlan| DslPlan::GroupBy {
+                    input: Arc::new(p),
+                    keys: build_keys.clone(),
+                    predicates: vec![],
+                    aggs: aggs.clone(),
+                    maintain_order,
+                    options: Arc::new(GroupbyOptions { slice, ..Default::default() }),
+                    apply: None,
+                };
+                let rel = self.visit(input)?;
+                // Partial aggregates per part, shuffled by key, combined per partition.
+                if let (Rel::Spread { hashed, .. }, Some(split)) = (&rel, split)
+                    && hashed.as_deref() != Some(key_names.as_deref().unwrap_or_default())
+                {
+                    let group = |input: DslPlan, keys: Vec<Expr>, aggs: Vec<Expr>| DslPlan::GroupBy {
+                        input: Arc::new(input),
+                        keys,
+                        predicates: vec![],
+                        aggs,
+                        maintain_order: false,
+                        options: Default::default(),
+                        apply: None,
+                    };
+                    let (partial_keys, partial) = (keys.clone(), split.partial.clone());
+                    let rel = self.map(rel, "partial group_by", false, |p| group(p, partial_keys.clone(), partial.clone()));
+                    let rel = self.hashed_by(rel, &key_outputs);
+                    let final_keys: Vec<Expr> = key_outputs.iter().map(|k| col(k.as_str())).collect();
+                    return Ok(self.map(rel, "final group_by", false, |p| group(p, final_keys.clone(), split.finals.clone())));
+                }
+                match (rel, key_names) {
+                    // Every row of a group lands in the same partition: each part aggregates
+                    // its groups completely.
+                    (rel @ Rel::Spread { .. }, Some(names)) if !maintain_order && slice.is_none() && !names.is_empty() => {
+                        let rel = self.hashed_by(rel, &names);
+                        Ok(self.map(rel, "group_by", false, build))
+                    }
+                    (rel, _) => Ok(Rel::Whole(build(self.gather(rel, "group_by")))),
+                }
+            }
+            IR::Join { input_left, input_right, options, schema: _ } => self.join(input_left, input_right, &options),
+            IR::Sort { input, by_column, slice, sort_options } => {
+                let by: Vec<Expr> = by_column.iter().map(|e| self.expr(e)).collect();
+                let slice = slice.map(|(offset, len, _)| (offset, len));
+                let rel = self.visit(input)?;
+                let sort = |p: DslPlan, slice: Option<(i64, usize)>| DslPlan::Sort {
+                    input: Arc::new(p),
+                    by_column: by.clone(),
+                    slice,
+                    sort_options: sort_options.clone(),
+                };
+                // A top-k: every part keeps its own first offset+len rows, the gathered
+                // candidates are sorted once more.
+                let rel = match (rel, slice) {
+                    (Rel::Spread { parts, label, .. }, Some((offset, len))) if offset >= 0 => {
+                        let keep = Some((0, offset as usize + len));
+                        let parts = parts.into_iter().map(|p| sort(p, keep)).collect();
+                        Rel::Spread { parts, hashed: None, label: format!("{label} → top {}", offset as usize + len) }
+                    }
+                    (rel, _) => rel,
+                };
+                Ok(Rel::Whole(sort(self.gather(rel, "sort"), slice)))
+            }
+            IR::Slice { input, offset, len } => {
+                let rel = self.visit(input)?;
+                Ok(Rel::Whole(DslPlan::Slice { input: Arc::new(self.gather(rel, "slice")), offset, len }))
+            }
+            IR::Distinct { input, options } => {
+                let subset = options.subset.clone();
+                let names: Option<Vec<String>> = subset.as_ref().map(|s| s.iter().map(|n| n.to_string()).collect());
+                let distinct = move |p: DslPlan| {
+                    let plan = DslPlan::Distinct {
+                        input: Arc::new(p),
+                        options: DistinctOptionsDSL {
+                            subset: subset.as_ref().map(|s| s.iter().map(|n| col(n.clone())).collect()),
+                            maintain_order: options.maintain_order,
+                            keep_strategy: options.keep_strategy,
+                        },
+                    };
+                    match options.slice {
+                        Some((offset, len)) => DslPlan::Slice { input: Arc::new(plan), offset, len: len as IdxSize },
+                        None => plan,
+                    }
+                };
+                let rel = self.visit(input)?;
+                match (rel, names) {
+                    (rel @ Rel::Spread { .. }, Some(names))
+                        if !options.maintain_order
+                            && options.slice.is_none()
+                            && matches!(options.keep_strategy, UniqueKeepStrategy::Any | UniqueKeepStrategy::None) =>
+                    {
+                        let rel = self.hashed_by(rel, &names);
+                        Ok(self.map(rel, "unique", false, distinct))
+                    }
+                    (rel, _) => Ok(Rel::Whole(distinct(self.gather(rel, "unique")))),
+                }
+            }
+            IR::Union { inputs, options } => {
+                let mut plans = Vec::new();
+                for input in inputs {
+                    let rel = self.visit(input)?;
+                    plans.push(self.gather(rel, "concat"));
+                }
+                let args = UnionArgs {
+                    parallel: options.parallel,
+                    rechunk: options.rechunk,
+                    to_supertypes: false,
+                    diagonal: false,
+                    strict: false,
+                    from_partitioned_ds: options.from_partitioned_ds,
+                    maintain_order: options.maintain_order,
+                };
+                let union = DslPlan::Union { inputs: plans, args };
+                Ok(Rel::Whole(match options.slice {
+                    Some((offset, len)) => DslPlan::Slice { input: Arc::new(union), offset, len: len as IdxSize },
+                    None => union,
+                }))
+            }
+            IR::Cache { input, .. } => self.visit(input),
+            IR::MapFunction { input, function } => {
+                use polars_plan::plans::FunctionIR;
+                match function {
+                    FunctionIR::Rechunk | FunctionIR::Hint(_) => self.visit(input),
+                    FunctionIR::RowIndex { name, offset, .. } => {
+                        let rel = self.visit(input)?;
+                        let plan = self.gather(rel, "with_row_index");
+                        Ok(Rel::Whole(DslPlan::MapFunction { input: Arc::new(plan), function: DslFunction::RowIndex { name, offset } }))
+                    }
+                    other => unsupported(format!("map function {other}")),
+                }
+            }
+            other => unsupported(format!("{} node", other.name())),
+        }
+    }
+
+    /// Splits aggregations into partial aggregates (computed per part) and final expressions
+    /// that combine them, cast to the dtypes the whole aggregation has (`schema`). `None` when
+    /// an aggregation cannot be split this way (medians, distinct counts, first/last, ...).
+    fn decompose(&self, aggs: &[ExprIR], schema: &Schema) -> Option<PreAggregation> {
+        if !self.limits.pre_aggregate {
+            return None;
+        }
+        let mut arena = self.exprs().clone();
+        let mut partial: Vec<Expr> = Vec::new();
+        let mut finals = Vec::new();
+        for agg in aggs {
+            let mut leaves = Vec::new();
+            collect_aggregates(agg.node(), &arena, &mut leaves)?;
+            for leaf in leaves {
+                let mut column = |expr: Expr, arena: &mut Arena<AExpr>| {
+                    let name = format!("__polars_node_partial_{}", partial.len());
+                    partial.push(expr.alias(name.as_str()));
+                    arena.add(AExpr::Column(name.as_str().into()))
+                };
+                let combined = match arena.get(leaf).clone() {
+                    AExpr::Len => {
+                        let c = column(len(), &mut arena);
+                        AExpr::Agg(IRAggExpr::Sum { input: c, null_on_empty: false })
+                    }
+                    AExpr::Agg(IRAggExpr::Sum { null_on_empty, .. }) => {
+                        let c = column(node_to_expr(leaf, &arena), &mut arena);
+                        AExpr::Agg(IRAggExpr::Sum { input: c, null_on_empty })
+                    }
+                    AExpr::Agg(IRAggExpr::Count { .. }) => {
+                        let c = column(node_to_expr(leaf, &arena), &mut arena);
+                        AExpr::Agg(IRAggExpr::Sum { input: c, null_on_empty: false })
+                    }
+                    AExpr::Agg(IRAggExpr::Min { propagate_nans, .. }) => {
+                        let c = column(node_to_expr(leaf, &arena), &mut arena);
+                        AExpr::Agg(IRAggExpr::Min { input: c, propagate_nans })
+                    }
+                    AExpr::Agg(IRAggExpr::Max { propagate_nans, .. }) => {
+                        let c = column(node_to_expr(leaf, &arena), &mut arena);
+                        AExpr::Agg(IRAggExpr::Max { input: c, propagate_nans })
+                    }
+                    AExpr::Agg(IRAggExpr::Mean(input)) => {
+                        // mean = sum / count of the non-null values, in Float64.
+                        let value = node_to_expr(input, &arena);
+                        let sum = column(value.clone().sum(), &mut arena);
+                        let count = column(value.count(), &mut arena);
+                        let f64 = |node, arena: &mut Arena<AExpr>| {
+                            let agg = arena.add(AExpr::Agg(IRAggExpr::Sum { input: node, null_on_empty: false }));
+                            arena.add(AExpr::Cast { expr: agg, dtype: DataType::Float64, options: polars::chunked_array::cast::CastOptions::NonStrict })
+                        };
+                        let (sum, count) = (f64(sum, &mut arena), f64(count, &mut arena));
+                        AExpr::BinaryExpr { left: sum, op: Operator::TrueDivide, right: count }
+                    }
+                    _ => return None,
+                };
+                arena.replace(leaf, combined);
+            }
+            let name = agg.output_name();
+            let dtype = schema.get(name)?.clone();
+            finals.push(node_to_expr(agg.node(), &arena).cast(dtype).alias(name.clone()));
+        }
+        Some(PreAggregation { partial, finals })
+    }
+
+    /// The names of `exprs` when each is a plain column, for hash partitioning.
+    fn column_names(&self, exprs: &[ExprIR]) -> Option<Vec<String>> {
+        exprs
+            .iter()
+            .map(|e| match self.exprs().get(e.node()) {
+                AExpr::Column(name) if name == e.output_name() => Some(name.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Applies `f` to a relation: to every part of a spread one (`keeps_hash`: the operation
+    /// keeps rows and columns as they are, so a hash partitioning still holds).
+    fn map(&self, rel: Rel, what: &str, keeps_hash: bool, f: impl Fn(DslPlan) -> DslPlan) -> Rel {
+        match rel {
+            Rel::Whole(p) => Rel::Whole(f(p)),
+            Rel::Spread { parts, hashed, label } => Rel::Spread {
+                parts: parts.into_iter().map(&f).collect(),
+                hashed: if keeps_hash { hashed } else { None },
+                label: format!("{label} → {what}"),
+            },
+        }
+    }
+
+    /// Ends a spread relation in a stage whose tasks each write one partition, read whole by
+    /// the consumer; a whole relation stays as it is.
+    fn gather(&mut self, rel: Rel, consumer: &str) -> DslPlan {
+        match rel {
+            Rel::Whole(p) => p,
+            Rel::Spread { parts, label, .. } => {
+                let stage = self.add_stage(parts, StageOutput::Single, format!("{label} → gather for {consumer}"));
+                placeholder(stage, None)
+            }
+        }
+    }
+
+    /// A spread relation hash-partitioned by `keys` (shuffling it unless it already is).
+    fn hashed_by(&mut self, rel: Rel, keys: &[String]) -> Rel {
+        match rel {
+            Rel::Spread { hashed: Some(h), parts, label } if h == keys => Rel::Spread { parts, hashed: Some(h), label },
+            Rel::Spread { parts, label, .. } => self.shuffle(parts, keys, label),
+            Rel::Whole(p) => self.shuffle(vec![p], keys, "whole".into()),
+        }
+    }
+
+    fn shuffle(&mut self, parts: Vec<DslPlan>, keys: &[String], label: String) -> Rel {
+        let partitions = self.limits.max_tasks;
+        let stage = self.add_stage(
+            parts,
+            StageOutput::Hash { keys: keys.to_vec(), partitions },
+            format!("{label} → shuffle by {}", keys.join(", ")),
+        );
+        Rel::Spread {
+            parts: (0..partitions).map(|i| placeholder(stage, Some(i))).collect(),
+            hashed: Some(keys.to_vec()),
+            label: format!("stage {stage} partitions"),
+        }
+    }
+
+    fn add_stage(&mut self, parts: Vec<DslPlan>, output: StageOutput, label: String) -> usize {
+        let inputs = {
+            let mut all: Vec<usize> = parts.iter().flat_map(inputs_of).collect();
+            all.sort_unstable();
+            all.dedup();
+            all
+        };
+        let tasks = parts.iter().map(|p| serialize(p).expect("planned fragments serialize")).collect();
+        self.graph.stages.push(StagePlan { tasks, output, inputs, label });
+        self.graph.stages.len() - 1
+    }
+
+    fn join(&mut self, left: Node, right: Node, options: &JoinOptionsIR) -> Planned<Rel> {
+        let mut args = options.args.clone();
+        if args.slice.is_some() {
+            return unsupported("a join with a slice");
+        }
+        let (on, fused): (Vec<(ExprIR, ExprIR)>, Option<Expr>) = match &options.options {
+            JoinTypeOptionsIR::Equi { on, fused_predicate } => (on.clone(), fused_predicate.as_ref().map(|p| self.expr(p))),
+            // Inequality joins and fused cross-join filters: a cross join filtered by the same
+            // condition (the worker's optimizer fuses them again).
+            JoinTypeOptionsIR::CrossAndFilter { predicate } => {
+                args.how = JoinType::Cross;
+                (Vec::new(), Some(self.expr(predicate)))
+            }
+            JoinTypeOptionsIR::IEJoin { ie_options, left_on, right_on } => {
+                let predicate = self.inequality(left, ie_options, left_on, right_on, args.suffix())?;
+                args.how = JoinType::Cross;
+                (Vec::new(), Some(predicate))
+            }
+            other => return unsupported(format!("{} join", <&'static str>::from(other))),
+        };
+        // Join keys may not carry an alias.
+        let left_on: Vec<Expr> = on.iter().map(|(l, _)| self.expr(l)).collect();
+        let right_on: Vec<Expr> = on.iter().map(|(_, r)| self.expr(r)).collect();
+        let cross = on.is_empty();
+        let join_options = Arc::new(JoinOptions { allow_parallel: options.allow_parallel, force_parallel: options.force_parallel, args: args.clone() });
+        let build = move |l: DslPlan, r: DslPlan| {
+            let plan = DslPlan::Join {
+                input_left: Arc::new(l),
+                input_right: Arc::new(r),
+                condition: match cross {
+                    true => JoinCondition::default(),
+                    false => JoinCondition::Equi { left_on: left_on.clone(), right_on: right_on.clone() },
+                },
+                options: join_options.clone(),
+            };
+            // A fused predicate only ever comes with an inner or cross join: filtering after
+            // the join is the same.
+            match &fused {
+                Some(predicate) => DslPlan::Filter { input: Arc::new(plan), predicate: predicate.clone() },
+                None => plan,
+            }
+        };
+        let (l, r) = (self.visit(left)?, self.visit(right)?);
+        let how = args.how.clone();
+        let keys = (
+            self.column_names(&on.iter().map(|(l, _)| l.clone()).collect::<Vec<_>>()),
+            self.column_names(&on.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>()),
+        );
+        let same_dtypes = self.same_key_dtypes(left, right, &on);
+        // Which side may stay spread while the other is read whole by every task.
+        let (left_may_spread, right_may_spread) = match how {
+            JoinType::Inner | JoinType::Cross => (true, true),
+            JoinType::Left => (true, false),
+            JoinType::Right => (false, true),
+            JoinType::Semi | JoinType::Anti => (true, false),
+            _ => (false, false),
+        };
+        match (l, r) {
+            (Rel::Whole(l), Rel::Whole(r)) => Ok(Rel::Whole(build(l, r))),
+            (Rel::Spread { parts, label, .. }, Rel::Whole(r)) if left_may_spread => {
+                let parts = parts.into_iter().map(|p| build(p, r.clone())).collect();
+                Ok(Rel::Spread { parts, hashed: None, label: format!("{label} → join (broadcast right)") })
+            }
+            (Rel::Whole(l), Rel::Spread { parts, label, .. }) if right_may_spread => {
+                let parts = parts.into_iter().map(|p| build(l.clone(), p)).collect();
+                Ok(Rel::Spread { parts, hashed: None, label: format!("{label} → join (broadcast left)") })
+            }
+            (l, r) => match keys {
+                (Some(lk), Some(rk)) if !lk.is_empty() && same_dtypes && !matches!(how, JoinType::Cross) => {
+                    let Rel::Spread { parts: lp, hashed, .. } = self.hashed_by(l, &lk) else { unreachable!() };
+                    let Rel::Spread { parts: rp, .. } = self.hashed_by(r, &rk) else { unreachable!() };
+                    let parts = lp.into_iter().zip(rp).map(|(l, r)| build(l, r)).collect();
+                    // Inner joins keep the left keys as they were.
+                    let hashed = if matches!(how, JoinType::Inner) { hashed } else { None };
+                    Ok(Rel::Spread { parts, hashed, label: format!("hash join on {}", lk.join(", ")) })
+                }
+                // Inner and cross joins: the right side, gathered, is broadcast to the left parts.
+                (_, _) if matches!(how, JoinType::Inner | JoinType::Cross) => {
+                    let r = self.gather(r, "join");
+                    Ok(self.map(l, "join (broadcast right)", false, |p| build(p, r.clone())))
+                }
+                (_, _) => {
+                    let (l, r) = (self.gather(l, "join"), self.gather(r, "join"));
+                    Ok(Rel::Whole(build(l, r)))
+                }
+            },
+        }
+    }
+
+    /// An inequality join's condition in the joined output's names (right columns that clash
+    /// with left ones carry the suffix).
+    fn inequality(&self, left: Node, ie: &IEJoinOptions, left_on: &[ExprIR], right_on: &[ExprIR], suffix: &PlSmallStr) -> Planned<Expr> {
+        let left_schema = self.arena().get(left).schema(self.arena()).into_owned();
+        let ops = [Some(ie.operator1), ie.operator2];
+        let mut condition: Option<Expr> = None;
+        for (i, (l, r)) in left_on.iter().zip(right_on).enumerate() {
+            let Some(Some(op)) = ops.get(i).copied() else {
+                return unsupported("an inequality join with more keys than operators");
+            };
+            // Left columns keep their names in the output; a right key is used as it is when
+            // none of its columns clashes with a left one (a plain column is renamed).
+            let r = match self.exprs().get(r.node()) {
+                AExpr::Column(name) if left_schema.contains(name) => col(format!("{name}{suffix}").as_str()),
+                _ if polars_plan::utils::aexpr_to_leaf_names(r.node(), self.exprs()).iter().any(|n| left_schema.contains(n)) => {
+                    return unsupported("an inequality join whose right key reads a column named like a left one");
+                }
+                _ => self.expr(r),
+            };
+            let l = self.expr(l);
+            let e = match op {
+                InequalityOperator::Lt => l.lt(r),
+                InequalityOperator::LtEq => l.lt_eq(r),
+                InequalityOperator::Gt => l.gt(r),
+                InequalityOperator::GtEq => l.gt_eq(r),
+            };
+            condition = Some(match condition {
+                Some(c) => c.and(e),
+                None => e,
+            });
+        }
+        condition.map_or_else(|| unsupported("an inequality join without keys"), Ok)
+    }
+
+    /// Hash partitioning sends equal keys to the same partition only when both sides hash
+    /// the same types.
+    fn same_key_dtypes(&self, left: Node, right: Node, on: &[(ExprIR, ExprIR)]) -> bool {
+        let (ls, rs) = (self.arena().get(left).schema(self.arena()), self.arena().get(right).schema(self.arena()));
+        on.iter().all(|(l, r)| match (ls.get(l.output_name()), rs.get(r.output_name())) {
+            (Some(a), Some(b)) => a == b && hashable(a),
+            _ => false,
+        })
+    }
+
+    fn scan(&mut self, node: Node) -> Planned<Rel> {
+        let IR::Scan { sources, file_info, predicate, output_schema, scan_type, unified_scan_args, .. } = self.arena().get(node).clone()
+        else {
+            unreachable!()
+        };
+        let scan_type = match *scan_type {
+            FileScanIR::Parquet { options, .. } => FileScanDsl::Parquet { options },
+            FileScanIR::Ipc { options, .. } => FileScanDsl::Ipc { options },
+            FileScanIR::Csv { options } => FileScanDsl::Csv { options },
+            FileScanIR::NDJson { options } => FileScanDsl::NDJson { options },
+            other => return unsupported(format!("{} scan", <&'static str>::from(&other))),
+        };
+        let predicate = predicate.map(|p| self.expr(&p));
+        let mut args = *unified_scan_args;
+        // Facts the optimizer derived for these exact sources; a split scan has other sources.
+        args.row_count = None;
+        args.source_sizes = None;
+        args.projection = None;
+        let columns: Option<Vec<PlSmallStr>> = output_schema.map(|s| s.iter_names().cloned().collect());
+        let dsl = |sources: ScanSources, slice: Option<(i64, IdxSize)>| {
+            let mut plan = DslPlan::Scan {
+                sources,
+                unified_scan_args: Box::new(args.clone()),
+                scan_type: Box::new(scan_type.clone()),
+                cached_ir: Arc::new(Mutex::new(None)),
+            };
+            if let Some((offset, len)) = slice {
+                plan = DslPlan::Slice { input: Arc::new(plan), offset, len };
+            }
+            if let Some(p) = &predicate {
+                plan = DslPlan::Filter { input: Arc::new(plan), predicate: p.clone() };
+            }
+            if let Some(c) = &columns {
+                plan = select_columns(plan, c.iter());
+            }
+            plan
+        };
+        let name = scan_name(&sources);
+        let split = Some(node) == self.largest_scan || scan_bytes(&sources) > self.limits.broadcast_limit;
+        let ordered = args.row_index.is_none() && args.pre_slice.is_none();
+        if !split || !ordered {
+            return Ok(Rel::Whole(dsl(sources, None)));
+        }
+        let ScanSources::Paths(paths) = &sources else {
+            return Ok(Rel::Whole(dsl(sources, None)));
+        };
+        if paths.len() >= 2 {
+            // Whole files per task, in order.
+            let n = paths.len().min(self.limits.max_tasks);
+            let parts = (0..n)
+                .map(|i| {
+                    let chunk: Vec<PlRefPath> = paths.iter().skip(i * paths.len() / n).take((i + 1) * paths.len() / n - i * paths.len() / n).cloned().collect();
+                    dsl(ScanSources::Paths(chunk.into()), None)
+                })
+                .collect();
+            return Ok(Rel::Spread { parts, hashed: None, label: format!("scan {name} ({} files in {n} parts)", paths.len()) });
+        }
+        // One file: row ranges (a Parquet reader skips the row groups outside its range).
+        let rows = exact_rows(&file_info);
+        let n = match rows {
+            Some(rows) if matches!(scan_type, FileScanDsl::Parquet { .. } | FileScanDsl::Ipc { .. }) => {
+                (rows / self.limits.min_rows_per_task.max(1)).clamp(1, self.limits.max_tasks as u64) as usize
+            }
+            _ => 1,
+        };
+        if n < 2 {
+            return Ok(Rel::Whole(dsl(sources, None)));
+        }
+        let rows = rows.unwrap();
+        let parts = (0..n as u64)
+            .map(|i| {
+                let (start, end) = (i * rows / n as u64, (i + 1) * rows / n as u64);
+                dsl(sources.clone(), Some((start as i64, (end - start) as IdxSize)))
+            })
+            .collect();
+        Ok(Rel::Spread { parts, hashed: None, label: format!("scan {name} ({rows} rows in {n} parts)") })
+    }
+}
+
+/// Aggregations split into per-part partial aggregates and the expressions combining them.
+struct PreAggregation {
+    partial: Vec<Expr>,
+    finals: Vec<Expr>,
+}
+
+/// The aggregation nodes of an aggregation expression (`sum(a) / sum(b)` has two), or `None`
+/// when one cannot be combined from partial results or reads non-row-wise inputs.
+fn collect_aggregates(node: Node, arena: &Arena<AExpr>, out: &mut Vec<Node>) -> Option<()> {
+    match arena.get(node) {
+        AExpr::Len => out.push(node),
+        AExpr::Agg(agg) => {
+            let input = match agg {
+                IRAggExpr::Sum { input, .. } | IRAggExpr::Count { input, .. } | IRAggExpr::Min { input, .. } | IRAggExpr::Max { input, .. } => *input,
+                IRAggExpr::Mean(input) => *input,
+                _ => return None,
+            };
+            if !is_elementwise_rec(input, arena) {
+                return None;
+            }
+            out.push(node);
+        }
+        AExpr::Column(_) => return None, // a bare column outside an aggregation
+        AExpr::Literal(_) => {}
+        AExpr::BinaryExpr { left, right, .. } => {
+            collect_aggregates(*left, arena, out)?;
+            collect_aggregates(*right, arena, out)?;
+        }
+        AExpr::Cast { expr, .. } => collect_aggregates(*expr, arena, out)?,
+        AExpr::Ternary { predicate, truthy, falsy } => {
+            collect_aggregates(*predicate, arena, out)?;
+            collect_aggregates(*truthy, arena, out)?;
+            collect_aggregates(*falsy, arena, out)?;
+        }
+        // Row-wise functions of aggregates (`round`, `abs`, ...).
+        AExpr::Function { input, options, .. } if options.is_elementwise() => {
+            for i in input {
+                collect_aggregates(i.node(), arena, out)?;
+            }
+        }
+        _ => return None,
+    }
+    Some(())
+}
+
+fn exact_rows(info: &FileInfo) -> Option<u64> {
+    match info.stats.rows {
+        Card::Exact(rows) => Some(rows),
+        _ => None,
+    }
+}
+
+fn hashable(dtype: &DataType) -> bool {
+    dtype.is_primitive_numeric() || matches!(dtype, DataType::String | DataType::Boolean | DataType::Date | DataType::Datetime(..) | DataType::Binary)
+        || matches!(dtype, DataType::Decimal(..))
+}
+
+/// The largest file scan of the plan (by bytes on disk; unknown sizes count as large): the
+/// one that is split even when smaller than the broadcast limit.
+fn largest_scan(ir: &IRPlan) -> Option<Node> {
+    let mut best: Option<(u64, Node)> = None;
+    let mut stack = vec![ir.lp_top];
+    while let Some(node) = stack.pop() {
+        let plan = ir.lp_arena.get(node);
+        if let IR::Scan { sources, .. } = plan {
+            let size = scan_bytes(sources);
+            if best.is_none_or(|(b, _)| size > b) {
+                best = Some((size, node));
+            }
+        }
+        stack.extend(plan.inputs());
+    }
+    best.map(|(_, n)| n)
+}
+
+fn scan_bytes(sources: &ScanSources) -> u64 {
+    match sources {
+        ScanSources::Paths(paths) => paths
+            .iter()
+            .map(|p| if p.scheme().is_none_or(|s| s.is_file()) { std::fs::metadata(p.as_str()).map(|m| m.len()).unwrap_or(0) } else { u64::MAX / 1024 })
+            .fold(0u64, |a, b| a.saturating_add(b)),
+        _ => 0,
+    }
+}
+
+fn scan_name(sources: &ScanSources) -> String {
+    match sources {
+        ScanSources::Paths(paths) => {
+            let first = paths.first().map(|p| p.as_str().rsplit('/').next().unwrap_or("").to_string()).unwrap_or_default();
+            if paths.len() > 1 { format!("{first} and {} more", paths.len() - 1) } else { first }
+        }
+        _ => "in-memory data".into(),
+    }
+}
+
+fn select_columns<'a>(plan: DslPlan, names: impl Iterator<Item = &'a PlSmallStr>) -> DslPlan {
+    DslPlan::Select { expr: names.map(|n| col(n.clone())).collect(), input: Arc::new(plan), options: Default::default() }
+}
+
+/// The placeholder scan for another stage's output.
+fn placeholder(stage: usize, part: Option<usize>) -> DslPlan {
+    let path = PlRefPath::new(input_path(stage, part));
+    DslPlan::Scan {
+        sources: ScanSources::Paths(vec![path].into()),
+        unified_scan_args: Box::default(),
+        scan_type: Box::new(FileScanDsl::Ipc { options: Default::default() }),
+        cached_ir: Arc::new(Mutex::new(None)),
+    }
+}
+
+/// The stages a fragment reads.
+fn inputs_of(plan: &DslPlan) -> Vec<usize> {
+    let mut found = Vec::new();
+    crate::walk(plan, &mut |p| {
+        if let DslPlan::Scan { sources: ScanSources::Paths(paths), .. } = p {
+            found.extend(paths.iter().filter_map(|p| parse_input_path(p.as_str())).map(|(s, _)| s));
+        }
+    });
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+fn serialize(plan: &DslPlan) -> PolarsResult<Vec<u8>> {
+    let mut bytes = Vec::new();
+    plan.serialize_versioned(&mut bytes, Default::default())?;
+    Ok(bytes)
+}
+
+impl StageGraph {
+    /// The stage graph as text, for `explain()` / `plan()` and the observatory.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for (i, stage) in self.stages.iter().enumerate() {
+            let output = match &stage.output {
+                StageOutput::Single => "gathered".to_string(),
+                StageOutput::Hash { keys, partitions } => format!("hash({}) into {partitions} partitions", keys.join(", ")),
+                StageOutput::Result => "result".to_string(),
+            };
+            let inputs = if stage.inputs.is_empty() {
+                String::new()
+            } else {
+                format!(" <- {}", stage.inputs.iter().map(|s| format!("stage {s}")).collect::<Vec<_>>().join(", "))
+            };
+            let _ = writeln!(out, "stage {i}: {} task(s), {output}{inputs}\n  {}", stage.tasks.len(), stage.label);
+        }
+        out
+    }
+}

@@ -1,0 +1,176 @@
+//! Shuffle partitions on disk: how a stage task writes its output for the next stage, and how
+//! a task reads the partitions it fetched in place of its input placeholders.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+use polars_utils::aliases::{PlSeedableRandomStateQuality, SeedableFromU64SeedExt};
+
+use crate::planner::{StageOutput, parse_input_path};
+
+/// The file format of shuffle partitions (the client's `ShuffleOpts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShuffleFormat {
+    /// Arrow IPC, optionally compressed (`AUTO` is IPC with LZ4).
+    Ipc(Option<IpcCompression>),
+    Parquet(ParquetCompression),
+}
+
+/// Compression of shuffle files, as the client names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    Lz4,
+    Zstd,
+    Uncompressed,
+}
+
+impl ShuffleFormat {
+    /// The format for a query's shuffle options. The level applies to IPC with ZSTD; Parquet
+    /// uses its writer's default level.
+    pub fn new(parquet: bool, codec: Codec, level: Option<i32>) -> PolarsResult<ShuffleFormat> {
+        let zstd = match level {
+            Some(l) => polars_utils::compression::ZstdLevel::try_new(l)
+                .map_err(|_| polars_err!(InvalidOperation: "shuffle_compression_level {l} is not a ZSTD level (1 to 22)"))?,
+            None => Default::default(),
+        };
+        Ok(match (parquet, codec) {
+            (true, Codec::Lz4) => ShuffleFormat::Parquet(ParquetCompression::Lz4Raw),
+            (true, Codec::Zstd) => ShuffleFormat::Parquet(ParquetCompression::Zstd(None)),
+            (true, Codec::Uncompressed) => ShuffleFormat::Parquet(ParquetCompression::Uncompressed),
+            (false, Codec::Lz4) => ShuffleFormat::Ipc(Some(IpcCompression::LZ4)),
+            (false, Codec::Zstd) => ShuffleFormat::Ipc(Some(IpcCompression::ZSTD(zstd))),
+            (false, Codec::Uncompressed) => ShuffleFormat::Ipc(None),
+        })
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            ShuffleFormat::Ipc(_) => "arrow",
+            ShuffleFormat::Parquet(_) => "parquet",
+        }
+    }
+}
+
+/// What a stage task wrote.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// One file per output partition, in partition order.
+    pub files: Vec<PathBuf>,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// Seed of the partitioning hash: every worker must send a key to the same partition.
+const PARTITION_SEED: u64 = 0x706f_6c61_7273;
+
+/// Splits `df` into its output partitions and writes them under `dir` as `<i>.<ext>`.
+/// Every partition is written, empty ones too, so readers always find their files.
+pub fn write_partitions(df: &mut DataFrame, output: &StageOutput, format: ShuffleFormat, dir: &Path) -> PolarsResult<Written> {
+    std::fs::create_dir_all(dir).map_err(|e| polars_err!(ComputeError: "cannot create shuffle directory {}: {e}", dir.display()))?;
+    let parts = match output {
+        StageOutput::Hash { keys, partitions } => split_by_hash(df, keys, *partitions)?,
+        StageOutput::Single | StageOutput::Result => vec![df.clone()],
+    };
+    let mut written = Written { rows: df.height() as u64, ..Default::default() };
+    for (i, mut part) in parts.into_iter().enumerate() {
+        let path = dir.join(format!("{i}.{}", format.extension()));
+        let file = File::create(&path).map_err(|e| polars_err!(ComputeError: "cannot write {}: {e}", path.display()))?;
+        match format {
+            ShuffleFormat::Ipc(compression) => IpcWriter::new(file).with_compression(compression).finish(&mut part)?,
+            ShuffleFormat::Parquet(compression) => {
+                ParquetWriter::new(file).with_compression(compression).finish(&mut part)?;
+            }
+        }
+        written.bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        written.files.push(path);
+    }
+    Ok(written)
+}
+
+fn split_by_hash(df: &DataFrame, keys: &[String], partitions: usize) -> PolarsResult<Vec<DataFrame>> {
+    let mut key_df = df.select(keys.iter().map(|k| PlSmallStr::from(k.as_str())))?;
+    let hashes = key_df.hash_rows(Some(PlSeedableRandomStateQuality::seed_from_u64(PARTITION_SEED)))?;
+    let mut indices: Vec<Vec<IdxSize>> = vec![Vec::new(); partitions];
+    for (row, hash) in hashes.iter().enumerate() {
+        // Rows with a null hash (never for hash_rows) would go to partition 0.
+        let p = hash.map(|h| (h % partitions as u64) as usize).unwrap_or(0);
+        indices[p].push(row as IdxSize);
+    }
+    indices
+        .into_iter()
+        .map(|idx| df.take(&IdxCa::from_vec(PlSmallStr::EMPTY, idx)))
+        .collect()
+}
+
+/// Replaces every input placeholder of `plan` by a scan of the local files given for it
+/// (keyed by placeholder path). A placeholder without files is an error naming it.
+pub fn substitute_inputs(plan: &mut DslPlan, inputs: &HashMap<String, Vec<PathBuf>>, format: ShuffleFormat) -> PolarsResult<()> {
+    let mut missing = None;
+    rewrite(plan, &mut |node| {
+        if let DslPlan::Scan { sources: ScanSources::Paths(paths), .. } = node
+            && paths.len() == 1
+            && parse_input_path(paths[0].as_str()).is_some()
+        {
+            let key = paths[0].as_str().to_string();
+            match inputs.get(&key) {
+                Some(files) => match input_scan(files, format) {
+                    Ok(scan) => *node = scan,
+                    Err(e) => missing = Some(e.to_string()),
+                },
+                None => missing = Some(format!("no files for the stage input {key}")),
+            }
+        }
+    });
+    match missing {
+        Some(m) => polars_bail!(ComputeError: "{m}"),
+        None => Ok(()),
+    }
+}
+
+fn input_scan(files: &[PathBuf], format: ShuffleFormat) -> PolarsResult<DslPlan> {
+    let sources = ScanSources::Paths(files.iter().map(|p| PlRefPath::new(p.display().to_string())).collect());
+    let lf = match format {
+        ShuffleFormat::Ipc(_) => LazyFrame::scan_ipc_sources(sources, Default::default(), Default::default())?,
+        ShuffleFormat::Parquet(_) => LazyFrame::scan_parquet_sources(sources, Default::default())?,
+    };
+    Ok(lf.logical_plan)
+}
+
+/// Calls `f` on every node of `plan`, parents before children, allowing replacement.
+fn rewrite(plan: &mut DslPlan, f: &mut impl FnMut(&mut DslPlan)) {
+    f(plan);
+    let one = |input: &mut Arc<DslPlan>, f: &mut dyn FnMut(&mut DslPlan)| rewrite_dyn(Arc::make_mut(input), f);
+    match plan {
+        DslPlan::Filter { input, .. }
+        | DslPlan::Cache { input, .. }
+        | DslPlan::Select { input, .. }
+        | DslPlan::GroupBy { input, .. }
+        | DslPlan::HStack { input, .. }
+        | DslPlan::MatchToSchema { input, .. }
+        | DslPlan::Distinct { input, .. }
+        | DslPlan::Sort { input, .. }
+        | DslPlan::Slice { input, .. }
+        | DslPlan::MapFunction { input, .. }
+        | DslPlan::Sink { input, .. } => one(input, f),
+        DslPlan::Pivot { input, .. } => one(input, f),
+        DslPlan::Join { input_left, input_right, .. } | DslPlan::MergeSorted { input_left, input_right, .. } => {
+            one(input_left, f);
+            one(input_right, f);
+        }
+        DslPlan::Gather { input, idxs, .. } => {
+            one(input, f);
+            one(idxs, f);
+        }
+        DslPlan::Union { inputs, .. } | DslPlan::HConcat { inputs, .. } | DslPlan::SinkMultiple { inputs } => {
+            inputs.iter_mut().for_each(|p| rewrite_dyn(p, f))
+        }
+        // Fragments are built by the planner from IR: they hold none of these.
+        _ => {}
+    }
+}
+
+fn rewrite_dyn(plan: &mut DslPlan, f: &mut dyn FnMut(&mut DslPlan)) {
+    rewrite(plan, &mut |p| f(p))
+}

@@ -1,0 +1,269 @@
+//! Runs a split query on the scheduler: stage after stage, each task on one of the query's
+//! workers, reading the shuffle files earlier stages wrote.
+//!
+//! Faults: a task whose worker stops answering reruns on another live worker; when a worker
+//! is lost, the stage outputs it held are recomputed before any task that reads them runs
+//! (the shuffle files lived on that worker). Every rerun counts against the query's
+//! `n_retries`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::future::join_all;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span as _, Tracer as _};
+use polars_node_engine::planner::{StageGraph, StageOutput, input_path};
+use tracing::{info, warn};
+
+use crate::proto::{
+    ResultTarget, RunTaskRequest, ShuffleFile, StageInput, StageTask, TaskSuccess, WorkerInfo, run_task_response::Outcome,
+};
+use crate::queries::{Distribution, Queries, Query, StageStats};
+
+/// What a finished task left behind.
+#[derive(Clone)]
+struct Done {
+    worker: WorkerInfo,
+    success: TaskSuccess,
+}
+
+pub(crate) struct StageRun<'a> {
+    queries: &'a Queries,
+    query: &'a Arc<Query>,
+    graph: &'a StageGraph,
+    distribution: &'a Distribution,
+    /// The workers this query runs on (ids), in the order tasks are dealt to them.
+    workers: Vec<String>,
+    /// Per stage, per task: the output of the task's last successful run.
+    outputs: Vec<Vec<Option<Done>>>,
+    stats: Vec<StageStats>,
+    reruns: u32,
+    next: usize,
+}
+
+/// A task that did not succeed.
+enum TaskError {
+    /// The query fails with this message (`"<PolarsException>: message"`).
+    Fatal(String),
+    /// The task may run again: its worker was lost (`worker`), or it could not read the
+    /// shuffle files of `lost_input`.
+    Retry { worker: String, lost_input: Option<String>, why: String },
+}
+
+impl<'a> StageRun<'a> {
+    pub(crate) fn new(queries: &'a Queries, query: &'a Arc<Query>, graph: &'a StageGraph, distribution: &'a Distribution, workers: Vec<String>) -> Self {
+        StageRun {
+            queries,
+            query,
+            graph,
+            distribution,
+            workers,
+            outputs: graph.stages.iter().map(|s| vec![None; s.tasks.len()]).collect(),
+            stats: graph.stages.iter().map(|s| StageStats { tasks: s.tasks.len() as u32, label: s.label.clone(), ..Default::default() }).collect(),
+            reruns: 0,
+            next: 0,
+        }
+    }
+
+    /// Runs every stage; the last one's output is the query's result.
+    pub(crate) async fn run(mut self) -> Result<(TaskSuccess, WorkerInfo, Vec<StageStats>), String> {
+        let last = self.graph.stages.len() - 1;
+        for stage in 0..=last {
+            self.ensure(stage).await?;
+            if self.query.status().is_terminal() {
+                return Err("ComputeError: the query was canceled".into());
+            }
+            self.queries.stage_finished(self.query, stage, &self.stats);
+        }
+        let done = self.outputs[last][0].clone().expect("the result stage ran");
+        Ok((done.success, done.worker, self.stats))
+    }
+
+    /// Makes sure every task of `stage` has an output on a live worker, rerunning lost inputs.
+    async fn ensure(&mut self, stage: usize) -> Result<(), String> {
+        loop {
+            self.forget_lost_outputs();
+            for input in self.graph.stages[stage].inputs.clone() {
+                Box::pin(self.ensure(input)).await?;
+            }
+            let missing: Vec<usize> = (0..self.outputs[stage].len()).filter(|t| self.outputs[stage][*t].is_none()).collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if self.query.status().is_terminal() {
+                return Err("ComputeError: the query was canceled".into());
+            }
+            let live = self.live_workers().await?;
+            let assigned: Vec<(usize, WorkerInfo, RunTaskRequest)> =
+                missing.iter().map(|&task| (task, self.deal(&live), self.request(stage, task))).collect();
+            let this = &*self;
+            let runs = assigned.into_iter().map(|(task, worker, request)| async move {
+                let result = this.run_task(stage, task, &worker, request).await;
+                (task, worker, result)
+            });
+            let results = join_all(runs).await;
+            let mut first_error = None;
+            for (task, worker, result) in results {
+                match result {
+                    Ok(success) => {
+                        let stats = &mut self.stats[stage];
+                        stats.rows += success.n_rows;
+                        stats.bytes += success.bytes_written;
+                        if !stats.workers.contains(&worker.instance_id) {
+                            stats.workers.push(worker.instance_id.clone());
+                        }
+                        self.outputs[stage][task] = Some(Done { worker, success });
+                    }
+                    Err(TaskError::Fatal(message)) => return Err(message),
+                    Err(TaskError::Retry { worker, lost_input, why }) => {
+                        let lost = lost_input.unwrap_or(worker.clone());
+                        warn!(query = %self.query.id, stage, task, worker = %worker, "task must run again: {why}");
+                        self.queries.registry().suspect(&lost);
+                        first_error.get_or_insert((lost, why));
+                    }
+                }
+            }
+            if let Some((lost, why)) = first_error {
+                self.reruns += 1;
+                if self.reruns > self.query.submission.n_retries {
+                    return Err(format!(
+                        "ComputeError: worker `{lost}` was lost while running the query ({why}); retried {} time(s), as n_retries allows",
+                        self.reruns - 1
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Drops outputs held by workers that are no longer live: their files are gone with them.
+    fn forget_lost_outputs(&mut self) {
+        let live: BTreeSet<String> = self.queries.registry().live_worker_infos().into_iter().map(|w| w.instance_id).collect();
+        for (stage, tasks) in self.outputs.iter_mut().enumerate() {
+            for (task, out) in tasks.iter_mut().enumerate() {
+                if let Some(done) = out
+                    && !live.contains(&done.worker.instance_id)
+                {
+                    info!(query = %self.query.id, stage, task, worker = %done.worker.instance_id, "stage output lost with its worker; it will be recomputed");
+                    *out = None;
+                }
+            }
+        }
+    }
+
+    /// The query's workers that are live now, with other live workers in place of lost ones;
+    /// waits a bounded time when there are fewer than the query's minimum.
+    async fn live_workers(&self) -> Result<Vec<WorkerInfo>, String> {
+        let all = self.queries.wait_for_workers(self.distribution.min_workers.max(1)).await?;
+        let mut chosen: Vec<WorkerInfo> = self.workers.iter().filter_map(|id| all.iter().find(|w| &w.instance_id == id).cloned()).collect();
+        for w in &all {
+            if chosen.len() >= self.workers.len() {
+                break;
+            }
+            if !chosen.iter().any(|c| c.instance_id == w.instance_id) {
+                chosen.push(w.clone());
+            }
+        }
+        Ok(chosen)
+    }
+
+    /// The next worker for a task, round robin over the query's live workers.
+    fn deal(&mut self, live: &[WorkerInfo]) -> WorkerInfo {
+        let w = live[self.next % live.len()].clone();
+        self.next += 1;
+        w
+    }
+
+    fn request(&self, stage: usize, task: usize) -> RunTaskRequest {
+        let plan = &self.graph.stages[stage];
+        let inputs = plan
+            .inputs
+            .iter()
+            .map(|&input| {
+                let hashed = matches!(self.graph.stages[input].output, StageOutput::Hash { .. });
+                let (placeholder, part) = if hashed { (input_path(input, Some(task)), task) } else { (input_path(input, None), 0) };
+                let files = self.outputs[input]
+                    .iter()
+                    .map(|out| {
+                        let done = out.as_ref().expect("inputs run first");
+                        ShuffleFile {
+                            path: done.success.files[part].clone(),
+                            shuffle_addr: done.worker.shuffle_addr.clone().unwrap_or_default(),
+                            worker_id: done.worker.instance_id.clone(),
+                        }
+                    })
+                    .collect();
+                StageInput { placeholder, files }
+            })
+            .collect();
+        let (hash_keys, partitions) = match &plan.output {
+            StageOutput::Hash { keys, partitions } => (keys.clone(), *partitions as u32),
+            _ => (Vec::new(), 1),
+        };
+        let shuffle = &self.distribution.shuffle;
+        let target = match plan.output {
+            StageOutput::Result => self.queries.result_target(self.query),
+            _ => ResultTarget::Shuffle,
+        };
+        RunTaskRequest {
+            query_id: self.query.id.to_string(),
+            plan: plan.tasks[task].clone(),
+            engine: self.query.submission.engine as i32,
+            optimization_flags: self.query.submission.optimization_flags,
+            result_dir: self.query.result_dir.display().to_string(),
+            head_rows: crate::queries::HEAD_ROWS,
+            target: target as i32,
+            stage: Some(StageTask {
+                stage: stage as u32,
+                task: task as u32,
+                inputs,
+                hash_keys,
+                partitions,
+                format: shuffle.format as i32,
+                compression: shuffle.compression as i32,
+                compression_level: shuffle.level,
+            }),
+            output_dir: String::new(),
+        }
+    }
+
+    async fn run_task(&self, stage: usize, task: usize, worker: &WorkerInfo, request: RunTaskRequest) -> Result<TaskSuccess, TaskError> {
+        let tracer = opentelemetry::global::tracer("polars-node");
+        let mut span = tracer
+            .span_builder("task")
+            .with_attributes([
+                KeyValue::new("polars.query_id", self.query.id.to_string()),
+                KeyValue::new("polars.stage", stage as i64),
+                KeyValue::new("polars.task", task as i64),
+                KeyValue::new("polars.worker", worker.instance_id.clone()),
+            ])
+            .start(&tracer);
+        self.queries.note_participant(self.query, worker);
+        let started = Instant::now();
+        let result = match self.queries.task_client(&worker.task_addr) {
+            Ok(mut client) => client.run_task(request).await.map(|r| r.into_inner().outcome),
+            Err(status) => Err(status),
+        };
+        let result = match result {
+            Ok(Some(Outcome::Success(s))) => {
+                span.set_attribute(KeyValue::new("polars.rows", s.n_rows as i64));
+                span.set_attribute(KeyValue::new("polars.shuffle.bytes_written", s.bytes_written as i64));
+                Ok(s)
+            }
+            Ok(Some(Outcome::Failure(f))) if !f.retryable => Err(TaskError::Fatal(f.message)),
+            Ok(Some(Outcome::Failure(f))) => Err(TaskError::Retry {
+                worker: worker.instance_id.clone(),
+                lost_input: Some(f.lost_worker).filter(|w| !w.is_empty()),
+                why: f.message,
+            }),
+            Ok(None) => Err(TaskError::Retry { worker: worker.instance_id.clone(), lost_input: None, why: "the worker sent no outcome".into() }),
+            Err(status) => Err(TaskError::Retry { worker: worker.instance_id.clone(), lost_input: None, why: status.message().to_string() }),
+        };
+        if result.is_err() {
+            span.set_status(opentelemetry::trace::Status::error("the task did not succeed"));
+        }
+        span.set_attribute(KeyValue::new("polars.duration_ms", started.elapsed().as_millis() as i64));
+        span.end();
+        result
+    }
+}

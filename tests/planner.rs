@@ -1,0 +1,156 @@
+//! The distributed planner and shuffle files without a cluster: plans are split into stages,
+//! every task fragment is run in this process the way a worker runs it (inputs replaced by the
+//! shuffle files of earlier stages), and the result must equal the query run whole.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use polars_node_engine::planner::{Limits, Split, StageGraph, StageOutput, input_path, plan_stages};
+use polars_node_engine::polars::prelude::*;
+use polars_node_engine::shuffle::{Codec, ShuffleFormat};
+use polars_node_engine::{EngineChoice, Plan, Target};
+
+const LIMITS: Limits = Limits { max_tasks: 3, broadcast_limit: 1 << 30, min_rows_per_task: 100, pre_aggregate: true };
+
+/// Four Parquet files of facts and one small dimension table.
+fn tables(dir: &Path) -> (String, String) {
+    for part in 0..4i64 {
+        let n = 500;
+        let key: Vec<i64> = (0..n).map(|i| (i * 7 + part) % 23).collect();
+        let value: Vec<f64> = (0..n).map(|i| (i + part * n) as f64 * 0.5).collect();
+        let amount: Vec<i32> = (0..n).map(|i| (i % 11) as i32).collect();
+        let mut df = df!("key" => key, "value" => value, "amount" => amount).unwrap();
+        let file = std::fs::File::create(dir.join(format!("facts-{part}.parquet"))).unwrap();
+        ParquetWriter::new(file).finish(&mut df).unwrap();
+    }
+    let mut dims = df!("key" => (0..23i64).collect::<Vec<_>>(), "name" => (0..23).map(|i| format!("k{i}")).collect::<Vec<_>>()).unwrap();
+    ParquetWriter::new(std::fs::File::create(dir.join("dims.parquet")).unwrap()).finish(&mut dims).unwrap();
+    (format!("{}/facts-*.parquet", dir.display()), format!("{}/dims.parquet", dir.display()))
+}
+
+fn scan(path: &str) -> LazyFrame {
+    LazyFrame::scan_parquet(PlRefPath::new(path), Default::default()).unwrap()
+}
+
+/// Runs every stage's tasks in order, as workers would, and returns the result.
+fn run(graph: &StageGraph, dir: &Path, format: ShuffleFormat) -> DataFrame {
+    let mut outputs: Vec<Vec<Vec<PathBuf>>> = Vec::new();
+    for (s, stage) in graph.stages.iter().enumerate() {
+        let mut files = Vec::new();
+        for (t, bytes) in stage.tasks.iter().enumerate() {
+            let mut inputs = HashMap::new();
+            for &input in &stage.inputs {
+                let hashed = matches!(graph.stages[input].output, StageOutput::Hash { .. });
+                let (key, part) = if hashed { (input_path(input, Some(t)), t) } else { (input_path(input, None), 0) };
+                inputs.insert(key, outputs[input].iter().map(|task_files| task_files[part].clone()).collect::<Vec<_>>());
+            }
+            let target = if stage.output == StageOutput::Result { Target::Flight } else { Target::User };
+            let mut plan = Plan::fragment(bytes, target).unwrap();
+            plan.with_inputs(&inputs, format).unwrap();
+            if stage.output == StageOutput::Result {
+                let result_dir = dir.join("result");
+                let done = plan.execute(EngineChoice::InMemory, None, &result_dir, 5).unwrap();
+                return IpcStreamReader::new(std::fs::File::open(&done.files[0]).unwrap()).finish().unwrap();
+            }
+            let written = plan.execute_stage(EngineChoice::Auto, None, &stage.output, format, &dir.join(format!("{s}-{t}"))).unwrap();
+            files.push(written.files);
+        }
+        outputs.push(files);
+    }
+    unreachable!("the last stage is the result")
+}
+
+fn split(lf: &LazyFrame, limits: Limits) -> StageGraph {
+    match plan_stages(&lf.logical_plan, None, limits).unwrap() {
+        Split::Stages(graph) => graph,
+        Split::Whole(why) => panic!("not split: {why}"),
+    }
+}
+
+fn sorted(df: DataFrame, by: &[&str]) -> DataFrame {
+    df.sort(by.iter().map(|s| PlSmallStr::from(*s)).collect::<Vec<_>>(), Default::default()).unwrap()
+}
+
+#[test]
+fn pre_aggregated_group_by_equals_the_whole_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let (facts, _) = tables(dir.path());
+    let lf = scan(&facts).group_by([col("key")]).agg([
+        col("value").sum().alias("total"),
+        col("value").mean().alias("mean"),
+        col("amount").max().alias("max"),
+        len().alias("n"),
+        (col("value").sum() / col("amount").sum().cast(DataType::Float64)).alias("ratio"),
+    ]);
+    let graph = split(&lf, LIMITS);
+    let text = graph.describe();
+    assert!(text.contains("partial group_by") && text.contains("shuffle by key"), "{text}");
+    let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
+    let got = sorted(run(&graph, dir.path(), format), &["key"]);
+    let expected = sorted(lf.collect().unwrap(), &["key"]);
+    assert_eq!(got.schema(), expected.schema());
+    assert_eq!(got.height(), 23);
+    for name in ["key", "max", "n"] {
+        assert!(got.column(name).unwrap().equals(expected.column(name).unwrap()), "{name}");
+    }
+    for name in ["total", "mean", "ratio"] {
+        let (a, b) = (got.column(name).unwrap().f64().unwrap(), expected.column(name).unwrap().f64().unwrap());
+        for (x, y) in a.iter().zip(b.iter()) {
+            let (x, y) = (x.unwrap(), y.unwrap());
+            assert!((x - y).abs() <= 1e-9 * y.abs().max(1.0), "{name}: {x} != {y}");
+        }
+    }
+}
+
+#[test]
+fn without_pre_aggregation_rows_are_shuffled_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (facts, _) = tables(dir.path());
+    let lf = scan(&facts).group_by([col("key")]).agg([col("amount").n_unique().alias("distinct")]);
+    let graph = split(&lf, Limits { pre_aggregate: false, ..LIMITS });
+    assert!(!graph.describe().contains("partial"), "{}", graph.describe());
+    let format = ShuffleFormat::new(true, Codec::Zstd, None).unwrap();
+    let got = sorted(run(&graph, dir.path(), format), &["key"]);
+    assert!(got.equals(&sorted(lf.collect().unwrap(), &["key"])));
+}
+
+#[test]
+fn joins_broadcast_small_sides_and_hash_large_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (facts, dims) = tables(dir.path());
+    let q = |lf: LazyFrame| lf.select([col("key"), col("value"), col("name")]);
+    let joined = q(scan(&facts).join(scan(&dims), [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap());
+    let broadcast = split(&joined, LIMITS);
+    assert!(broadcast.describe().contains("broadcast"), "{}", broadcast.describe());
+    // With no broadcast allowed, both sides are split and shuffled by key.
+    let self_join = scan(&facts)
+        .select([col("key"), col("amount")])
+        .join(scan(&facts).select([col("key"), col("value")]), [col("key")], [col("key")], JoinArgs::new(JoinType::Left))
+        .unwrap()
+        .group_by([col("key")])
+        .agg([len().alias("n"), col("value").sum().alias("s")]);
+    let hashed = split(&self_join, Limits { broadcast_limit: 0, ..LIMITS });
+    assert!(hashed.describe().contains("hash join on key"), "{}", hashed.describe());
+    let format = ShuffleFormat::new(false, Codec::Uncompressed, None).unwrap();
+    for (lf, graph, by) in [(&joined, &broadcast, vec!["key", "value"]), (&self_join, &hashed, vec!["key"])] {
+        let got = sorted(run(graph, dir.path(), format), &by);
+        assert!(got.equals_missing(&sorted(lf.clone().collect().unwrap(), &by)), "{}", graph.describe());
+    }
+}
+
+#[test]
+fn a_single_large_file_is_split_by_row_ranges_and_tiny_plans_are_not_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, dims) = tables(dir.path());
+    let mut big = df!("x" => (0..1000i64).collect::<Vec<_>>()).unwrap();
+    let path = dir.path().join("big.parquet");
+    ParquetWriter::new(std::fs::File::create(&path).unwrap()).finish(&mut big).unwrap();
+    let lf = scan(path.to_str().unwrap()).filter(col("x").gt(lit(10))).select([col("x").sum()]);
+    let graph = split(&lf, LIMITS);
+    assert!(graph.describe().contains("1000 rows in 3 parts"), "{}", graph.describe());
+    let format = ShuffleFormat::new(false, Codec::Zstd, Some(3)).unwrap();
+    assert!(run(&graph, dir.path(), format).equals(&lf.collect().unwrap()));
+    // 23 rows are below `min_rows_per_task`: nothing to split.
+    assert!(matches!(plan_stages(&scan(&dims).logical_plan, None, LIMITS).unwrap(), Split::Whole(_)));
+    assert!(ShuffleFormat::new(false, Codec::Zstd, Some(99)).is_err());
+}

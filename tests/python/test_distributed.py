@@ -1,0 +1,186 @@
+"""Distributed execution through the official client: the 22 PDS-H queries on a scheduler and
+three workers, split into stages that exchange data through the workers' shuffle services,
+each result compared with local Polars on the same files; worker loss during a stage."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+import polars_cloud as pc
+from polars_cloud.query.query_status import QueryStatus
+
+sys.path.insert(0, str(Path(__file__).parent))
+import pdsh  # noqa: E402
+from conftest import running_cluster  # noqa: E402
+
+SCALE = os.environ.get("PDSH_SCALE", "0.1")
+
+
+def tpchgen() -> str:
+    exe = Path(sys.executable).parent / "tpchgen-cli"
+    if not exe.exists():
+        pytest.fail("tpchgen-cli is not installed next to the test interpreter: run .ci/run (it installs it)")
+    return str(exe)
+
+
+@pytest.fixture(scope="module")
+def tpch(tmp_path_factory):
+    """TPC-H tables as Parquet: lineitem in 4 files (split by file), the others in one file
+    each (orders is split by row ranges)."""
+    d = tmp_path_factory.mktemp("tpch")
+    others = "region,nation,supplier,customer,part,partsupp,orders"
+    subprocess.run([tpchgen(), "parquet", "-s", SCALE, f"--tables={others}", f"--output-dir={d}"], check=True)
+    subprocess.run([tpchgen(), "parquet", "-s", SCALE, "--tables=lineitem", "--parts=4", f"--output-dir={d}"], check=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def dcluster(tmp_path_factory):
+    workers = {"dw-1": "127.0.0.5", "dw-2": "127.0.0.6", "dw-3": "127.0.0.7"}
+    with running_cluster(tmp_path_factory.mktemp("distributed"), workers, "max_workers_per_query = 3") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def dctx(dcluster):
+    return pc.ClusterContext(uri=dcluster.uri)
+
+
+def split_log(cluster) -> str:
+    return (cluster.root / "scheduler.log").read_text()
+
+
+@pytest.mark.parametrize("n", range(1, 23))
+def test_pdsh(n, tpch, dcluster, dctx):
+    t = pdsh.tables(tpch)
+    expected = pdsh.QUERIES[n](t).collect()
+    result = pdsh.QUERIES[n](t).remote(dctx).execute()
+    assert result.status == QueryStatus.SUCCESS, dcluster.logs()
+    got = result.lazy().collect()
+    # Sums over differently ordered rows may differ in the last bits of a float.
+    assert_frame_equal(got, expected, check_exact=False, rel_tol=1e-9, abs_tol=1e-9)
+    # Every query reads lineitem (4 files) or orders: it must have been split.
+    assert result.total_stages >= 2, f"query {n} ran as one stage\n{split_log(dcluster)[-3000:]}"
+    used = [s.num_workers_used for s in result.stage_statistics()]
+    assert len(used) == result.total_stages and max(used) >= 2, used
+
+
+def test_stage_statistics_and_cleanup(tpch, dcluster, dctx):
+    """A hash-partitioned group-by: several workers in its stages, shuffle files gone after."""
+    t = pdsh.tables(tpch)
+    q = t("lineitem").group_by("l_orderkey").agg(pl.len(), pl.sum("l_quantity")).sort("l_orderkey")
+    result = q.remote(dctx).execute()
+    assert_frame_equal(result.lazy().collect(), q.collect())
+    assert result.total_stages == result.finished_stages >= 3
+    assert all(s.num_workers_used >= 1 for s in result.stage_statistics())
+    log = split_log(dcluster)
+    assert "shuffle by l_orderkey" in log, log[-3000:]
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        leftovers = [p for w in ("dw-1", "dw-2", "dw-3") for p in (dcluster.root / w / "shuffle").rglob("*") if p.is_file()]
+        if not leftovers:
+            break
+        time.sleep(0.2)
+    assert not leftovers, leftovers
+
+
+@pytest.mark.parametrize(
+    "shuffle",
+    [
+        dict(shuffle_format="ipc", shuffle_compression="zstd", shuffle_compression_level=3),
+        dict(shuffle_format="parquet", shuffle_compression="lz4"),
+        dict(shuffle_format="ipc", shuffle_compression="uncompressed"),
+    ],
+    ids=["ipc-zstd", "parquet", "ipc-plain"],
+)
+def test_shuffle_formats(shuffle, tpch, dcluster, dctx):
+    t = pdsh.tables(tpch)
+    q = pdsh.q3(t)
+    result = q.remote(dctx).distributed(equi_join_broadcast_limit=0, **shuffle).execute()
+    assert_frame_equal(result.lazy().collect(), q.collect(), check_exact=False, rel_tol=1e-9)
+    assert result.total_stages >= 2
+
+
+def test_collect_over_flight(tpch, dctx):
+    t = pdsh.tables(tpch)
+    q = pdsh.q1(t)
+    got = q.remote(dctx).collect()
+    got = got.collect() if isinstance(got, pl.LazyFrame) else got
+    assert_frame_equal(got, q.collect(), check_exact=False, rel_tol=1e-9)
+
+
+def test_single_node_is_not_split(tpch, dcluster, dctx):
+    t = pdsh.tables(tpch)
+    q = pdsh.q6(t)
+    result = q.remote(dctx).single_node().execute()
+    assert_frame_equal(result.lazy().collect(), q.collect())
+    assert result.total_stages == 1
+
+
+def test_forbid_single_worker(dctx):
+    """A query with nothing to split fails with single_worker_ops = forbid, naming why."""
+    q = pl.LazyFrame({"a": [1, 2, 3]}).select(pl.col("a").sum())
+    with pytest.raises(pl.exceptions.InvalidOperationError, match="single_worker_ops"):
+        q.remote(dctx).distributed(single_worker_ops="forbid").execute().lazy().collect()
+
+
+def test_worker_bounds(tpch, dcluster, dctx):
+    """`max_workers` bounds the workers of every stage; asking for more than the scheduler's
+    max_workers_per_query fails at once, naming the bound."""
+    t = pdsh.tables(tpch)
+    q = pdsh.q1(t)
+    result = q.remote(dctx).distributed(max_workers=2).execute()
+    assert_frame_equal(result.lazy().collect(), q.collect(), check_exact=False, rel_tol=1e-9)
+    assert max(s.num_workers_used for s in result.stage_statistics()) == 2
+    with pytest.raises(pl.exceptions.InvalidOperationError, match="at most 3 per query"):
+        q.remote(dctx).distributed(min_workers=4).execute()
+
+
+def test_hash_joins(tpch, dcluster, dctx):
+    """Without broadcasts every large scan is split and joins shuffle both sides by key."""
+    t = pdsh.tables(tpch)
+    for n in (3, 5, 10, 18):
+        q = pdsh.QUERIES[n](t)
+        result = q.remote(dctx).distributed(equi_join_broadcast_limit=0).execute()
+        assert_frame_equal(result.lazy().collect(), q.collect(), check_exact=False, rel_tol=1e-9, abs_tol=1e-9)
+    assert "hash join on" in split_log(dcluster)
+
+
+def busy_worker(cluster, names) -> str | None:
+    """A worker that runs a task now (it has an execution process)."""
+    for name in names:
+        proc = cluster.procs[name]
+        if subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+            return name
+    return None
+
+
+def test_worker_killed_during_a_stage(tpch, tmp_path):
+    """A worker dies while the query runs: its tasks and the shuffle files it held are
+    recomputed on the others, and the result is exactly the local one."""
+    workers = {"kw-1": "127.0.0.8", "kw-2": "127.0.0.9", "kw-3": "127.0.0.10"}
+    with running_cluster(tmp_path, workers) as c:
+        ctx = pc.ClusterContext(uri=c.uri)
+        t = pdsh.tables(tpch)
+        q = pdsh.q18(t)
+        expected = q.collect()
+        query = q.remote(ctx, n_retries=3).distributed(equi_join_broadcast_limit=0).execute(blocking=False)
+        deadline = time.time() + 60
+        killed = None
+        # Kill a worker while it runs a task (outputs of earlier stages may live on it too).
+        while killed is None and time.time() < deadline:
+            killed = busy_worker(c, list(workers))
+            time.sleep(0.01)
+        assert killed, "no worker ever ran a task"
+        c.procs[killed].kill()
+        c.procs[killed].wait()
+        result = query.await_result()
+        assert_frame_equal(result.lazy().collect(), expected, check_exact=False, rel_tol=1e-9)
+        log = (c.root / "scheduler.log").read_text()
+        assert "task must run again" in log or "recomputed" in log, log[-3000:]
