@@ -178,6 +178,14 @@ import sys, polars as pl, polars_cloud as pc
 ctx = pc.ClusterContext(uri="http://10.231.1.2:5051")
 q = pl.LazyFrame({"k": ["a", "b", "a"] * 50, "v": list(range(150))}).group_by("k").agg(pl.col("v").sum()).sort("k")
 assert q.remote(ctx).collect().equals(q.collect())
+# A split query: both workers scan parts of the files and exchange shuffle partitions across
+# hosts (worker-2 only at its NAT address).
+facts = pl.scan_parquet(sys.argv[1] + "/facts-*.parquet")
+joined = facts.join(facts.select("id", w="v"), on="id").group_by("k").agg(pl.len(), pl.col("w").sum()).sort("k")
+res = joined.remote(ctx).distributed(equi_join_broadcast_limit=0).execute()
+assert res.lazy().collect().equals(joined.collect()), res.lazy().collect()
+assert res.total_stages >= 3 and max(s.num_workers_used for s in res.stage_statistics()) == 2, res.stage_statistics()
+print("SPLIT", res.total_stages, flush=True)
 lf = pl.LazyFrame({"a": range(2500)}).join(pl.LazyFrame({"b": range(2500)}), how="cross")
 long = lf.select((pl.col("a") * pl.col("b") % 7).alias("m")).group_by("m").len().sort("m")
 running = long.remote(ctx, n_retries=1).execute(blocking=False)
@@ -195,8 +203,18 @@ def test_the_vm_scenario_with_rendered_configurations(scenario):
         assert time.time() < deadline, (workers_seen_from(hosts, "client"), (tmp_path / "worker2.log").read_text()[-2000:])
         time.sleep(0.2)
     # The official client on its own host; a worker is stopped while the long query runs.
-    client = subprocess.Popen(["ip", "netns", "exec", hosts.ns("client"), sys.executable, "-c", CLIENT],
+    import polars as pl
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        pl.DataFrame({"id": range(i * 5000, (i + 1) * 5000), "k": [f"k{j % 13}" for j in range(5000)], "v": range(5000)}).write_parquet(
+            data / f"facts-{i}.parquet"
+        )
+    client = subprocess.Popen(["ip", "netns", "exec", hosts.ns("client"), sys.executable, "-c", CLIENT, str(data)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = client.stdout.readline()
+    assert line.startswith("SPLIT"), line + client.stdout.read() + (tmp_path / "leader.log").read_text()[-3000:]
     line = client.stdout.readline()
     assert line.strip() == "SUBMITTED", line + client.stdout.read()
     time.sleep(0.3)
