@@ -836,7 +836,6 @@ fn not_yet_implemented(c: &Config) -> Vec<String> {
     check(!s.anonymous_result_location.is_local(), "scheduler.anonymous_result_location");
     check(s.checkpoint.is_some(), "scheduler.checkpoint");
     let w = &c.worker;
-    check(!w.shuffle_location.is_local(), "worker.shuffle_location");
     check(w.checkpoint_location.is_some(), "worker.checkpoint_location");
     keys.into_iter().map(|k| format!("`{k}` is accepted but not implemented yet; it has no effect")).collect()
 }

@@ -48,6 +48,20 @@ enum Command {
     /// Run one query task: a worker's execution process (task on stdin, outcome on stdout).
     #[command(hide = true)]
     ExecTask,
+    /// Measure shuffle fetch throughput from a worker against raw loopback TCP (the benchmark
+    /// harness in bench/ runs it).
+    #[command(hide = true)]
+    BenchShuffle {
+        /// The worker's shuffle service address.
+        #[arg(long)]
+        peer: String,
+        /// A file under that worker's shuffle location.
+        #[arg(long)]
+        path: String,
+        /// Bytes sent over raw TCP for comparison.
+        #[arg(long, default_value_t = 1 << 30)]
+        tcp_bytes: u64,
+    },
     /// List the workers a scheduler knows, live or lost.
     Workers {
         /// The scheduler's worker service (or client service) address.
@@ -63,6 +77,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let env = || std::env::vars().collect::<Vec<_>>();
     let result = match cli.command {
+        Command::BenchShuffle { peer, path, tcp_bytes } => tokio::runtime::Runtime::new()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(polars_node::shuffle::measure(&peer, &path, tcp_bytes)))
+            .map(|((fb, fs), (tb, ts))| {
+                println!("{}", serde_json::json!({ "shuffle_bytes": fb, "shuffle_secs": fs, "tcp_bytes": tb, "tcp_secs": ts }))
+            }),
         Command::DefaultConfig => {
             print!("{}", config::default_config_toml());
             Ok(())

@@ -88,15 +88,15 @@ impl Roles {
             };
             Queries::new(r.clone(), policy, root)
         });
-        let shuffle = config.worker.enabled.then(|| {
-            let (root, shared) = match &config.worker.shuffle_location {
-                StorageLocation::Local(l) => (l.path.clone(), false),
-                StorageLocation::SharedFilesystem(l) => (l.path.clone(), true),
-                // Object stores: `load` warns that they are not implemented; local meanwhile.
-                _ => (std::env::temp_dir().join("polars/shuffle-data"), false),
-            };
-            ShuffleStore::new(root, shared, layout.instance_id.clone())
-        });
+        let shuffle = match (&config.worker.shuffle_location, config.worker.enabled) {
+            (_, false) => None,
+            (StorageLocation::Local(l), true) => Some(ShuffleStore::new(l.path.clone(), false, layout.instance_id.clone())),
+            (StorageLocation::SharedFilesystem(l), true) => Some(ShuffleStore::new(l.path.clone(), true, layout.instance_id.clone())),
+            (StorageLocation::S3(o) | StorageLocation::Gcs(o) | StorageLocation::Abs(o), true) => {
+                let staging = std::env::temp_dir().join("polars-node-shuffle-staging").join(&layout.instance_id);
+                Some(ShuffleStore::object_store(&o.url, &o.options, staging, layout.instance_id.clone()).map_err(anyhow::Error::msg)?)
+            }
+        };
         let tasks = match &shuffle {
             Some(store) => Some(TaskService::new(config.worker.env_vars.clone(), store.clone()).context("task service")?),
             None => None,

@@ -114,6 +114,10 @@ pub struct QueryOutcome {
     pub stages: Vec<StageStats>,
     /// The stage graph, as text (empty for a query run whole).
     pub stage_graph: String,
+    /// The stage graph as JSON for the observatory: `[{stage, label, tasks, inputs, output}]`.
+    pub stage_graph_json: String,
+    /// The optimized logical plan of a split query (EXPLAIN format).
+    pub logical_plan: String,
 }
 
 pub struct Query {
@@ -254,6 +258,30 @@ impl Queries {
         let outcome = query.outcome();
         span.set_attribute(KeyValue::new("polars.status", format!("{:?}", query.status())));
         span.set_attribute(KeyValue::new("polars.rows", outcome.n_rows as i64));
+        // What the observatory reports per query (the official client's query detail).
+        let engine = match query.submission.engine {
+            EngineChoice::Streaming => "Streaming",
+            EngineChoice::InMemory => "InMemory",
+            EngineChoice::Gpu => "Gpu",
+            _ => "Auto",
+        };
+        span.set_attribute(KeyValue::new("polars.engine", engine));
+        let query_type = if query.submission.distribution.is_some() { "Distributed" } else { "Single" };
+        span.set_attribute(KeyValue::new("polars.query_type", query_type));
+        span.set_attribute(KeyValue::new("polars.total_stages", outcome.stages.len().max(1) as i64));
+        let graph = match outcome.stage_graph_json.is_empty() {
+            true => serde_json::json!([{ "stage": 0, "label": "whole query", "tasks": 1, "inputs": [], "output": "result" }]).to_string(),
+            false => outcome.stage_graph_json.clone(),
+        };
+        span.set_attribute(KeyValue::new("polars.stage_graph", graph));
+        if !outcome.stage_graph.is_empty() {
+            span.set_attribute(KeyValue::new("polars.plan.physical", outcome.stage_graph.clone()));
+            span.set_attribute(KeyValue::new("polars.plan.ir", outcome.logical_plan.clone()));
+        }
+        if query.target == engine::Target::InMemory && !outcome.files.is_empty() {
+            span.set_attribute(KeyValue::new("polars.output_location", query.result_dir.display().to_string()));
+            span.set_attribute(KeyValue::new("polars.output_files", outcome.files.len() as i64));
+        }
         if let Some(error) = outcome.error {
             span.set_status(opentelemetry::trace::Status::error(error));
         }
@@ -290,6 +318,9 @@ impl Queries {
                 ])
                 .start(&tracer);
             let result = self.run_on(&query, &worker).await;
+            if let Ok(Outcome::Success(s)) = &result {
+                span.set_attribute(KeyValue::new("polars.rows", s.n_rows as i64));
+            }
             if !matches!(result, Ok(Outcome::Success(_))) {
                 span.set_status(opentelemetry::trace::Status::error("the task did not succeed"));
             }
@@ -432,17 +463,37 @@ impl Queries {
         };
         let plan = query.submission.plan.clone();
         let flags = query.submission.optimization_flags;
+        let tracer = opentelemetry::global::tracer("polars-node");
+        let mut span = tracer
+            .span_builder("planning")
+            .with_attributes([
+                KeyValue::new("polars.query_id", query.id.to_string()),
+                KeyValue::new("polars.workers", workers.len() as i64),
+                KeyValue::new("polars.max_tasks", limits.max_tasks as i64),
+            ])
+            .start(&tracer);
         let split = tokio::task::spawn_blocking(move || {
             engine::init();
             engine::Plan::read(&plan).and_then(|p| p.plan_stages(flags, limits))
         })
         .await
-        .map_err(|e| format!("ComputeError: the planner failed: {e}"))?
-        .map_err(|e| engine::describe_error(&e))?;
+        .map_err(|e| format!("ComputeError: the planner failed: {e}"))
+        .and_then(|r| r.map_err(|e| engine::describe_error(&e)));
+        match &split {
+            Ok(Split::Stages(graph)) => span.set_attribute(KeyValue::new("polars.total_stages", graph.stages.len() as i64)),
+            Ok(Split::Whole(why)) => span.set_attribute(KeyValue::new("polars.whole_because", why.clone())),
+            Err(e) => span.set_status(opentelemetry::trace::Status::error(e.clone())),
+        }
+        span.end();
+        let split = split?;
         match split {
             Split::Stages(graph) => {
                 info!(query = %query.id, stages = graph.stages.len(), workers = workers.len(), "query split into stages\n{}", graph.describe());
-                query.outcome.lock().unwrap().stage_graph = graph.describe();
+                let mut outcome = query.outcome.lock().unwrap();
+                outcome.stage_graph = graph.describe();
+                outcome.stage_graph_json = stage_graph_json(&graph);
+                outcome.logical_plan = graph.logical_plan.clone();
+                drop(outcome);
                 Ok(Some((graph, workers)))
             }
             Split::Whole(why) if distribution.forbid_single_worker => Err(format!(
@@ -577,6 +628,25 @@ impl Queries {
     pub fn worker_of(&self, query: &Query) -> Option<WorkerInfo> {
         query.worker.lock().unwrap().clone()
     }
+}
+
+/// The stage graph as the observatory stores it (an attribute of the query's span).
+fn stage_graph_json(graph: &StageGraph) -> String {
+    use engine::planner::StageOutput;
+    let stages: Vec<serde_json::Value> = graph
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let output = match &s.output {
+                StageOutput::Single => "gather".to_string(),
+                StageOutput::Hash { keys, partitions } => format!("hash({}) x{partitions}", keys.join(", ")),
+                StageOutput::Result => "result".to_string(),
+            };
+            serde_json::json!({ "stage": i, "label": s.label, "tasks": s.tasks.len(), "inputs": s.inputs, "output": output })
+        })
+        .collect();
+    serde_json::Value::from(stages).to_string()
 }
 
 /// Refuses plans that touch the local file system where the scheduler forbids it, before

@@ -4,15 +4,19 @@
 //!
 //! Layout: `<shuffle_location>/<query id>/<worker instance id>/<stage>-<task>/<partition>.<ext>`
 //! for outputs, and `.../<worker instance id>/fetched/...` for inputs copied from other
-//! workers. With `shared_filesystem` storage every worker reads the files in place and the
-//! shuffle service is not needed.
+//! workers. With `shared_filesystem` storage every worker reads the files in place; with an
+//! object store (`s3`, `gcs`, `abs`) outputs are uploaded under the same layout below the
+//! store's URL and readers download them: in both cases the shuffle service is not bound.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
+use url::Url;
 use tokio::io::AsyncWriteExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -30,17 +34,79 @@ pub struct ShuffleStore {
 }
 
 struct Inner {
+    /// Local files: the shuffle location itself, or a staging directory for an object store.
     root: PathBuf,
     /// Readers open shuffle files in place (`shared_filesystem`).
     shared: bool,
+    /// Shuffle files live in an object store (its URL, the store, the path of that URL).
+    remote: Option<Remote>,
     instance_id: String,
     /// One HTTP/2 connection per peer shuffle service.
     peers: Mutex<HashMap<String, ShuffleClient<tonic::transport::Channel>>>,
 }
 
+struct Remote {
+    url: String,
+    store: Box<dyn ObjectStore>,
+    prefix: ObjectPath,
+}
+
 impl ShuffleStore {
     pub fn new(root: PathBuf, shared: bool, instance_id: String) -> Self {
-        ShuffleStore { inner: Arc::new(Inner { root, shared, instance_id, peers: Mutex::default() }) }
+        ShuffleStore { inner: Arc::new(Inner { root, shared, remote: None, instance_id, peers: Mutex::default() }) }
+    }
+
+    /// Shuffle files in an object store at `url` (`s3://bucket/prefix`, ...), configured by
+    /// object_store `options` (region, endpoint, credentials; the environment's AWS_*/GOOGLE_*/
+    /// AZURE_* variables apply too). Files are staged locally under `staging`.
+    pub fn object_store(url: &str, options: &BTreeMap<String, String>, staging: PathBuf, instance_id: String) -> Result<Self, String> {
+        let parsed = Url::parse(url).map_err(|e| format!("worker.shuffle_location: `{url}` is not a URL: {e}"))?;
+        let (store, prefix) = object_store::parse_url_opts(&parsed, options)
+            .map_err(|e| format!("worker.shuffle_location: cannot use the object store at {url}: {e}"))?;
+        let remote = Remote { url: url.trim_end_matches('/').to_string(), store, prefix };
+        Ok(ShuffleStore { inner: Arc::new(Inner { root: staging, shared: false, remote: Some(remote), instance_id, peers: Mutex::default() }) })
+    }
+
+    /// The object path (below the store's prefix) of a query's files written by this worker.
+    fn remote_dir(&self, remote: &Remote, query_id: &str) -> ObjectPath {
+        remote.prefix.clone().join(sanitize(query_id)).join(sanitize(&self.inner.instance_id))
+    }
+
+    /// Publishes a stage task's output files: with an object store they are uploaded (and the
+    /// local copies removed) and named by their URLs; otherwise they stay where they are.
+    pub async fn publish(&self, query_id: &str, files: Vec<String>) -> Result<Vec<String>, String> {
+        let Some(remote) = &self.inner.remote else {
+            return Ok(files);
+        };
+        let base = self.query_dir(query_id);
+        let mut published = Vec::with_capacity(files.len());
+        for file in files {
+            let local = PathBuf::from(&file);
+            let relative = local.strip_prefix(&base).map_err(|_| format!("{file} is not a shuffle file of this worker"))?;
+            let mut path = self.remote_dir(remote, query_id);
+            for part in relative.iter() {
+                path = path.join(part.to_string_lossy().as_ref());
+            }
+            let bytes = tokio::fs::read(&local).await.map_err(|e| format!("cannot read {file}: {e}"))?;
+            remote
+                .store
+                .put(&path, PutPayload::from(bytes))
+                .await
+                .map_err(|e| format!("cannot upload a shuffle file to {}: {e}", remote.url))?;
+            let _ = tokio::fs::remove_file(&local).await;
+            published.push(format!("{}/{}", remote.url, path.as_ref().strip_prefix(remote.prefix.as_ref()).unwrap_or(path.as_ref()).trim_start_matches('/')));
+        }
+        Ok(published)
+    }
+
+    async fn download(&self, remote: &Remote, url: &str, local: &Path) -> Result<(), String> {
+        let relative = url.strip_prefix(&remote.url).ok_or_else(|| format!("{url} is not in {}", remote.url))?;
+        let mut path = remote.prefix.clone();
+        for part in relative.split('/').filter(|p| !p.is_empty()) {
+            path = path.join(part);
+        }
+        let data = remote.store.get(&path).await.map_err(|e| e.to_string())?.bytes().await.map_err(|e| e.to_string())?;
+        tokio::fs::write(local, &data).await.map_err(|e| e.to_string())
     }
 
     pub fn instance_id(&self) -> &str {
@@ -63,9 +129,11 @@ impl ShuffleStore {
     pub async fn fetch_inputs(&self, query_id: &str, stage: &mut StageTask) -> Result<(), (String, String)> {
         let dir = self.query_dir(query_id).join("fetched").join(format!("{}-{}", stage.stage, stage.task));
         let mut jobs = Vec::new();
+        let remote_url = self.inner.remote.as_ref().map(|r| r.url.clone());
         for (i, input) in stage.inputs.iter_mut().enumerate() {
             for (j, file) in input.files.iter_mut().enumerate() {
-                if self.inner.shared || file.worker_id == self.inner.instance_id || file.shuffle_addr.is_empty() {
+                let in_store = remote_url.as_ref().is_some_and(|u| file.path.starts_with(u.as_str()));
+                if !in_store && (self.inner.shared || file.worker_id == self.inner.instance_id || file.shuffle_addr.is_empty()) {
                     continue;
                 }
                 let ext = Path::new(&file.path).extension().and_then(|e| e.to_str()).unwrap_or("bin").to_string();
@@ -78,16 +146,41 @@ impl ShuffleStore {
             return Ok(());
         }
         tokio::fs::create_dir_all(&dir).await.map_err(|e| (String::new(), format!("cannot create {}: {e}", dir.display())))?;
-        futures_util::stream::iter(jobs)
+        use opentelemetry::trace::{Span as _, Tracer as _};
+        let tracer = opentelemetry::global::tracer("polars-node");
+        let mut span = tracer
+            .span_builder("shuffle.read")
+            .with_attributes([
+                opentelemetry::KeyValue::new("polars.query_id", query_id.to_string()),
+                opentelemetry::KeyValue::new("polars.stage", stage.stage as i64),
+                opentelemetry::KeyValue::new("polars.task", stage.task as i64),
+                opentelemetry::KeyValue::new("polars.shuffle.files", jobs.len() as i64),
+            ])
+            .start(&tracer);
+        let locals: Vec<PathBuf> = jobs.iter().map(|j| j.3.clone()).collect();
+        let fetched = futures_util::stream::iter(jobs)
             .map(|(addr, worker, remote, local)| async move {
-                self.fetch(&addr, &remote, &local)
-                    .await
+                let fetched = match &self.inner.remote {
+                    Some(store) if remote.starts_with(store.url.as_str()) => self.download(store, &remote, &local).await,
+                    _ => self.fetch(&addr, &remote, &local).await,
+                };
+                fetched
                     .map_err(|e| (worker.clone(), format!("cannot fetch shuffle file {remote} from worker `{worker}` at {addr}: {e}")))
             })
             .buffer_unordered(PARALLEL_FETCHES)
             .try_collect::<Vec<()>>()
             .await
-            .map(|_| ())
+            .map(|_| ());
+        let mut bytes = 0u64;
+        for local in &locals {
+            bytes += tokio::fs::metadata(local).await.map(|m| m.len()).unwrap_or(0);
+        }
+        span.set_attribute(opentelemetry::KeyValue::new("polars.shuffle.bytes_read", bytes as i64));
+        if let Err((_, e)) = &fetched {
+            span.set_status(opentelemetry::trace::Status::error(e.clone()));
+        }
+        span.end();
+        fetched
     }
 
     async fn fetch(&self, addr: &str, remote: &str, local: &Path) -> Result<(), String> {
@@ -119,6 +212,15 @@ impl ShuffleStore {
 
     /// Removes this worker's shuffle files of a query (and the query's directory once empty).
     pub async fn release(&self, query_id: &str) {
+        if let Some(remote) = &self.inner.remote {
+            let prefix = self.remote_dir(remote, query_id);
+            let listed: Vec<_> = remote.store.list(Some(&prefix)).collect().await;
+            for meta in listed.into_iter().flatten() {
+                if let Err(e) = remote.store.delete(&meta.location).await {
+                    tracing::warn!(query = query_id, "cannot remove {} from {}: {e}", meta.location, remote.url);
+                }
+            }
+        }
         let dir = self.query_dir(query_id);
         match tokio::fs::remove_dir_all(&dir).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!(query = query_id, "cannot remove {}: {e}", dir.display()),
@@ -135,6 +237,46 @@ impl ShuffleStore {
         let inside = path.starts_with(&self.inner.root) && !path.components().any(|c| matches!(c, Component::ParentDir));
         inside.then_some(path)
     }
+}
+
+/// Throughput figures for the benchmark harness (`polars-node bench-shuffle`): fetching one
+/// shuffle file from a worker's shuffle service, the way tasks fetch their inputs, and raw TCP
+/// over loopback in the same process, for comparison. Returns (bytes, seconds) of each.
+pub async fn measure(peer: &str, path: &str, tcp_bytes: u64) -> Result<((u64, f64), (u64, f64)), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let store = ShuffleStore::new(std::env::temp_dir(), false, "bench".into());
+    let dest = std::env::temp_dir().join(format!("polars-node-bench-{}", std::process::id()));
+    let started = std::time::Instant::now();
+    store.fetch(peer, path, &dest).await?;
+    let fetch = (tokio::fs::metadata(&dest).await.map_err(|e| e.to_string())?.len(), started.elapsed().as_secs_f64());
+    let _ = tokio::fs::remove_file(&dest).await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let sender = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await?;
+        let chunk = vec![7u8; 1 << 20];
+        let mut left = tcp_bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            socket.write_all(&chunk[..n]).await?;
+            left -= n as u64;
+        }
+        socket.shutdown().await
+    });
+    let started = std::time::Instant::now();
+    let mut socket = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut received = 0u64;
+    loop {
+        match socket.read(&mut buf).await.map_err(|e| e.to_string())? {
+            0 => break,
+            n => received += n as u64,
+        }
+    }
+    let tcp = (received, started.elapsed().as_secs_f64());
+    sender.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    Ok((fetch, tcp))
 }
 
 /// Query ids and instance ids become directory names: keep them to one safe component.

@@ -69,8 +69,25 @@ impl<'a> StageRun<'a> {
     /// Runs every stage; the last one's output is the query's result.
     pub(crate) async fn run(mut self) -> Result<(TaskSuccess, WorkerInfo, Vec<StageStats>), String> {
         let last = self.graph.stages.len() - 1;
+        let tracer = opentelemetry::global::tracer("polars-node");
         for stage in 0..=last {
-            self.ensure(stage).await?;
+            let mut span = tracer
+                .span_builder("stage")
+                .with_attributes([
+                    KeyValue::new("polars.query_id", self.query.id.to_string()),
+                    KeyValue::new("polars.stage", stage as i64),
+                    KeyValue::new("polars.tasks", self.graph.stages[stage].tasks.len() as i64),
+                    KeyValue::new("polars.stage.label", self.graph.stages[stage].label.clone()),
+                ])
+                .start(&tracer);
+            let ran = self.ensure(stage).await;
+            span.set_attribute(KeyValue::new("polars.rows", self.stats[stage].rows as i64));
+            span.set_attribute(KeyValue::new("polars.shuffle.bytes_written", self.stats[stage].bytes as i64));
+            if let Err(e) = &ran {
+                span.set_status(opentelemetry::trace::Status::error(e.clone()));
+            }
+            span.end();
+            ran?;
             if self.query.status().is_terminal() {
                 return Err("ComputeError: the query was canceled".into());
             }

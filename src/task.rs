@@ -122,9 +122,14 @@ impl TaskService {
             let tail: String = err_text.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
             return Err(format!("the execution process exited with {status}: {tail}"));
         }
-        let response = RunTaskResponse::decode(out.as_slice()).map_err(|e| format!("unreadable task result: {e}"))?;
-        if let Some(Outcome::Success(s)) = &response.outcome {
-            self.inner.written.lock().unwrap().extend(s.files.iter().map(PathBuf::from));
+        let mut response = RunTaskResponse::decode(out.as_slice()).map_err(|e| format!("unreadable task result: {e}"))?;
+        if let Some(Outcome::Success(s)) = &mut response.outcome {
+            if request.target == ResultTarget::Shuffle as i32 {
+                // Shuffle outputs go where readers find them (an object store uploads them).
+                s.files = self.inner.shuffle.publish(&query_id, std::mem::take(&mut s.files)).await?;
+            } else {
+                self.inner.written.lock().unwrap().extend(s.files.iter().map(PathBuf::from));
+            }
         }
         Ok(response)
     }
@@ -163,7 +168,9 @@ impl Task for TaskService {
             Some(Outcome::Success(s)) => {
                 span.set_attribute(opentelemetry::KeyValue::new("polars.rows", s.n_rows as i64));
                 span.set_attribute(opentelemetry::KeyValue::new("polars.shuffle.bytes_written", s.bytes_written as i64));
-                span.set_attribute(opentelemetry::KeyValue::new("polars.plan.ir", s.ir_plan.clone()));
+                if !s.ir_plan.is_empty() {
+                    span.set_attribute(opentelemetry::KeyValue::new("polars.plan.ir", s.ir_plan.clone()));
+                }
             }
             Some(Outcome::Failure(f)) => span.set_status(opentelemetry::trace::Status::error(f.message.clone())),
             None => {}

@@ -40,22 +40,44 @@ async function queriesPage() {
     el("tbody", {}, ...rows)));
 }
 
-// Stages as boxes left to right, each naming its workers; edges follow stage order (every
-// edge of the stage graph is a shuffle).
+// The stage graph: a stage is drawn one column right of the stages it reads; every edge is
+// a shuffle. Each box shows the stage's tasks, workers, rows, bytes shuffled and time.
 function stageGraph(stages) {
-  const w = 220, h = 74, gap = 70, pad = 20;
-  const width = pad * 2 + stages.length * w + Math.max(0, stages.length - 1) * gap;
-  const svg = el("svg:svg", { class: "stage-graph", width, height: h + pad * 2, viewBox: `0 0 ${width} ${h + pad * 2}` });
+  const w = 250, h = 92, gapX = 70, gapY = 22, pad = 20;
+  const byId = new Map(stages.map((s) => [s.stage, s]));
+  const depth = new Map();
+  const depthOf = (s) => {
+    if (!depth.has(s.stage)) {
+      depth.set(s.stage, 0);
+      depth.set(s.stage, Math.max(0, ...(s.inputs || []).filter((i) => byId.has(i)).map((i) => depthOf(byId.get(i)) + 1)));
+    }
+    return depth.get(s.stage);
+  };
+  stages.forEach(depthOf);
+  const columns = [];
+  stages.forEach((s) => (columns[depth.get(s.stage)] ||= []).push(s));
+  const pos = new Map();
+  columns.forEach((col, c) => col.forEach((s, r) => pos.set(s.stage, { x: pad + c * (w + gapX), y: pad + r * (h + gapY) })));
+  const width = pad * 2 + columns.length * w + Math.max(0, columns.length - 1) * gapX;
+  const height = pad * 2 + Math.max(...columns.map((c) => c.length)) * (h + gapY) - gapY;
+  const svg = el("svg:svg", { class: "stage-graph", width, height, viewBox: `0 0 ${width} ${height}` });
   svg.append(el("svg:defs", {}, el("svg:marker", { id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto" },
     el("svg:path", { d: "M0,0 L10,5 L0,10 z", fill: "#8b98a5" }))));
-  stages.forEach((s, i) => {
-    const x = pad + i * (w + gap), y = pad;
-    if (i > 0) svg.append(el("svg:path", { class: "edge", d: `M${x - gap},${y + h / 2} L${x - 4},${y + h / 2}` }));
-    svg.append(el("svg:g", { class: "stage", "data-stage": s.stage },
+  const fmtBytes = (b) => (b >= 1 << 20 ? `${(b / (1 << 20)).toFixed(1)} MiB` : b >= 1024 ? `${(b / 1024).toFixed(1)} KiB` : `${b} B`);
+  stages.forEach((s) => {
+    const { x, y } = pos.get(s.stage);
+    for (const i of s.inputs || []) {
+      const from = pos.get(i);
+      if (from) svg.append(el("svg:path", { class: "edge", d: `M${from.x + w},${from.y + h / 2} C${from.x + w + gapX / 2},${from.y + h / 2} ${x - gapX / 2},${y + h / 2} ${x - 4},${y + h / 2}` }));
+    }
+    const workers = s.workers || [];
+    svg.append(el("svg:g", { class: `stage${s.failed_tasks ? " failed" : ""}`, "data-stage": s.stage },
+      el("svg:title", {}, s.label || ""),
       el("svg:rect", { x, y, width: w, height: h }),
-      el("svg:text", { x: x + 12, y: y + 24, "font-weight": 600 }, `Stage ${s.stage}`),
-      el("svg:text", { x: x + 12, y: y + 44 }, `${s.workers.length} worker${s.workers.length === 1 ? "" : "s"}: ${s.workers.join(", ")}`),
-      el("svg:text", { x: x + 12, y: y + 62, class: "muted" }, `${s.spans} spans`)));
+      el("svg:text", { x: x + 12, y: y + 22, "font-weight": 600 }, `Stage ${s.stage}`, el("svg:tspan", { class: "muted", dx: 8 }, `${s.tasks ?? "?"} task(s) → ${s.output ?? ""}`)),
+      el("svg:text", { x: x + 12, y: y + 42 }, `${workers.length} worker${workers.length === 1 ? "" : "s"}: ${workers.join(", ")}`),
+      el("svg:text", { x: x + 12, y: y + 60 }, `${s.rows ?? 0} rows · ${fmtBytes(s.bytes_shuffled ?? 0)} shuffled`),
+      el("svg:text", { x: x + 12, y: y + 78, class: "muted" }, `${(s.time_ms ?? 0).toFixed(1)} ms · ${s.spans ?? 0} spans`)));
   });
   return svg;
 }
@@ -66,10 +88,13 @@ async function queryPage(id) {
     el("td", {}, s.name), el("td", {}, s.instance), el("td", {}, s.attributes["polars.stage"] ?? ""),
     el("td", {}, ms(s.end_ns - s.start_ns)), el("td", {}, s.status_code === 2 ? badge("failed") : badge("ok")),
     el("td", { class: "muted" }, s.attributes["polars.rows"] ?? "")));
+  const status = q.status === "Success" ? "ok" : q.status === "Failed" ? "failed" : q.status;
   return el("div", {},
-    panel(`Query ${q.query_id}`, el("p", {}, badge(q.status), "  ", when(q.start_ns), " · ", ms(q.end_ns - q.start_ns),
+    panel(`Query ${q.query_id}`, el("p", {}, badge(status), "  ", when(q.start_ns), " · ", ms(q.end_ns - q.start_ns),
+      ` · ${q.query_type} · ${q.finished_stages.length}/${q.total_num_stages} stages · ${q.total_bytes_shuffled ?? 0} bytes shuffled`,
       " · nodes: ", q.workers.join(", "))),
     panel("Stage graph", q.stages.length ? stageGraph(q.stages) : el("div", { class: "empty" }, "No stage reported.")),
+    panel("Physical plan (stages)", q.plans.physical ? el("pre", { id: "plan-physical" }, q.plans.physical) : el("div", { class: "empty" }, "The query ran whole on one worker.")),
     panel("Logical plan (optimized)", q.plans.ir ? el("pre", { id: "plan-ir" }, q.plans.ir) : el("div", { class: "empty" }, "Not reported.")),
     panel("Spans", el("table", {}, el("thead", {}, el("tr", {}, ...["Span", "Node", "Stage", "Duration", "Status", "Rows"].map((h) => el("th", {}, h)))),
       el("tbody", {}, ...spans))));

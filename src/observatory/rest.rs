@@ -10,7 +10,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::store::Store;
+use super::store::{SpanRow, Store};
 use crate::auth::JwksAuth;
 
 fn internal(e: impl std::fmt::Display) -> Response {
@@ -46,31 +46,115 @@ async fn query(State(store): State<Store>, Path(id): Path<String>) -> Result<Jso
     if spans.is_empty() {
         return Err((StatusCode::NOT_FOUND, Json(json!({ "error": format!("no query {canonical} is known") }))).into_response());
     }
-    // Stages and workers as the spans name them (`polars.stage`, the sending node).
-    let mut stages: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-    for s in &spans {
-        if let Some(stage) = s.attributes.get("polars.stage") {
-            let entry = stages.entry(stage.to_string()).or_insert_with(|| json!({ "stage": stage, "workers": [], "spans": 0 }));
-            entry["spans"] = (entry["spans"].as_i64().unwrap_or(0) + 1).into();
-            // The worker a span is about: named by the span, else the node that sent it.
-            let worker = s.attributes.get("polars.worker").cloned().unwrap_or_else(|| json!(s.instance));
-            let workers = entry["workers"].as_array_mut().expect("array");
-            if !workers.contains(&worker) {
+    Ok(Json(query_detail(&canonical, &spans)))
+}
+
+/// One query as the official client reads it (`QueryDetailModel` of polars-cloud >= 0.7: the
+/// fields it requires and those it shows), with the stage graph, per-stage figures, plans and
+/// spans that the dashboard shows.
+fn query_detail(id: &str, spans: &[SpanRow]) -> serde_json::Value {
+    let attr = |s: &SpanRow, key: &str| s.attributes.get(key).cloned();
+    let int = |s: &SpanRow, key: &str| attr(s, key).and_then(|v| v.as_i64()).unwrap_or(0);
+    // The scheduler's span of the whole query (exported once the query ends) and its spans
+    // per task.
+    let root = spans.iter().find(|s| s.name == "query");
+    let tasks: Vec<&SpanRow> = spans.iter().filter(|s| s.name == "task").collect();
+    let graph: Vec<serde_json::Value> = root
+        .and_then(|r| attr(r, "polars.stage_graph"))
+        .and_then(|g| g.as_str().and_then(|g| serde_json::from_str(g).ok()))
+        .unwrap_or_default();
+    let mut stages: BTreeMap<i64, serde_json::Value> = graph
+        .into_iter()
+        .filter_map(|g| Some((g.get("stage")?.as_i64()?, g)))
+        .collect();
+    for s in spans {
+        if let Some(stage) = attr(s, "polars.stage").and_then(|v| v.as_i64()) {
+            let entry = stages.entry(stage).or_insert_with(|| json!({ "stage": stage, "inputs": [] }));
+            let obj = entry.as_object_mut().expect("object");
+            for key in ["workers", "spans", "rows", "bytes_shuffled", "start_ns", "end_ns", "failed_tasks", "task_runs"] {
+                obj.entry(key).or_insert(if key == "workers" { json!([]) } else { json!(0) });
+            }
+            obj["spans"] = (obj["spans"].as_i64().unwrap_or(0) + 1).into();
+            // The worker a span is about: named by the span, else the node that sent it (the
+            // scheduler's own span of the whole stage is about no worker).
+            let worker = attr(s, "polars.worker").unwrap_or_else(|| json!(s.instance));
+            let workers = obj["workers"].as_array_mut().expect("array");
+            if s.name != "stage" && !workers.contains(&worker) {
                 workers.push(worker);
             }
+            if s.name == "task" {
+                obj["task_runs"] = (obj["task_runs"].as_i64().unwrap_or(0) + 1).into();
+                if s.status_code == 2 {
+                    obj["failed_tasks"] = (obj["failed_tasks"].as_i64().unwrap_or(0) + 1).into();
+                } else {
+                    obj["rows"] = (obj["rows"].as_i64().unwrap_or(0) + int(s, "polars.rows")).into();
+                    obj["bytes_shuffled"] = (obj["bytes_shuffled"].as_i64().unwrap_or(0) + int(s, "polars.shuffle.bytes_written")).into();
+                }
+                let start = obj["start_ns"].as_i64().filter(|v| *v > 0).map_or(s.start_ns, |v| v.min(s.start_ns));
+                obj["start_ns"] = start.into();
+                obj["end_ns"] = obj["end_ns"].as_i64().unwrap_or(0).max(s.end_ns).into();
+            }
         }
+    }
+    for stage in stages.values_mut() {
+        let (start, end) = (stage["start_ns"].as_i64().unwrap_or(0), stage["end_ns"].as_i64().unwrap_or(0));
+        stage["time_ms"] = json!(if end > start { (end - start) as f64 / 1e6 } else { 0.0 });
     }
     let workers: std::collections::BTreeSet<_> = spans.iter().map(|s| s.instance.clone()).collect();
     let start = spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
     let end = spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
     // The optimized logical plan, as the engine reported it with its task.
-    let ir_plan = spans.iter().find_map(|s| s.attributes.get("polars.plan.ir").and_then(|p| p.as_str()).map(str::to_string));
-    Ok(Json(json!({
-        "query_id": canonical, "start_ns": start, "end_ns": end,
-        "plans": { "ir": ir_plan },
-        "status": if spans.iter().any(|s| s.status_code == 2) { "failed" } else { "ok" },
+    // The query's (split queries) or else its task's.
+    let ir_plan = root
+        .into_iter()
+        .chain(spans)
+        .find_map(|s| s.attributes.get("polars.plan.ir").and_then(|p| p.as_str()).filter(|p| !p.is_empty()).map(str::to_string));
+    let physical = root.and_then(|r| attr(r, "polars.plan.physical")).and_then(|p| p.as_str().map(str::to_string));
+    let failed = spans.iter().any(|s| s.status_code == 2 && (s.name == "query" || s.name == "task.execute"));
+    // Client statuses: Queued, Scheduled, InProgress, Success, Failed, Canceled.
+    let status = match root.and_then(|r| attr(r, "polars.status")).and_then(|v| v.as_str().map(str::to_string)).as_deref() {
+        Some("Success") => "Success",
+        Some("Canceled") => "Canceled",
+        Some(_) => "Failed",
+        None if failed => "Failed",
+        None => "InProgress",
+    };
+    let finished: Vec<i64> = stages
+        .iter()
+        .filter(|(_, s)| s["task_runs"].as_i64().unwrap_or(0) > s["failed_tasks"].as_i64().unwrap_or(0))
+        .map(|(i, _)| *i)
+        .collect();
+    let failed_stage = stages.iter().find(|(_, s)| s["failed_tasks"].as_i64().unwrap_or(0) > 0 && status == "Failed").map(|(i, _)| *i);
+    let rfc3339 = |ns: i64| jiff::Timestamp::from_nanosecond(ns as i128).map(|t| t.to_string()).unwrap_or_default();
+    let bytes_shuffled: i64 = stages.values().map(|s| s["bytes_shuffled"].as_i64().unwrap_or(0)).sum();
+    let node_time: i64 = tasks.iter().map(|s| s.end_ns - s.start_ns).sum();
+    let errors: Vec<String> = spans.iter().filter(|s| s.status_code == 2 && s.name == "query").map(|s| s.status_message.clone()).collect();
+    json!({
+        // The official client's fields.
+        "id": id,
+        "user": { "name": root.and_then(|r| attr(r, "polars.user")).and_then(|u| u.as_str().map(str::to_string)).unwrap_or_default() },
+        "status": status,
+        "request_time": rfc3339(root.map_or(start, |r| r.start_ns)),
+        "start_time": tasks.iter().map(|s| s.start_ns).min().map(rfc3339),
+        "end_time": root.map(|r| rfc3339(r.end_ns)),
+        "query_plan_timing": {},
+        "total_num_stages": root.map(|r| int(r, "polars.total_stages")).filter(|n| *n > 0).unwrap_or(stages.len() as i64),
+        "failed_stage": failed_stage,
+        "in_progress_stages": if status == "InProgress" { stages.keys().filter(|i| !finished.contains(i)).copied().collect() } else { Vec::new() },
+        "finished_stages": finished,
+        "total_bytes_shuffled": bytes_shuffled,
+        "total_node_time_ns": node_time,
+        "errors": if errors.is_empty() { None } else { Some(errors) },
+        "engine": root.and_then(|r| attr(r, "polars.engine")).unwrap_or(json!("Auto")),
+        "query_type": root.and_then(|r| attr(r, "polars.query_type")).unwrap_or(json!("Single")),
+        "output_location": root.and_then(|r| attr(r, "polars.output_location")),
+        "output_files": root.and_then(|r| attr(r, "polars.output_files")),
+        "output_rows": root.map(|r| int(r, "polars.rows")),
+        // The dashboard's.
+        "query_id": id, "start_ns": start, "end_ns": end,
+        "plans": { "ir": ir_plan, "physical": physical },
         "stages": stages.into_values().collect::<Vec<_>>(), "workers": workers, "spans": spans,
-    })))
+    })
 }
 
 async fn nodes(State(store): State<Store>) -> Result<Json<serde_json::Value>, Response> {

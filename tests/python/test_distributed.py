@@ -17,7 +17,7 @@ from polars_cloud.query.query_status import QueryStatus
 
 sys.path.insert(0, str(Path(__file__).parent))
 import pdsh  # noqa: E402
-from conftest import running_cluster  # noqa: E402
+from conftest import free_port, running_cluster  # noqa: E402
 
 SCALE = os.environ.get("PDSH_SCALE", "0.1")
 
@@ -184,3 +184,71 @@ def test_worker_killed_during_a_stage(tpch, tmp_path):
         assert_frame_equal(result.lazy().collect(), expected, check_exact=False, rel_tol=1e-9)
         log = (c.root / "scheduler.log").read_text()
         assert "task must run again" in log or "recomputed" in log, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server on loopback (moto's), with a bucket for shuffle files."""
+    exe = Path(sys.executable).parent / "moto_server"
+    if not exe.exists():
+        pytest.fail("moto_server is not installed next to the test interpreter: run .ci/run (it installs moto[server])")
+    port = free_port("127.0.0.1")
+    log = tmp_path_factory.mktemp("s3") / "s3.log"
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        import boto3
+
+        deadline = time.time() + 30
+        while True:
+            try:
+                s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test")
+                s3.create_bucket(Bucket="shuffle")
+                break
+            except Exception:
+                assert time.time() < deadline, log.read_text()
+                time.sleep(0.2)
+        yield endpoint, s3, log
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_shuffle_through_an_object_store(tpch, tmp_path, s3_server):
+    """Workers with `shuffle_location.s3` upload their outputs and download their inputs from
+    the store (no shuffle service is bound); the files are deleted when the query ends."""
+    endpoint, s3, log = s3_server
+    store = (
+        f'shuffle_location = {{ s3 = {{ url = "s3://shuffle/runs", endpoint = "{endpoint}", region = "us-east-1", '
+        f'access_key_id = "test", secret_access_key = "test", allow_http = "true" }} }}'
+    )
+    from conftest import Cluster
+
+    c = Cluster(tmp_path)
+    c.start_scheduler()
+    try:
+        for name, ip in (("s3-1", "127.0.0.11"), ("s3-2", "127.0.0.12")):
+            c.start(name, f"""instance_id = "{name}"
+[worker]
+enabled = true
+heartbeat_period = "300ms"
+task_service.bind_addr = "{ip}:{free_port(ip)}"
+{store}
+[static_leader]
+scheduler_service.public_addr = "127.0.0.1:{c.worker_port}"
+""")
+        c.wait_for_workers(["s3-1", "s3-2"])
+        ctx = pc.ClusterContext(uri=c.uri)
+        t = pdsh.tables(tpch)
+        for q in (pdsh.q3(t), pdsh.q18(t)):
+            result = q.remote(ctx).distributed(equi_join_broadcast_limit=0).execute()
+            assert_frame_equal(result.lazy().collect(), q.collect(), check_exact=False, rel_tol=1e-9)
+            assert max(s.num_workers_used for s in result.stage_statistics()) == 2
+        requests = log.read_text()
+        assert "PUT /shuffle/runs/" in requests and "GET /shuffle/runs/" in requests, requests[-2000:]
+        deadline = time.time() + 10
+        while s3.list_objects_v2(Bucket="shuffle").get("KeyCount", 0):
+            assert time.time() < deadline, s3.list_objects_v2(Bucket="shuffle")
+            time.sleep(0.2)
+    finally:
+        c.stop()

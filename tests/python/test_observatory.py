@@ -5,10 +5,13 @@ import json
 import os
 import socket
 import time
+import urllib.error
 import urllib.request
 import uuid
 
 import grpc
+import polars as pl
+import polars_cloud as pc
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -169,8 +172,6 @@ host_metrics.disk_usage_metrics = true
 
 
 def test_queries_of_the_official_client_show_up_with_stages_workers_and_host_metrics(monitored):
-    import polars as pl
-    import polars_cloud as pc
 
     cluster, rest = monitored
     ctx = pc.ClusterContext(uri=cluster.uri)
@@ -192,7 +193,7 @@ def test_queries_of_the_official_client_show_up_with_stages_workers_and_host_met
         detail = get(f"{rest}/api/v1/query/{query_id}")
         names = {s["name"] for s in detail["spans"]}
         assert {"query", "task", "task.execute"} <= names, names
-        assert detail["status"] == "ok"
+        assert detail["status"] == "Success" and detail["query_type"] == "Distributed"
         assert 'sum' in detail["plans"]["ir"] and "DF [" in detail["plans"]["ir"], detail["plans"]
         stage = detail["stages"][0]
         assert stage["stage"] == 0 and set(stage["workers"]) & {"worker-1", "worker-2"}, detail["stages"]
@@ -202,6 +203,59 @@ def test_queries_of_the_official_client_show_up_with_stages_workers_and_host_met
         memory = get(f"{rest}/api/v1/metrics?node={node}&name=host.memory.used")["points"]
         assert memory and memory[-1]["value"] > 0, node
     assert get(f"{rest}/api/v1/metrics?node=scheduler&name=host.disk.used")["points"]
+
+
+def split_query(tmp_path):
+    """A query the scheduler splits: four files, a hash-partitioned group-by."""
+    for i in range(4):
+        pl.DataFrame({"k": [j % 17 for j in range(4000)], "v": range(i * 4000, (i + 1) * 4000)}).write_parquet(tmp_path / f"f{i}.parquet")
+    return pl.scan_parquet(tmp_path / "f*.parquet").group_by("k").agg(pl.col("v").n_unique().alias("n")).sort("k")
+
+
+def wait_for_query(rest, query_id, timeout=20):
+    """The query's detail once the scheduler's span of it has arrived."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            detail = get(f"{rest}/api/v1/query/{query_id}")
+            if detail["status"] not in ("InProgress", "Queued", "Scheduled"):
+                return detail
+        except urllib.error.HTTPError:
+            pass
+        assert time.time() < deadline, f"query {query_id} never reached the observatory"
+        time.sleep(0.3)
+
+
+def test_split_query_stages_and_the_official_clients_query_detail(monitored, tmp_path):
+    """A split query shows its stage graph with per-stage rows, bytes shuffled, time and
+    workers; the official client reads the detail with its own model."""
+    cluster, rest = monitored
+    ctx = pc.ClusterContext(uri=cluster.uri, observatory=pc.ClientOptions(uri=rest))
+    q = split_query(tmp_path)
+    running = q.remote(ctx).execute(blocking=False)
+    result = running.await_result()
+    assert result.lazy().collect().equals(q.collect())
+    query_id = str(running._query_id)
+    detail = wait_for_query(rest, query_id)
+    assert detail["status"] == "Success" and detail["total_num_stages"] == result.total_stages >= 3, detail
+    stages = {s["stage"]: s for s in detail["stages"]}
+    assert sorted(stages) == list(range(result.total_stages))
+    assert stages[1]["inputs"] == [0] and stages[0]["output"].startswith("hash(k)"), stages
+    assert stages[0]["bytes_shuffled"] > 0 and stages[0]["rows"] > 0 and stages[0]["time_ms"] > 0, stages[0]
+    assert set(stages[0]["workers"]) == {"worker-1", "worker-2"}, stages[0]
+    assert detail["total_bytes_shuffled"] == sum(s["bytes_shuffled"] for s in stages.values())
+    assert "shuffle by k" in detail["plans"]["physical"]
+    names = {s["name"] for s in detail["spans"]}
+    assert {"query", "planning", "stage", "task", "task.execute", "shuffle.read"} <= names, names
+    reads = [s for s in detail["spans"] if s["name"] == "shuffle.read"]
+    assert sum(s["attributes"]["polars.shuffle.bytes_read"] for s in reads) > 0, reads
+    # The official client's own model of the observatory's answer.
+    official = ctx._get_direct_client().get_query_details(running._query_id)
+    assert official.status == "Success" and official.query_type == "Distributed" and official.engine == "Auto"
+    assert official.total_num_stages == result.total_stages
+    assert sorted(official.finished_stages) == list(range(result.total_stages))
+    assert official.total_bytes_shuffled == detail["total_bytes_shuffled"] > 0
+    assert official.output_rows == 17 and official.output_files == 1
 
 
 def chromium(*args, timeout=60):
@@ -216,26 +270,22 @@ def chromium(*args, timeout=60):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def test_the_dashboard_lists_queries_and_draws_the_stage_graph(monitored):
-    import polars as pl
-    import polars_cloud as pc
+def test_the_dashboard_lists_queries_and_draws_the_stage_graph(monitored, tmp_path):
     from pathlib import Path
 
     cluster, rest = monitored
-    running = pl.LazyFrame({"a": [1, 2]}).remote(pc.ClusterContext(uri=cluster.uri)).execute(blocking=False)
+    running = split_query(tmp_path).remote(pc.ClusterContext(uri=cluster.uri)).execute(blocking=False)
     running.await_result()
     query_id = str(running._query_id)
-    deadline = time.time() + 20
-    while query_id not in {q["query_id"] for q in get(f"{rest}/api/v1/queries")["queries"]}:
-        assert time.time() < deadline
-        time.sleep(0.3)
+    wait_for_query(rest, query_id)
 
     listing = chromium("--dump-dom", f"{rest}/#/").stdout
     assert f'data-query="{query_id}"' in listing, listing[:2000]
 
     page = chromium("--dump-dom", f"{rest}/#/query/{query_id}").stdout
-    assert 'class="stage-graph"' in page and 'data-stage="0"' in page, page[:2000]
-    assert 'id="plan-ir"' in page
+    assert 'class="stage-graph"' in page and 'data-stage="0"' in page and 'data-stage="2"' in page, page[:2000]
+    assert 'id="plan-ir"' in page and 'id="plan-physical"' in page
+    assert "bytes shuffled" in page
     assert "worker-1" in page or "worker-2" in page
 
     nodes = chromium("--dump-dom", f"{rest}/#/nodes").stdout

@@ -68,6 +68,8 @@ pub struct StagePlan {
 pub struct StageGraph {
     /// In execution order; the last one produces the result.
     pub stages: Vec<StagePlan>,
+    /// The optimized logical plan that was split (EXPLAIN format).
+    pub logical_plan: String,
 }
 
 /// The placeholder path for partition `part` (or all partitions) of `stage`'s output.
@@ -120,6 +122,7 @@ pub fn plan_stages(query: &DslPlan, optimization_flags: Option<u32>, limits: Lim
     let label = "result".to_string();
     let inputs = inputs_of(&whole);
     planner.graph.stages.push(StagePlan { tasks: vec![serialize(&whole)?], output: StageOutput::Result, inputs, label });
+    planner.graph.logical_plan = ir.describe();
     Ok(Split::Stages(planner.graph))
 }
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Benchmark harness (prints figures; see bench/run.py). Builds the release binary in its own
+# target directory, prepares a Python environment with the official client, tpchgen-cli and
+# matplotlib, then runs bench/run.py with the given arguments (e.g. --scales 1 10).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+engine/fetch-polars.sh
+export CARGO_TARGET_DIR="${POLARS_NODE_RELEASE_TARGET:-$HOME/.cache/polars-node/target-release}"
+cargo build --release --locked
+venv="${POLARS_NODE_CACHE:-$HOME/.cache/polars-node}/venv-bench"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check polars-cloud==0.12.0 tpchgen-cli==4.0.0 matplotlib
+POLARS_NODE_BIN="$CARGO_TARGET_DIR/release/polars-node" exec "$venv/bin/python" bench/run.py "$@"
