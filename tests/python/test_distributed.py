@@ -184,6 +184,13 @@ def test_worker_killed_during_a_stage(tpch, tmp_path):
         assert_frame_equal(result.lazy().collect(), expected, check_exact=False, rel_tol=1e-9)
         log = (c.root / "scheduler.log").read_text()
         assert "task must run again" in log or "recomputed" in log, log[-3000:]
+        # The worker comes back and is used again.
+        c.start(killed, (c.root / f"{killed}.toml").read_text())
+        c.wait_for_workers(list(workers))
+        q1 = pdsh.q1(t)
+        again = q1.remote(ctx).execute()
+        assert_frame_equal(again.lazy().collect(), q1.collect(), check_exact=False, rel_tol=1e-9)
+        assert max(s.num_workers_used for s in again.stage_statistics()) == 3
 
 
 @pytest.fixture(scope="module")
@@ -250,5 +257,10 @@ scheduler_service.public_addr = "127.0.0.1:{c.worker_port}"
         while s3.list_objects_v2(Bucket="shuffle").get("KeyCount", 0):
             assert time.time() < deadline, s3.list_objects_v2(Bucket="shuffle")
             time.sleep(0.2)
+        # More workers than are live: a bounded wait (30 s), then an error naming the shortfall.
+        started = time.time()
+        with pytest.raises(pl.exceptions.ComputeError, match=r"needs at least 3 live worker\(s\) and 2 are live"):
+            pdsh.q6(t).remote(ctx).distributed(min_workers=3).execute()
+        assert 25 < time.time() - started < 60
     finally:
         c.stop()
