@@ -165,9 +165,14 @@ impl ClientService for ClientApi {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::failed_precondition(engine::describe_error(&e)))?;
+        // The stage graph of a split query (once planned): MessagePack for 0.12 clients, text
+        // for older ones.
+        let outcome = query.outcome();
+        let stage_graph = Some(outcome.stage_graph_msgpack).filter(|g| !g.is_empty());
+        let phys_plan = Some(outcome.stage_graph).filter(|g| !g.is_empty());
         Ok(Response::new(GetQueryPlansResponse {
-            legacy_plans: Some(QueryPlans { format: PlanFormat::Explain as i32, ir_plan: Some(ir.clone()), phys_plan: None }),
-            plans: Some(ClientQueryPlans { format: PlanFormat::Explain as i32, ir_plan: Some(ir), stage_graph: None }),
+            legacy_plans: Some(QueryPlans { format: PlanFormat::Explain as i32, ir_plan: Some(ir.clone()), phys_plan }),
+            plans: Some(ClientQueryPlans { format: PlanFormat::Explain as i32, ir_plan: Some(ir), stage_graph }),
         }))
     }
 

@@ -22,6 +22,8 @@ use crate::proto::{CancelTaskRequest, EngineChoice, ResultTarget, RunTaskRequest
 
 /// How long a query waits for a live worker before it fails.
 const WORKER_WAIT: Duration = Duration::from_secs(30);
+/// `ExecuteUntil::PLAN` of the client protocol: build the physical plan, do not execute.
+const PLAN: i32 = 2;
 /// Rows returned inline with a stored result (`.head`).
 pub(crate) const HEAD_ROWS: u32 = 10;
 /// Fewest rows of one file worth a task of their own when a single file is split.
@@ -118,6 +120,8 @@ pub struct QueryOutcome {
     pub stage_graph_json: String,
     /// The optimized logical plan of a split query (EXPLAIN format).
     pub logical_plan: String,
+    /// The stage graph in the MessagePack form the official client draws (GetQueryPlans).
+    pub stage_graph_msgpack: Vec<u8>,
 }
 
 pub struct Query {
@@ -229,7 +233,18 @@ impl Queries {
                 query.fail(message);
             }
             Ok(_) if query.submission.plan_only.is_some() => {
-                query.advance(Status::Success);
+                // `explain(plan_stage="physical")` asks for the stage graph: plan, do not run.
+                let queries = self.clone();
+                let query = query.clone();
+                tokio::spawn(async move {
+                    if query.submission.plan_only == Some(PLAN) && query.submission.distribution.is_some()
+                        && let Err(message) = queries.plan(&query).await
+                    {
+                        query.fail(message);
+                        return;
+                    }
+                    query.advance(Status::Success);
+                });
             }
             Ok(_) => {
                 info!(query = %id, user = query.submission.user.as_deref().unwrap_or("-"), "query submitted");
@@ -492,6 +507,7 @@ impl Queries {
                 let mut outcome = query.outcome.lock().unwrap();
                 outcome.stage_graph = graph.describe();
                 outcome.stage_graph_json = stage_graph_json(&graph);
+                outcome.stage_graph_msgpack = stage_graph_msgpack(&graph, &query.id.to_string());
                 outcome.logical_plan = graph.logical_plan.clone();
                 drop(outcome);
                 Ok(Some((graph, workers)))
@@ -649,6 +665,45 @@ fn stage_graph_json(graph: &StageGraph) -> String {
     serde_json::Value::from(stages).to_string()
 }
 
+/// The stage graph as the official client reads it from `GetQueryPlans` (`stage_graph`,
+/// MessagePack): stages (the result stage first), each a small chain of nodes: what the stage
+/// does, the shuffle it writes and the shuffles it reads, with an edge per shuffle.
+fn stage_graph_msgpack(graph: &StageGraph, query_id: &str) -> Vec<u8> {
+    use engine::planner::StageOutput;
+    use serde_json::json;
+    let partitioning = |output: &StageOutput| match output {
+        StageOutput::Hash { keys, .. } => json!({ "partition_type": "Hash", "by": keys.join(", ") }),
+        _ => json!({ "partition_type": "Single" }),
+    };
+    let mut nodes = Vec::new();
+    let mut edges = Vec::new();
+    for (i, stage) in graph.stages.iter().enumerate().rev() {
+        let head = match &stage.output {
+            StageOutput::Result => json!({ "id": 0, "type_id": "MapFunction", "properties": { "function": "RESULT" } }),
+            output => json!({ "id": 0, "type_id": "ShuffleWrite",
+                              "properties": { "shuffle_number": i, "is_local": false, "partitioning": partitioning(output) } }),
+        };
+        let mut data_nodes = vec![head, json!({ "id": 1, "type_id": "MapFunction", "properties": { "function": stage.label } })];
+        let mut data_edges = vec![json!({ "source": 0, "target": 1 })];
+        for &input in &stage.inputs {
+            let id = data_nodes.len();
+            data_nodes.push(json!({ "id": id, "type_id": "ShuffleRead", "properties": {
+                "shuffle_number": input, "is_local": false, "schema_names": [],
+                "partitioning": partitioning(&graph.stages[input].output) } }));
+            data_edges.push(json!({ "source": 1, "target": id }));
+            edges.push(json!({ "source": { "stage": input, "node": 0 }, "target": { "stage": i, "node": id } }));
+        }
+        nodes.push(json!({
+            "stage_number": i,
+            "title": format!("stage {i}: {} task(s)", stage.tasks.len()),
+            "data": { "title": format!("stage {i}"), "num_roots": 1, "nodes": data_nodes, "edges": data_edges },
+            "properties": {},
+        }));
+    }
+    let value = json!({ "title": format!("query {query_id}"), "num_roots": 1, "nodes": nodes, "edges": edges });
+    rmp_serde::to_vec_named(&value).unwrap_or_default()
+}
+
 /// Refuses plans that touch the local file system where the scheduler forbids it, before
 /// any worker runs them.
 fn check_policy(policy: Policy, plan: &engine::Plan) -> Result<(), String> {
@@ -692,3 +747,4 @@ fn check_version(client_polars: Option<&str>, plan: &[u8]) -> Result<(), String>
         None => Err("ComputeError: the request does not hold a serialized Polars plan".into()),
     }
 }
+

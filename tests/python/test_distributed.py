@@ -264,3 +264,16 @@ scheduler_service.public_addr = "127.0.0.1:{c.worker_port}"
         assert 25 < time.time() - started < 60
     finally:
         c.stop()
+
+
+def test_physical_plan_is_the_stage_graph(tpch, dctx):
+    """`plan()`, `graph()` and `explain()` show the stage graph, decoded by the client itself."""
+    t = pdsh.tables(tpch)
+    q = pdsh.q3(t)
+    result = q.remote(dctx).distributed(equi_join_broadcast_limit=0).execute()
+    text = result.plan()
+    assert "STAGE 0:" in text and "SHUFFLE WRITE" in text and "SHUFFLE READ" in text and "RESULT" in text, text
+    dot = result.graph(raw_output=True, show=False)
+    assert dot.startswith("digraph stage_graph") and "cluster_0" in dot, dot
+    explained = q.remote(dctx).distributed(equi_join_broadcast_limit=0).explain()
+    assert "SHUFFLE WRITE (0) [partitioning: Hash" in explained and "hash join" in explained, explained
