@@ -154,3 +154,16 @@ fn a_single_large_file_is_split_by_row_ranges_and_tiny_plans_are_not_split() {
     assert!(matches!(plan_stages(&scan(&dims).logical_plan, None, LIMITS).unwrap(), Split::Whole(_)));
     assert!(ShuffleFormat::new(false, Codec::Zstd, Some(99)).is_err());
 }
+
+#[test]
+fn a_concatenation_of_split_scans_stays_split_and_keeps_its_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (facts, dims) = tables(dir.path());
+    let lf = concat([scan(&facts).select([col("key")]), scan(&dims).select([col("key")])], Default::default())
+        .unwrap()
+        .filter(col("key").gt(lit(3)));
+    let graph = split(&lf, LIMITS);
+    assert!(graph.describe().contains("concat (4 parts)"), "{}", graph.describe());
+    let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
+    assert!(run(&graph, dir.path(), format).equals(&lf.collect().unwrap()));
+}

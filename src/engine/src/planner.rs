@@ -338,9 +338,25 @@ impl Planner<'_> {
                 }
             }
             IR::Union { inputs, options } => {
-                let mut plans = Vec::new();
+                let mut rels = Vec::new();
                 for input in inputs {
-                    let rel = self.visit(input)?;
+                    rels.push(self.visit(input)?);
+                }
+                // A concatenation of split inputs stays split: its parts are the inputs' parts
+                // in order (a gather later reads them in that order).
+                if options.slice.is_none() && rels.iter().any(|r| matches!(r, Rel::Spread { .. })) {
+                    let mut parts = Vec::new();
+                    for rel in rels {
+                        match rel {
+                            Rel::Whole(p) => parts.push(p),
+                            Rel::Spread { parts: p, .. } => parts.extend(p),
+                        }
+                    }
+                    let n = parts.len();
+                    return Ok(Rel::Spread { parts, hashed: None, label: format!("concat ({n} parts)") });
+                }
+                let mut plans = Vec::new();
+                for rel in rels {
                     plans.push(self.gather(rel, "concat"));
                 }
                 let args = UnionArgs {
