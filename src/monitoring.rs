@@ -39,6 +39,7 @@ pub fn start(instance_id: &str, cluster_id: &str, observatory_addr: &str, host: 
         .with_endpoint(&endpoint)
         .with_timeout(Duration::from_secs(3))
         .build()?;
+    let spans = Quiet::new(spans, "spans", observatory_addr);
     let tracer = SdkTracerProvider::builder().with_resource(resource.clone()).with_batch_exporter(spans).build();
     opentelemetry::global::set_tracer_provider(tracer.clone());
 
@@ -47,12 +48,79 @@ pub fn start(instance_id: &str, cluster_id: &str, observatory_addr: &str, host: 
         .with_endpoint(&endpoint)
         .with_timeout(Duration::from_secs(3))
         .build()?;
+    let metrics = Quiet::new(metrics, "host metrics", observatory_addr);
     let reader = PeriodicReader::builder(metrics).with_interval(METRICS_INTERVAL).build();
     let meter = SdkMeterProvider::builder().with_resource(resource).with_reader(reader).build();
     if host.enabled {
         register_host_metrics(&meter, host);
     }
     Ok(Monitoring { tracer, meter })
+}
+
+/// An exporter whose failures (an observatory that is down or unreachable) are a warning in
+/// this node's log, at most once a minute, instead of errors: the data is dropped and the node
+/// carries on.
+#[derive(Debug)]
+struct Quiet<E> {
+    inner: E,
+    what: &'static str,
+    observatory: String,
+    last_warning: Mutex<Option<std::time::Instant>>,
+}
+
+impl<E> Quiet<E> {
+    fn new(inner: E, what: &'static str, observatory: &str) -> Self {
+        Quiet { inner, what, observatory: observatory.to_string(), last_warning: Mutex::new(None) }
+    }
+
+    fn absorb(&self, result: opentelemetry_sdk::error::OTelSdkResult) -> opentelemetry_sdk::error::OTelSdkResult {
+        if let Err(e) = result {
+            let mut last = self.last_warning.lock().unwrap();
+            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                *last = Some(std::time::Instant::now());
+                tracing::warn!("cannot export {} to the observatory at {} (dropped; retried with the next batch): {e}", self.what, self.observatory);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter for Quiet<E> {
+    async fn export(&self, batch: Vec<opentelemetry_sdk::trace::SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+        let result = self.inner.export(batch).await;
+        self.absorb(result)
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource)
+    }
+}
+
+impl<E: opentelemetry_sdk::metrics::exporter::PushMetricExporter> opentelemetry_sdk::metrics::exporter::PushMetricExporter for Quiet<E> {
+    async fn export(&self, metrics: &opentelemetry_sdk::metrics::data::ResourceMetrics) -> opentelemetry_sdk::error::OTelSdkResult {
+        let result = self.inner.export(metrics).await;
+        self.absorb(result)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> opentelemetry_sdk::metrics::Temporality {
+        self.inner.temporality()
+    }
 }
 
 impl Monitoring {

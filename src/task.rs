@@ -126,7 +126,24 @@ impl TaskService {
         if let Some(Outcome::Success(s)) = &mut response.outcome {
             if request.target == ResultTarget::Shuffle as i32 {
                 // Shuffle outputs go where readers find them (an object store uploads them).
-                s.files = self.inner.shuffle.publish(&query_id, std::mem::take(&mut s.files)).await?;
+                let tracer = opentelemetry::global::tracer("polars-node");
+                let (stage, task) = request.stage.as_ref().map(|s| (s.stage as i64, s.task as i64)).unwrap_or_default();
+                let mut span = tracer
+                    .span_builder("shuffle.write")
+                    .with_attributes([
+                        opentelemetry::KeyValue::new("polars.query_id", query_id.clone()),
+                        opentelemetry::KeyValue::new("polars.stage", stage),
+                        opentelemetry::KeyValue::new("polars.task", task),
+                        opentelemetry::KeyValue::new("polars.shuffle.files", s.files.len() as i64),
+                        opentelemetry::KeyValue::new("polars.shuffle.bytes_written", s.bytes_written as i64),
+                    ])
+                    .start(&tracer);
+                let published = self.inner.shuffle.publish(&query_id, std::mem::take(&mut s.files)).await;
+                if let Err(e) = &published {
+                    span.set_status(opentelemetry::trace::Status::error(e.clone()));
+                }
+                span.end();
+                s.files = published?;
             } else {
                 self.inner.written.lock().unwrap().extend(s.files.iter().map(PathBuf::from));
             }

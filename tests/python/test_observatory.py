@@ -246,7 +246,7 @@ def test_split_query_stages_and_the_official_clients_query_detail(monitored, tmp
     assert detail["total_bytes_shuffled"] == sum(s["bytes_shuffled"] for s in stages.values())
     assert "shuffle by k" in detail["plans"]["physical"]
     names = {s["name"] for s in detail["spans"]}
-    assert {"query", "planning", "stage", "task", "task.execute", "shuffle.read"} <= names, names
+    assert {"query", "planning", "stage", "task", "task.execute", "shuffle.write", "shuffle.read"} <= names, names
     reads = [s for s in detail["spans"] if s["name"] == "shuffle.read"]
     assert sum(s["attributes"]["polars.shuffle.bytes_read"] for s in reads) > 0, reads
     # The official client's own model of the observatory's answer.
@@ -350,5 +350,45 @@ def test_the_database_survives_restarts_and_is_exported(tmp_path):
     start()
     try:
         assert get(f"http://127.0.0.1:{rest}/api/v1/query/{query_id}")["query_id"] == query_id
+    finally:
+        c.stop()
+
+
+def test_an_unreachable_observatory_costs_a_warning_not_an_error(tmp_path):
+    """Monitoring towards an address where no observatory listens: queries run as usual and
+    the node only logs that it cannot export."""
+    c = Cluster(tmp_path)
+    dead = free_port("127.0.0.1")  # nothing listens here
+    c.start(
+        "scheduler",
+        f"""instance_id = "scheduler"
+[scheduler]
+enabled = true
+client_service.bind_addr = "127.0.0.1:{c.client_port}"
+worker_service.bind_addr = "127.0.0.1:{c.worker_port}"
+anonymous_result_location.local.path = "{c.results}"
+[monitoring]
+enabled = true
+[static_leader]
+observatory_service.public_addr = "127.0.0.1:{dead}"
+""",
+    )
+    c.start_worker("worker-u", "127.0.0.2", tables="[monitoring]\nenabled = true", leader=f'observatory_service.public_addr = "127.0.0.1:{dead}"')
+    try:
+        c.wait_for_workers(["worker-u"])
+        ctx = pc.ClusterContext(uri=c.uri)
+        q = pl.LazyFrame({"a": list(range(100))}).select(pl.col("a").sum())
+        for _ in range(5):
+            assert q.remote(ctx).execute().lazy().collect().item() == 4950
+        deadline = time.time() + 20
+        while True:
+            log = (tmp_path / "scheduler.log").read_text()
+            if "cannot export" in log and f"observatory at 127.0.0.1:{dead}" in log:
+                break
+            assert time.time() < deadline, log[-3000:]
+            time.sleep(0.5)
+        # A warning, once a minute at most; no error.
+        assert "ERROR" not in log and log.count("cannot export host metrics") == 1, log[-3000:]
+        assert all(p.poll() is None for p in c.procs.values()), "a node stopped"
     finally:
         c.stop()
