@@ -57,6 +57,14 @@ pub fn start(instance_id: &str, cluster_id: &str, observatory_addr: &str, host: 
     Ok(Monitoring { tracer, meter })
 }
 
+/// Starts a span of this node's tracer (exported when `[monitoring]` is on, a no-op
+/// otherwise); end it with `.end()`.
+pub fn span(name: &'static str, attributes: impl IntoIterator<Item = KeyValue>) -> opentelemetry::global::BoxedSpan {
+    use opentelemetry::trace::Tracer as _;
+    let tracer = opentelemetry::global::tracer("polars-node");
+    tracer.span_builder(name).with_attributes(attributes).start(&tracer)
+}
+
 /// An exporter whose failures (an observatory that is down or unreachable) are a warning in
 /// this node's log, at most once a minute, instead of errors: the data is dropped and the node
 /// carries on.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
-use opentelemetry::trace::{Span as _, Tracer as _};
+use opentelemetry::trace::Span as _;
 use polars_node_engine as engine;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -256,14 +256,13 @@ impl Queries {
 
     /// Runs a query, traced as a `query` span (exported when `[monitoring]` is on).
     async fn run(self, query: Arc<Query>) {
-        let tracer = opentelemetry::global::tracer("polars-node");
-        let mut span = tracer
-            .span_builder("query")
-            .with_attributes([
+        let mut span = crate::monitoring::span(
+            "query",
+            [
                 KeyValue::new("polars.query_id", query.id.to_string()),
                 KeyValue::new("polars.user", query.submission.user.clone().unwrap_or_default()),
-            ])
-            .start(&tracer);
+            ],
+        );
         match self.plan(&query).await {
             Ok(Some((graph, workers))) => self.run_split(&query, &graph, workers).await,
             Ok(None) => self.run_attempts(&query).await,
@@ -323,15 +322,14 @@ impl Queries {
             if !query.advance(Status::Running) && query.status().is_terminal() {
                 return;
             }
-            let tracer = opentelemetry::global::tracer("polars-node");
-            let mut span = tracer
-                .span_builder("task")
-                .with_attributes([
+            let mut span = crate::monitoring::span(
+                "task",
+                [
                     KeyValue::new("polars.query_id", query.id.to_string()),
                     KeyValue::new("polars.stage", 0i64),
                     KeyValue::new("polars.worker", worker.instance_id.clone()),
-                ])
-                .start(&tracer);
+                ],
+            );
             let result = self.run_on(&query, &worker).await;
             if let Ok(Outcome::Success(s)) = &result {
                 span.set_attribute(KeyValue::new("polars.rows", s.n_rows as i64));
@@ -478,15 +476,14 @@ impl Queries {
         };
         let plan = query.submission.plan.clone();
         let flags = query.submission.optimization_flags;
-        let tracer = opentelemetry::global::tracer("polars-node");
-        let mut span = tracer
-            .span_builder("planning")
-            .with_attributes([
+        let mut span = crate::monitoring::span(
+            "planning",
+            [
                 KeyValue::new("polars.query_id", query.id.to_string()),
                 KeyValue::new("polars.workers", workers.len() as i64),
                 KeyValue::new("polars.max_tasks", limits.max_tasks as i64),
-            ])
-            .start(&tracer);
+            ],
+        );
         let split = tokio::task::spawn_blocking(move || {
             engine::init();
             engine::Plan::read(&plan).and_then(|p| p.plan_stages(flags, limits))

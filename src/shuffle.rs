@@ -146,17 +146,16 @@ impl ShuffleStore {
             return Ok(());
         }
         tokio::fs::create_dir_all(&dir).await.map_err(|e| (String::new(), format!("cannot create {}: {e}", dir.display())))?;
-        use opentelemetry::trace::{Span as _, Tracer as _};
-        let tracer = opentelemetry::global::tracer("polars-node");
-        let mut span = tracer
-            .span_builder("shuffle.read")
-            .with_attributes([
+        use opentelemetry::trace::Span as _;
+        let mut span = crate::monitoring::span(
+            "shuffle.read",
+            [
                 opentelemetry::KeyValue::new("polars.query_id", query_id.to_string()),
                 opentelemetry::KeyValue::new("polars.stage", stage.stage as i64),
                 opentelemetry::KeyValue::new("polars.task", stage.task as i64),
                 opentelemetry::KeyValue::new("polars.shuffle.files", jobs.len() as i64),
-            ])
-            .start(&tracer);
+            ],
+        );
         let locals: Vec<PathBuf> = jobs.iter().map(|j| j.3.clone()).collect();
         let fetched = futures_util::stream::iter(jobs)
             .map(|(addr, worker, remote, local)| async move {

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use futures_util::future::join_all;
 use opentelemetry::KeyValue;
-use opentelemetry::trace::{Span as _, Tracer as _};
+use opentelemetry::trace::Span as _;
 use polars_node_engine::planner::{StageGraph, StageOutput, input_path};
 use tracing::{info, warn};
 
@@ -69,17 +69,16 @@ impl<'a> StageRun<'a> {
     /// Runs every stage; the last one's output is the query's result.
     pub(crate) async fn run(mut self) -> Result<(TaskSuccess, WorkerInfo, Vec<StageStats>), String> {
         let last = self.graph.stages.len() - 1;
-        let tracer = opentelemetry::global::tracer("polars-node");
         for stage in 0..=last {
-            let mut span = tracer
-                .span_builder("stage")
-                .with_attributes([
+            let mut span = crate::monitoring::span(
+                "stage",
+                [
                     KeyValue::new("polars.query_id", self.query.id.to_string()),
                     KeyValue::new("polars.stage", stage as i64),
                     KeyValue::new("polars.tasks", self.graph.stages[stage].tasks.len() as i64),
                     KeyValue::new("polars.stage.label", self.graph.stages[stage].label.clone()),
-                ])
-                .start(&tracer);
+                ],
+            );
             let ran = self.ensure(stage).await;
             span.set_attribute(KeyValue::new("polars.rows", self.stats[stage].rows as i64));
             span.set_attribute(KeyValue::new("polars.shuffle.bytes_written", self.stats[stage].bytes as i64));
@@ -245,16 +244,15 @@ impl<'a> StageRun<'a> {
     }
 
     async fn run_task(&self, stage: usize, task: usize, worker: &WorkerInfo, request: RunTaskRequest) -> Result<TaskSuccess, TaskError> {
-        let tracer = opentelemetry::global::tracer("polars-node");
-        let mut span = tracer
-            .span_builder("task")
-            .with_attributes([
+        let mut span = crate::monitoring::span(
+            "task",
+            [
                 KeyValue::new("polars.query_id", self.query.id.to_string()),
                 KeyValue::new("polars.stage", stage as i64),
                 KeyValue::new("polars.task", task as i64),
                 KeyValue::new("polars.worker", worker.instance_id.clone()),
-            ])
-            .start(&tracer);
+            ],
+        );
         self.queries.note_participant(self.query, worker);
         let started = Instant::now();
         let result = match self.queries.task_client(&worker.task_addr) {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
-use opentelemetry::trace::{Span as _, Tracer as _};
+use opentelemetry::trace::Span as _;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::ReceiverStream;
@@ -126,18 +126,17 @@ impl TaskService {
         if let Some(Outcome::Success(s)) = &mut response.outcome {
             if request.target == ResultTarget::Shuffle as i32 {
                 // Shuffle outputs go where readers find them (an object store uploads them).
-                let tracer = opentelemetry::global::tracer("polars-node");
                 let (stage, task) = request.stage.as_ref().map(|s| (s.stage as i64, s.task as i64)).unwrap_or_default();
-                let mut span = tracer
-                    .span_builder("shuffle.write")
-                    .with_attributes([
+                let mut span = crate::monitoring::span(
+                    "shuffle.write",
+                    [
                         opentelemetry::KeyValue::new("polars.query_id", query_id.clone()),
                         opentelemetry::KeyValue::new("polars.stage", stage),
                         opentelemetry::KeyValue::new("polars.task", task),
                         opentelemetry::KeyValue::new("polars.shuffle.files", s.files.len() as i64),
                         opentelemetry::KeyValue::new("polars.shuffle.bytes_written", s.bytes_written as i64),
-                    ])
-                    .start(&tracer);
+                    ],
+                );
                 let published = self.inner.shuffle.publish(&query_id, std::mem::take(&mut s.files)).await;
                 if let Err(e) = &published {
                     span.set_status(opentelemetry::trace::Status::error(e.clone()));
@@ -163,16 +162,15 @@ impl Task for TaskService {
         let query_id = request.query_id.clone();
         let (stage, task) = request.stage.as_ref().map(|s| (s.stage as i64, s.task as i64)).unwrap_or((0, 0));
         info!(query = %query_id, stage, task, "task started");
-        let tracer = opentelemetry::global::tracer("polars-node");
-        let mut span = tracer
-            .span_builder("task.execute")
-            .with_attributes([
+        let mut span = crate::monitoring::span(
+            "task.execute",
+            [
                 opentelemetry::KeyValue::new("polars.query_id", query_id.clone()),
                 opentelemetry::KeyValue::new("polars.stage", stage),
                 opentelemetry::KeyValue::new("polars.task", task),
                 opentelemetry::KeyValue::new("polars.plan_bytes", request.plan.len() as i64),
-            ])
-            .start(&tracer);
+            ],
+        );
         let response = match self.execute(request).await {
             Ok(r) => r,
             Err(e) => {
