@@ -256,5 +256,6 @@ fn distribution_of(settings: &crate::proto::client::QuerySettings) -> Option<Dis
         broadcast_limit: opts.allow_equi_join_broadcast_limit,
         forbid_single_worker: opts.single_worker_ops == Some(SingleWorkerOps::Forbid as i32),
         pre_aggregate: opts.allow_pre_aggregation,
+        partitioned_sort: opts.allow_partitioned_sort,
     })
 }

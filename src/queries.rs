@@ -72,6 +72,8 @@ pub struct Distribution {
     pub forbid_single_worker: bool,
     /// Aggregate within each part before shuffling (`allow_pre_aggregation`).
     pub pre_aggregate: bool,
+    /// Sort by range partitions (`allow_partitioned_sort`).
+    pub partitioned_sort: bool,
 }
 
 /// Shuffle file format, resolved (AUTO = IPC with LZ4).
@@ -473,6 +475,7 @@ impl Queries {
             broadcast_limit: distribution.broadcast_limit,
             min_rows_per_task: MIN_ROWS_PER_TASK,
             pre_aggregate: distribution.pre_aggregate,
+            partitioned_sort: distribution.partitioned_sort,
         };
         let plan = query.submission.plan.clone();
         let flags = query.submission.optimization_flags;
@@ -655,6 +658,8 @@ fn stage_graph_json(graph: &StageGraph) -> String {
                 StageOutput::Single => "gather".to_string(),
                 StageOutput::Hash { keys, partitions } => format!("hash({}) x{partitions}", keys.join(", ")),
                 StageOutput::Result => "result".to_string(),
+                StageOutput::Boundaries { key, .. } => format!("boundaries({key})"),
+                StageOutput::Range { key, partitions, .. } => format!("range({key}) x{partitions}"),
             };
             serde_json::json!({ "stage": i, "label": s.label, "tasks": s.tasks.len(), "inputs": s.inputs, "output": output })
         })
@@ -670,6 +675,7 @@ fn stage_graph_msgpack(graph: &StageGraph, query_id: &str) -> Vec<u8> {
     use serde_json::json;
     let partitioning = |output: &StageOutput| match output {
         StageOutput::Hash { keys, .. } => json!({ "partition_type": "Hash", "by": keys.join(", ") }),
+        StageOutput::Range { key, .. } => json!({ "partition_type": "Hash", "by": format!("range of {key}") }),
         _ => json!({ "partition_type": "Single" }),
     };
     let mut nodes = Vec::new();

@@ -17,7 +17,7 @@ use polars_node_engine::planner::{StageGraph, StageOutput, input_path};
 use tracing::{info, warn};
 
 use crate::proto::{
-    ResultTarget, RunTaskRequest, ShuffleFile, StageInput, StageTask, TaskSuccess, WorkerInfo, run_task_response::Outcome,
+    RangeOutput, ResultTarget, RunTaskRequest, ShuffleFile, StageInput, StageTask, TaskSuccess, WorkerInfo, run_task_response::Outcome,
 };
 use crate::queries::{Distribution, Queries, Query, StageStats};
 
@@ -196,7 +196,7 @@ impl<'a> StageRun<'a> {
             .inputs
             .iter()
             .map(|&input| {
-                let hashed = matches!(self.graph.stages[input].output, StageOutput::Hash { .. });
+                let hashed = self.graph.stages[input].output.is_partitioned();
                 let (placeholder, part) = if hashed { (input_path(input, Some(task)), task) } else { (input_path(input, None), 0) };
                 let files = self.outputs[input]
                     .iter()
@@ -214,7 +214,25 @@ impl<'a> StageRun<'a> {
             .collect();
         let (hash_keys, partitions) = match &plan.output {
             StageOutput::Hash { keys, partitions } => (keys.clone(), *partitions as u32),
+            StageOutput::Range { partitions, .. } | StageOutput::Boundaries { partitions, .. } => (Vec::new(), *partitions as u32),
             _ => (Vec::new(), 1),
+        };
+        let range = match &plan.output {
+            StageOutput::Boundaries { key, descending, nulls_last, .. } => Some(RangeOutput {
+                key: key.clone(),
+                descending: *descending,
+                nulls_last: *nulls_last,
+                boundaries_only: true,
+                boundaries_input: String::new(),
+            }),
+            StageOutput::Range { key, descending, nulls_last, boundaries, .. } => Some(RangeOutput {
+                key: key.clone(),
+                descending: *descending,
+                nulls_last: *nulls_last,
+                boundaries_only: false,
+                boundaries_input: input_path(*boundaries, None),
+            }),
+            _ => None,
         };
         let shuffle = &self.distribution.shuffle;
         let target = match plan.output {
@@ -238,6 +256,7 @@ impl<'a> StageRun<'a> {
                 format: shuffle.format as i32,
                 compression: shuffle.compression as i32,
                 compression_level: shuffle.level,
+                range,
             }),
             output_dir: String::new(),
         }

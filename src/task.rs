@@ -328,7 +328,7 @@ fn run_stage(request: &RunTaskRequest, stage: &crate::proto::StageTask, choice: 
         Ok(f) => f,
         Err(e) => return failure(&engine::describe_error(&e), false),
     };
-    let inputs = stage
+    let inputs: std::collections::HashMap<String, Vec<PathBuf>> = stage
         .inputs
         .iter()
         .map(|i| (i.placeholder.clone(), i.files.iter().map(|f| PathBuf::from(&f.path)).collect()))
@@ -348,11 +348,27 @@ fn run_stage(request: &RunTaskRequest, stage: &crate::proto::StageTask, choice: 
                 bytes_written: 0,
             });
         }
-        let output = match stage.hash_keys.is_empty() {
-            true => StageOutput::Single,
-            false => StageOutput::Hash { keys: stage.hash_keys.clone(), partitions: stage.partitions.max(1) as usize },
+        let (output, boundaries) = match &stage.range {
+            Some(r) if r.boundaries_only => (
+                StageOutput::Boundaries { key: r.key.clone(), descending: r.descending, nulls_last: r.nulls_last, partitions: stage.partitions.max(1) as usize },
+                None,
+            ),
+            Some(r) => {
+                let files = inputs.get(&r.boundaries_input).cloned().unwrap_or_default();
+                let boundaries = engine::shuffle::read_boundaries(&files, format)?;
+                let output = StageOutput::Range {
+                    key: r.key.clone(),
+                    descending: r.descending,
+                    nulls_last: r.nulls_last,
+                    partitions: stage.partitions.max(1) as usize,
+                    boundaries: 0, // the boundaries themselves were read above
+                };
+                (output, Some(boundaries))
+            }
+            None if stage.hash_keys.is_empty() => (StageOutput::Single, None),
+            None => (StageOutput::Hash { keys: stage.hash_keys.clone(), partitions: stage.partitions.max(1) as usize }, None),
         };
-        let written = plan.execute_stage(choice, request.optimization_flags, &output, format, Path::new(&request.output_dir))?;
+        let written = plan.execute_stage(choice, request.optimization_flags, &output, boundaries.as_ref(), format, Path::new(&request.output_dir))?;
         Ok(TaskSuccess {
             files: written.files.iter().map(|p| p.display().to_string()).collect(),
             n_rows: written.rows,

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 
 use polars_node_engine::planner::{Limits, Split, StageGraph, StageOutput, input_path, plan_stages};
 use polars_node_engine::polars::prelude::*;
-use polars_node_engine::shuffle::{Codec, ShuffleFormat};
+use polars_node_engine::shuffle::{Codec, ShuffleFormat, read_boundaries};
 use polars_node_engine::{EngineChoice, Plan, Target};
 
-const LIMITS: Limits = Limits { max_tasks: 3, broadcast_limit: 1 << 30, min_rows_per_task: 100, pre_aggregate: true };
+const LIMITS: Limits = Limits { max_tasks: 3, broadcast_limit: 1 << 30, min_rows_per_task: 100, pre_aggregate: true, partitioned_sort: true };
 
 /// Four Parquet files of facts and one small dimension table.
 fn tables(dir: &Path) -> (String, String) {
@@ -40,19 +40,25 @@ fn run(graph: &StageGraph, dir: &Path, format: ShuffleFormat) -> DataFrame {
         for (t, bytes) in stage.tasks.iter().enumerate() {
             let mut inputs = HashMap::new();
             for &input in &stage.inputs {
-                let hashed = matches!(graph.stages[input].output, StageOutput::Hash { .. });
+                let hashed = graph.stages[input].output.is_partitioned();
                 let (key, part) = if hashed { (input_path(input, Some(t)), t) } else { (input_path(input, None), 0) };
                 inputs.insert(key, outputs[input].iter().map(|task_files| task_files[part].clone()).collect::<Vec<_>>());
             }
             let target = if stage.output == StageOutput::Result { Target::Flight } else { Target::User };
             let mut plan = Plan::fragment(bytes, target).unwrap();
             plan.with_inputs(&inputs, format).unwrap();
+            let boundaries = match &stage.output {
+                StageOutput::Range { boundaries, .. } => Some(read_boundaries(&[outputs[*boundaries][0][0].clone()], format).unwrap()),
+                _ => None,
+            };
             if stage.output == StageOutput::Result {
                 let result_dir = dir.join("result");
                 let done = plan.execute(EngineChoice::InMemory, None, &result_dir, 5).unwrap();
                 return IpcStreamReader::new(std::fs::File::open(&done.files[0]).unwrap()).finish().unwrap();
             }
-            let written = plan.execute_stage(EngineChoice::Auto, None, &stage.output, format, &dir.join(format!("{s}-{t}"))).unwrap();
+            let written = plan
+                .execute_stage(EngineChoice::Auto, None, &stage.output, boundaries.as_ref(), format, &dir.join(format!("{s}-{t}")))
+                .unwrap();
             files.push(written.files);
         }
         outputs.push(files);
@@ -166,4 +172,27 @@ fn a_concatenation_of_split_scans_stays_split_and_keeps_its_order() {
     assert!(graph.describe().contains("concat (4 parts)"), "{}", graph.describe());
     let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
     assert!(run(&graph, dir.path(), format).equals(&lf.collect().unwrap()));
+}
+
+#[test]
+fn a_sort_of_split_data_is_range_partitioned_and_stays_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (facts, _) = tables(dir.path());
+    for descending in [false, true] {
+        let lf = scan(&facts)
+            .with_columns([when(col("amount").eq(lit(3))).then(lit(NULL)).otherwise(col("value")).alias("v")])
+            .sort(["v"], SortMultipleOptions::default().with_order_descending(descending).with_nulls_last(!descending));
+        let graph = split(&lf, LIMITS);
+        let text = graph.describe();
+        assert!(text.contains("boundaries of v") && text.contains("ranges of v into 3 partitions"), "{text}");
+        let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
+        let got = run(&graph, dir.path(), format);
+        let expected = lf.clone().collect().unwrap();
+        // Equal keys may come in another order; the keys themselves must match row for row.
+        assert!(got.column("v").unwrap().equals_missing(expected.column("v").unwrap()), "descending={descending}");
+        assert_eq!(got.height(), 2000);
+    }
+    // Without it, the sort is gathered to one task.
+    let lf = scan(&facts).sort(["value"], Default::default());
+    assert!(!split(&lf, Limits { partitioned_sort: false, ..LIMITS }).describe().contains("boundaries"));
 }

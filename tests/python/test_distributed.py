@@ -277,3 +277,14 @@ def test_physical_plan_is_the_stage_graph(tpch, dctx):
     assert dot.startswith("digraph stage_graph") and "cluster_0" in dot, dot
     explained = q.remote(dctx).distributed(equi_join_broadcast_limit=0).explain()
     assert "SHUFFLE WRITE (0) [partitioning: Hash" in explained and "hash join" in explained, explained
+
+
+def test_range_partitioned_sort(tpch, dcluster, dctx):
+    """A sort of split rows: boundaries sampled from the first key, rows sent to their range,
+    each range sorted; the result is exactly the locally sorted frame."""
+    t = pdsh.tables(tpch)
+    q = t("lineitem").select("l_orderkey", "l_linenumber", "l_quantity").sort("l_orderkey", "l_linenumber", descending=[True, False])
+    result = q.remote(dctx).execute()
+    assert_frame_equal(result.lazy().collect(), q.collect())
+    assert result.total_stages >= 5, result.total_stages
+    assert "ranges of l_orderkey" in result.plan() or "range of l_orderkey" in result.plan(), result.plan()

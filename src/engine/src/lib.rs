@@ -128,17 +128,19 @@ impl Plan {
         shuffle::substitute_inputs(&mut self.query, inputs, format)
     }
 
-    /// Runs a stage fragment and writes its output partitions under `dir`.
+    /// Runs a stage fragment and writes its output partitions under `dir` (`boundaries`: those
+    /// of a range-partitioned output).
     pub fn execute_stage(
         &self,
         engine: EngineChoice,
         optimization_flags: Option<u32>,
         output: &planner::StageOutput,
+        boundaries: Option<&Series>,
         format: shuffle::ShuffleFormat,
         dir: &Path,
     ) -> PolarsResult<shuffle::Written> {
         let mut df = self.lazy(optimization_flags).collect_with_engine(engine.polars()?)?.unwrap_single();
-        shuffle::write_partitions(&mut df, output, format, dir)
+        shuffle::write_partitions(&mut df, output, boundaries, format, dir)
     }
 
     fn lazy(&self, optimization_flags: Option<u32>) -> LazyFrame {

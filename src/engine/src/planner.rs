@@ -39,6 +39,8 @@ pub struct Limits {
     pub min_rows_per_task: u64,
     /// Aggregate within each part before shuffling (the client's `allow_pre_aggregation`).
     pub pre_aggregate: bool,
+    /// Sort by range partitions rather than in one task (`allow_partitioned_sort`).
+    pub partitioned_sort: bool,
 }
 
 /// How a stage hands its output to the next one.
@@ -51,6 +53,20 @@ pub enum StageOutput {
     Hash { keys: Vec<String>, partitions: usize },
     /// The query's result (the last stage, one task).
     Result,
+    /// One file with `partitions - 1` boundaries of the first sort key, chosen from all the
+    /// key values the task reads (the sample stage of a range-partitioned sort).
+    Boundaries { key: String, descending: bool, nulls_last: bool, partitions: usize },
+    /// Each task writes `partitions` partitions by ranges of `key` between the boundaries that
+    /// stage `boundaries` found; consumer task `i` reads partition `i` of every task, and the
+    /// partitions follow the sort order.
+    Range { key: String, descending: bool, nulls_last: bool, partitions: usize, boundaries: usize },
+}
+
+impl StageOutput {
+    /// Consumer task `i` reads partition `i` of every task (not every task's one file).
+    pub fn is_partitioned(&self) -> bool {
+        matches!(self, StageOutput::Hash { .. } | StageOutput::Range { .. })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -293,6 +309,36 @@ impl Planner<'_> {
                 };
                 // A top-k: every part keeps its own first offset+len rows, the gathered
                 // candidates are sorted once more.
+                // A whole sort: sample the first key's boundaries, send each row to the
+                // partition of its key range, sort every partition; the partitions, in order,
+                // are the sorted rows.
+                let first_key = self.column_names(&by_column[..1.min(by_column.len())]).and_then(|k| k.into_iter().next());
+                // Not after a keyed aggregation (its hash-partitioned output is mostly small:
+                // one task sorts it faster than four stages would).
+                if let (Rel::Spread { hashed: None, .. }, None, Some(key)) = (&rel, slice, first_key)
+                    && self.limits.partitioned_sort
+                    && !sort_options.maintain_order
+                    && self.orderable(input, &key)
+                {
+                    let Rel::Spread { parts, label, .. } = rel else { unreachable!() };
+                    let (descending, nulls_last) = (sort_options.descending[0], sort_options.nulls_last[0]);
+                    let partitions = self.limits.max_tasks;
+                    let keys = parts.iter().map(|p| select_columns(p.clone(), [PlSmallStr::from(key.as_str())].iter())).collect();
+                    let sample = self.add_stage(keys, StageOutput::Single, format!("{label} → sort keys"));
+                    let boundaries = self.add_stage(
+                        vec![placeholder(sample, None)],
+                        StageOutput::Boundaries { key: key.clone(), descending, nulls_last, partitions },
+                        format!("boundaries of {key}"),
+                    );
+                    let ranged = self.add_stage(
+                        parts,
+                        StageOutput::Range { key: key.clone(), descending, nulls_last, partitions, boundaries },
+                        format!("{label} → range partition by {key}"),
+                    );
+                    self.graph.stages[ranged].inputs.push(boundaries);
+                    let parts = (0..partitions).map(|i| sort(placeholder(ranged, Some(i)), None)).collect();
+                    return Ok(Rel::Spread { parts, hashed: None, label: format!("stage {ranged} ranges → sort") });
+                }
                 let rel = match (rel, slice) {
                     (Rel::Spread { parts, label, .. }, Some((offset, len))) if offset >= 0 => {
                         let keep = Some((0, offset as usize + len));
@@ -648,6 +694,14 @@ impl Planner<'_> {
         condition.map_or_else(|| unsupported("an inequality join without keys"), Ok)
     }
 
+    /// Whether the column `name` of `node`'s output has a type range partitioning can order.
+    fn orderable(&self, node: Node, name: &str) -> bool {
+        let schema = self.arena().get(node).schema(self.arena());
+        schema.get(name).is_some_and(|dtype| {
+            dtype.is_primitive_numeric() || matches!(dtype, DataType::String | DataType::Date | DataType::Datetime(..) | DataType::Boolean)
+        })
+    }
+
     /// Hash partitioning sends equal keys to the same partition only when both sides hash
     /// the same types.
     fn same_key_dtypes(&self, left: Node, right: Node, on: &[(ExprIR, ExprIR)]) -> bool {
@@ -875,6 +929,8 @@ impl StageGraph {
                 StageOutput::Single => "gathered".to_string(),
                 StageOutput::Hash { keys, partitions } => format!("hash({}) into {partitions} partitions", keys.join(", ")),
                 StageOutput::Result => "result".to_string(),
+                StageOutput::Boundaries { key, partitions, .. } => format!("{} boundaries of {key}", partitions - 1),
+                StageOutput::Range { key, partitions, .. } => format!("ranges of {key} into {partitions} partitions"),
             };
             let inputs = if stage.inputs.is_empty() {
                 String::new()

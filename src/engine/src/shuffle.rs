@@ -67,11 +67,23 @@ const PARTITION_SEED: u64 = 0x706f_6c61_7273;
 
 /// Splits `df` into its output partitions and writes them under `dir` as `<i>.<ext>`.
 /// Every partition is written, empty ones too, so readers always find their files.
-pub fn write_partitions(df: &mut DataFrame, output: &StageOutput, format: ShuffleFormat, dir: &Path) -> PolarsResult<Written> {
+/// `boundaries`: for a `Range` output, the boundaries its sample stage wrote.
+pub fn write_partitions(
+    df: &mut DataFrame,
+    output: &StageOutput,
+    boundaries: Option<&Series>,
+    format: ShuffleFormat,
+    dir: &Path,
+) -> PolarsResult<Written> {
     std::fs::create_dir_all(dir).map_err(|e| polars_err!(ComputeError: "cannot create shuffle directory {}: {e}", dir.display()))?;
     let parts = match output {
         StageOutput::Hash { keys, partitions } => split_by_hash(df, keys, *partitions)?,
         StageOutput::Single | StageOutput::Result => vec![df.clone()],
+        StageOutput::Boundaries { key, descending, partitions, .. } => vec![sample_boundaries(df, key, *descending, *partitions)?],
+        StageOutput::Range { key, descending, nulls_last, partitions, .. } => {
+            let boundaries = boundaries.ok_or_else(|| polars_err!(ComputeError: "a range partitioning task got no boundaries"))?;
+            split_by_range(df, key, *descending, *nulls_last, *partitions, boundaries)?
+        }
     };
     let mut written = Written { rows: df.height() as u64, ..Default::default() };
     for (i, mut part) in parts.into_iter().enumerate() {
@@ -102,6 +114,43 @@ fn split_by_hash(df: &DataFrame, keys: &[String], partitions: usize) -> PolarsRe
         .into_iter()
         .map(|idx| df.take(&IdxCa::from_vec(PlSmallStr::EMPTY, idx)))
         .collect()
+}
+
+/// `partitions - 1` values of `key` that cut its sorted non-null values into equal runs.
+fn sample_boundaries(df: &DataFrame, key: &str, descending: bool, partitions: usize) -> PolarsResult<DataFrame> {
+    let values = df.column(key)?.as_materialized_series().drop_nulls();
+    let sorted = values.sort(SortOptions { descending, ..Default::default() })?;
+    let n = sorted.len();
+    let idx: Vec<IdxSize> = if n == 0 { Vec::new() } else { (1..partitions).map(|j| (n * j / partitions) as IdxSize).collect() };
+    let boundaries = sorted.take(&IdxCa::from_vec(PlSmallStr::EMPTY, idx))?;
+    DataFrame::new(boundaries.len(), vec![boundaries.into_column()])
+}
+
+/// Rows by the range of `key` they fall in: partition `i` holds keys after boundary `i - 1`
+/// up to boundary `i` in sort order (equal keys always in the same partition); nulls go to the
+/// first or the last partition as the sort puts them.
+fn split_by_range(df: &DataFrame, key: &str, descending: bool, nulls_last: bool, partitions: usize, boundaries: &Series) -> PolarsResult<Vec<DataFrame>> {
+    let values = df.column(key)?.as_materialized_series().clone();
+    let boundaries = boundaries.cast(values.dtype())?;
+    let positions = search_sorted(&boundaries, &values, SearchSortedSide::Left, descending)?;
+    let mut indices: Vec<Vec<IdxSize>> = vec![Vec::new(); partitions];
+    let nulls = values.is_null();
+    for (row, (position, null)) in positions.iter().zip(nulls.iter()).enumerate() {
+        let p = match (null, position) {
+            (Some(true), _) => if nulls_last { partitions - 1 } else { 0 },
+            (_, Some(p)) => (p as usize).min(partitions - 1),
+            (_, None) => 0,
+        };
+        indices[p].push(row as IdxSize);
+    }
+    indices.into_iter().map(|idx| df.take(&IdxCa::from_vec(PlSmallStr::EMPTY, idx))).collect()
+}
+
+/// Reads the boundaries a sample stage wrote (one column).
+pub fn read_boundaries(files: &[PathBuf], format: ShuffleFormat) -> PolarsResult<Series> {
+    let df = LazyFrame::from(input_scan(files, format)?).collect()?;
+    let column = df.columns().first().ok_or_else(|| polars_err!(ComputeError: "the boundaries file has no column"))?;
+    Ok(column.as_materialized_series().clone())
 }
 
 /// Replaces every input placeholder of `plan` by a scan of the local files given for it
