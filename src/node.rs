@@ -36,7 +36,6 @@ use crate::proto::client::client_service_server::ClientServiceServer;
 use crate::proto::membership_server::MembershipServer;
 use crate::proto::task_server::TaskServer;
 use crate::queries::{Policy, Queries, WorkerBounds};
-use crate::proto::shuffle_server::ShuffleServer;
 use crate::shuffle::ShuffleStore;
 use crate::task::TaskService;
 
@@ -361,6 +360,17 @@ fn serve(
             None => Box::pin(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("REST server") }),
         });
     }
+    if kind == ServiceKind::Shuffle {
+        // Shuffle files travel over plain HTTP (hyper streams bulk bodies far faster than
+        // gRPC messages); gRPC health checks are answered on the same port.
+        let store = roles.shuffle.expect("a worker has shuffle storage");
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let app = tonic::service::Routes::new(health).into_axum_router().merge(crate::shuffle::router(store));
+        return Ok(Box::pin(async move {
+            reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("shuffle service")
+        }));
+    }
     // Tonic does not apply these to a listener it did not bind (socket activation).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE));
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -401,10 +411,6 @@ fn serve(
     if kind == ServiceKind::Task {
         let tasks = roles.tasks.expect("a worker has a task service");
         router = router.add_service(TaskServer::new(tasks).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE));
-    }
-    if kind == ServiceKind::Shuffle {
-        let store = roles.shuffle.expect("a worker has shuffle storage");
-        router = router.add_service(ShuffleServer::new(store).max_encoding_message_size(MAX_MESSAGE));
     }
     Ok(Box::pin(async move {
         reporter.set_serving::<MembershipServer<Registry>>().await;

@@ -1,6 +1,6 @@
 //! Shuffle storage on a worker: where stage tasks write their output partitions, the shuffle
-//! service (default port 5053) that lets other workers fetch them, and the fetching of a
-//! task's inputs before it runs.
+//! service (default port 5053: `GET /v1/shuffle?path=...` over HTTP, streamed) that lets other
+//! workers fetch them, and the fetching of a task's inputs before it runs.
 //!
 //! Layout: `<shuffle_location>/<query id>/<worker instance id>/<stage>-<task>/<partition>.<ext>`
 //! for outputs, and `.../<worker instance id>/fetched/...` for inputs copied from other
@@ -8,22 +8,18 @@
 //! object store (`s3`, `gcs`, `abs`) outputs are uploaded under the same layout below the
 //! store's URL and readers download them: in both cases the shuffle service is not bound.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 use url::Url;
-use tokio::io::AsyncWriteExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
 
-use crate::proto::shuffle_client::ShuffleClient;
-use crate::proto::shuffle_server::Shuffle;
-use crate::proto::{FetchPartitionRequest, ResultChunk, StageTask};
+use crate::proto::StageTask;
 
 /// Concurrent fetches of one task's inputs.
 const PARALLEL_FETCHES: usize = 4;
@@ -41,8 +37,8 @@ struct Inner {
     /// Shuffle files live in an object store (its URL, the store, the path of that URL).
     remote: Option<Remote>,
     instance_id: String,
-    /// One HTTP/2 connection per peer shuffle service.
-    peers: Mutex<HashMap<String, ShuffleClient<tonic::transport::Channel>>>,
+    /// HTTP client for peers' shuffle services (keeps connections alive per peer).
+    http: reqwest::Client,
 }
 
 struct Remote {
@@ -53,7 +49,7 @@ struct Remote {
 
 impl ShuffleStore {
     pub fn new(root: PathBuf, shared: bool, instance_id: String) -> Self {
-        ShuffleStore { inner: Arc::new(Inner { root, shared, remote: None, instance_id, peers: Mutex::default() }) }
+        ShuffleStore { inner: Arc::new(Inner { root, shared, remote: None, instance_id, http: http_client() }) }
     }
 
     /// Shuffle files in an object store at `url` (`s3://bucket/prefix`, ...), configured by
@@ -64,7 +60,7 @@ impl ShuffleStore {
         let (store, prefix) = object_store::parse_url_opts(&parsed, options)
             .map_err(|e| format!("worker.shuffle_location: cannot use the object store at {url}: {e}"))?;
         let remote = Remote { url: url.trim_end_matches('/').to_string(), store, prefix };
-        Ok(ShuffleStore { inner: Arc::new(Inner { root: staging, shared: false, remote: Some(remote), instance_id, peers: Mutex::default() }) })
+        Ok(ShuffleStore { inner: Arc::new(Inner { root: staging, shared: false, remote: Some(remote), instance_id, http: http_client() }) })
     }
 
     /// The object path (below the store's prefix) of a query's files written by this worker.
@@ -183,30 +179,35 @@ impl ShuffleStore {
     }
 
     async fn fetch(&self, addr: &str, remote: &str, local: &Path) -> Result<(), String> {
-        let mut client = self.peer(addr)?;
-        let mut stream =
-            client.fetch_partition(FetchPartitionRequest { path: remote.to_string() }).await.map_err(|s| s.message().to_string())?.into_inner();
-        let mut file = tokio::fs::File::create(local).await.map_err(|e| e.to_string())?;
-        while let Some(chunk) = stream.message().await.map_err(|s| s.message().to_string())? {
-            file.write_all(&chunk.data).await.map_err(|e| e.to_string())?;
+        let url = Url::parse_with_params(&format!("http://{addr}/v1/shuffle"), [("path", remote)]).map_err(|e| e.to_string())?;
+        let mut response = self.inner.http.get(url).send().await.map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            let status = response.status();
+            return Err(format!("{status}: {}", response.text().await.unwrap_or_default()));
         }
-        file.flush().await.map_err(|e| e.to_string())
-    }
-
-    fn peer(&self, addr: &str) -> Result<ShuffleClient<tonic::transport::Channel>, String> {
-        let mut peers = self.inner.peers.lock().unwrap();
-        if let Some(c) = peers.get(addr) {
-            return Ok(c.clone());
+        // One blocking writer for the whole file, fed through a bounded channel.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+        let path = local.to_path_buf();
+        let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&path)?;
+            while let Some(chunk) = rx.blocking_recv() {
+                file.write_all(&chunk)?;
+            }
+            file.flush()
+        });
+        let received = async {
+            while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+                if tx.send(chunk).await.is_err() {
+                    break; // the writer failed: its error is reported below
+                }
+            }
+            Ok::<(), String>(())
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(8 << 20));
-        let client = ShuffleClient::new(endpoint.connect_lazy());
-        peers.insert(addr.to_string(), client.clone());
-        Ok(client)
+        .await;
+        drop(tx);
+        let written = writer.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string());
+        received.and(written)
     }
 
     /// Removes this worker's shuffle files of a query (and the query's directory once empty).
@@ -283,17 +284,64 @@ fn sanitize(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
 }
 
-#[tonic::async_trait]
-impl Shuffle for ShuffleStore {
-    type FetchPartitionStream = ReceiverStream<Result<ResultChunk, Status>>;
+/// The shuffle service's HTTP routes: `GET /v1/shuffle?path=FILE` streams a file of this
+/// worker's shuffle location in 1 MiB chunks (read by one blocking thread, bounded memory).
+pub fn router(store: ShuffleStore) -> axum::Router {
+    use axum::extract::{Query, State};
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
 
-    async fn fetch_partition(&self, request: Request<FetchPartitionRequest>) -> Result<Response<Self::FetchPartitionStream>, Status> {
-        let path = request.into_inner().path;
-        let Some(path) = self.servable(&path) else {
-            return Err(Status::permission_denied(format!("{path} is not a shuffle file of this worker")));
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(crate::task::stream_file(path, tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+    #[derive(serde::Deserialize)]
+    struct Fetch {
+        path: String,
     }
+
+    async fn fetch(State(store): State<ShuffleStore>, Query(q): Query<Fetch>) -> axum::response::Response {
+        let Some(path) = store.servable(&q.path) else {
+            return (StatusCode::FORBIDDEN, format!("{} is not a shuffle file of this worker", q.path)).into_response();
+        };
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => return (StatusCode::NOT_FOUND, format!("{}: {e}", path.display())).into_response(),
+        };
+        let length = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut file = file;
+            loop {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match file.read(&mut buf[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                if filled == 0 {
+                    return;
+                }
+                buf.truncate(filled);
+                if tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() {
+                    return;
+                }
+            }
+        });
+        let body = axum::body::Body::from_stream(ReceiverStream::new(rx));
+        ([(header::CONTENT_LENGTH, length.to_string())], body).into_response()
+    }
+
+    axum::Router::new().route("/v1/shuffle", axum::routing::get(fetch)).with_state(store)
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .build()
+        .expect("an HTTP client without TLS settings builds")
 }
