@@ -66,44 +66,65 @@ impl<'a> StageRun<'a> {
         }
     }
 
-    /// Runs every stage; the last one's output is the query's result.
+    /// Runs every stage; the last one's output is the query's result. Stages whose inputs are
+    /// all done run together (the two sides of a hash join, say).
     pub(crate) async fn run(mut self) -> Result<(TaskSuccess, WorkerInfo, Vec<StageStats>), String> {
         let last = self.graph.stages.len() - 1;
-        for stage in 0..=last {
-            let mut span = crate::monitoring::span(
-                "stage",
-                [
-                    KeyValue::new("polars.query_id", self.query.id.to_string()),
-                    KeyValue::new("polars.stage", stage as i64),
-                    KeyValue::new("polars.tasks", self.graph.stages[stage].tasks.len() as i64),
-                    KeyValue::new("polars.stage.label", self.graph.stages[stage].label.clone()),
-                ],
-            );
-            let ran = self.ensure(stage).await;
-            span.set_attribute(KeyValue::new("polars.rows", self.stats[stage].rows as i64));
-            span.set_attribute(KeyValue::new("polars.shuffle.bytes_written", self.stats[stage].bytes as i64));
-            if let Err(e) = &ran {
-                span.set_status(opentelemetry::trace::Status::error(e.clone()));
+        let mut depth = vec![0usize; self.graph.stages.len()];
+        for (i, stage) in self.graph.stages.iter().enumerate() {
+            depth[i] = stage.inputs.iter().map(|&d| depth[d] + 1).max().unwrap_or(0);
+        }
+        for level in 0..=depth[last] {
+            let stages: Vec<usize> = (0..=last).filter(|&s| depth[s] == level).collect();
+            let mut spans: Vec<_> = stages
+                .iter()
+                .map(|&stage| {
+                    crate::monitoring::span(
+                        "stage",
+                        [
+                            KeyValue::new("polars.query_id", self.query.id.to_string()),
+                            KeyValue::new("polars.stage", stage as i64),
+                            KeyValue::new("polars.tasks", self.graph.stages[stage].tasks.len() as i64),
+                            KeyValue::new("polars.stage.label", self.graph.stages[stage].label.clone()),
+                        ],
+                    )
+                })
+                .collect();
+            let ran = self.ensure(&stages).await;
+            for (span, &stage) in spans.iter_mut().zip(&stages) {
+                span.set_attribute(KeyValue::new("polars.rows", self.stats[stage].rows as i64));
+                span.set_attribute(KeyValue::new("polars.shuffle.bytes_written", self.stats[stage].bytes as i64));
+                if let Err(e) = &ran {
+                    span.set_status(opentelemetry::trace::Status::error(e.clone()));
+                }
+                span.end();
             }
-            span.end();
             ran?;
             if self.query.status().is_terminal() {
                 return Err("ComputeError: the query was canceled".into());
             }
-            self.queries.stage_finished(self.query, stage, &self.stats);
+            for &stage in &stages {
+                self.queries.stage_finished(self.query, stage, &self.stats);
+            }
         }
         let done = self.outputs[last][0].clone().expect("the result stage ran");
         Ok((done.success, done.worker, self.stats))
     }
 
-    /// Makes sure every task of `stage` has an output on a live worker, rerunning lost inputs.
-    async fn ensure(&mut self, stage: usize) -> Result<(), String> {
+    /// Makes sure every task of `stages` has an output on a live worker: their inputs first
+    /// (recomputing outputs lost with a worker), then all their missing tasks at once.
+    async fn ensure(&mut self, stages: &[usize]) -> Result<(), String> {
         loop {
             self.forget_lost_outputs();
-            for input in self.graph.stages[stage].inputs.clone() {
-                Box::pin(self.ensure(input)).await?;
+            let inputs: BTreeSet<usize> = stages.iter().flat_map(|&s| self.graph.stages[s].inputs.iter().copied()).collect();
+            if !inputs.is_empty() {
+                Box::pin(self.ensure(&inputs.into_iter().collect::<Vec<_>>())).await?;
             }
-            let missing: Vec<usize> = (0..self.outputs[stage].len()).filter(|t| self.outputs[stage][*t].is_none()).collect();
+            let outputs = &self.outputs;
+            let missing: Vec<(usize, usize)> = stages
+                .iter()
+                .flat_map(|&s| outputs[s].iter().enumerate().filter(|(_, o)| o.is_none()).map(move |(t, _)| (s, t)))
+                .collect();
             if missing.is_empty() {
                 return Ok(());
             }
@@ -111,16 +132,16 @@ impl<'a> StageRun<'a> {
                 return Err("ComputeError: the query was canceled".into());
             }
             let live = self.live_workers().await?;
-            let assigned: Vec<(usize, WorkerInfo, RunTaskRequest)> =
-                missing.iter().map(|&task| (task, self.deal(&live), self.request(stage, task))).collect();
+            let assigned: Vec<(usize, usize, WorkerInfo, RunTaskRequest)> =
+                missing.iter().map(|&(stage, task)| (stage, task, self.deal(&live), self.request(stage, task))).collect();
             let this = &*self;
-            let runs = assigned.into_iter().map(|(task, worker, request)| async move {
+            let runs = assigned.into_iter().map(|(stage, task, worker, request)| async move {
                 let result = this.run_task(stage, task, &worker, request).await;
-                (task, worker, result)
+                (stage, task, worker, result)
             });
             let results = join_all(runs).await;
             let mut first_error = None;
-            for (task, worker, result) in results {
+            for (stage, task, worker, result) in results {
                 match result {
                     Ok(success) => {
                         let stats = &mut self.stats[stage];
