@@ -23,6 +23,14 @@ pub struct Monitoring {
     meter: SdkMeterProvider,
 }
 
+/// Whether this node exports traces (`[monitoring]` started).
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans of this node go anywhere (extra span attributes cost work only then).
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Starts exporting to the observatory at `observatory_addr`. Must run inside the Tokio
 /// runtime: the gRPC channels live on it.
 pub fn start(instance_id: &str, cluster_id: &str, observatory_addr: &str, host: &HostMetricsConfig) -> anyhow::Result<Monitoring> {
@@ -42,6 +50,7 @@ pub fn start(instance_id: &str, cluster_id: &str, observatory_addr: &str, host: 
     let spans = Quiet::new(spans, "spans", observatory_addr);
     let tracer = SdkTracerProvider::builder().with_resource(resource.clone()).with_batch_exporter(spans).build();
     opentelemetry::global::set_tracer_provider(tracer.clone());
+    EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
 
     let metrics = opentelemetry_otlp::MetricExporter::builder()
         .with_tonic()

@@ -137,6 +137,8 @@ pub struct Query {
     /// Every worker that ran a task of the query (to cancel and release it there).
     participants: Mutex<Vec<WorkerInfo>>,
     pub result_dir: PathBuf,
+    /// The plan scans files (only such plans are split).
+    reads_files: bool,
 }
 
 impl Query {
@@ -218,6 +220,7 @@ impl Queries {
             .and_then(|()| engine::Plan::read(&submission.plan).map_err(|e| engine::describe_error(&e)))
             .and_then(|plan| check_policy(self.inner.policy, &plan).map(|()| plan));
         let target = read.as_ref().map(|p| p.target.clone()).unwrap_or(engine::Target::InMemory);
+        let reads_files = read.as_ref().is_ok_and(|p| p.reads_files());
         let query = Arc::new(Query {
             id,
             result_dir: self.inner.result_root.join(id.to_string()),
@@ -227,6 +230,7 @@ impl Queries {
             outcome: Mutex::default(),
             worker: Mutex::default(),
             participants: Mutex::default(),
+            reads_files,
         });
         self.inner.queries.lock().unwrap().insert(id, query.clone());
         match read {
@@ -409,6 +413,7 @@ impl Queries {
             target: target as i32,
             stage: None,
             output_dir: String::new(),
+            report_ir_plan: false,
         };
         let response = client.run_task(request).await?.into_inner();
         response.outcome.ok_or_else(|| tonic::Status::internal("the worker sent no outcome"))
@@ -454,6 +459,13 @@ impl Queries {
         let Some(distribution) = query.submission.distribution.clone() else {
             return Ok(None);
         };
+        if !query.reads_files {
+            // In-memory frames only: nothing to split, no planning pass needed to know it.
+            return match distribution.forbid_single_worker {
+                true => Err(forbidden("the query reads no files")),
+                false => Ok(None),
+            };
+        }
         let bounds = self.inner.policy.bounds;
         let cap = bounds.max_workers_per_query.unwrap_or(u32::MAX);
         if distribution.min_workers > cap {
@@ -512,10 +524,7 @@ impl Queries {
                 drop(outcome);
                 Ok(Some((graph, workers)))
             }
-            Split::Whole(why) if distribution.forbid_single_worker => Err(format!(
-                "InvalidOperationError: the query would run whole on one worker because {why}, and single_worker_ops is FORBID; \
-                 allow single-worker operations or run it with .single_node()"
-            )),
+            Split::Whole(why) if distribution.forbid_single_worker => Err(forbidden(&why)),
             Split::Whole(why) => {
                 info!(query = %query.id, "query runs whole on one worker: {why}");
                 Ok(None)
@@ -644,6 +653,14 @@ impl Queries {
     pub fn worker_of(&self, query: &Query) -> Option<WorkerInfo> {
         query.worker.lock().unwrap().clone()
     }
+}
+
+/// The error of a query that would run whole on one worker with `single_worker_ops = FORBID`.
+fn forbidden(why: &str) -> String {
+    format!(
+        "InvalidOperationError: the query would run whole on one worker because {why}, and single_worker_ops is FORBID; \
+         allow single-worker operations or run it with .single_node()"
+    )
 }
 
 /// The stage graph as the observatory stores it (an attribute of the query's span).

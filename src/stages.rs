@@ -280,6 +280,7 @@ impl<'a> StageRun<'a> {
                 range,
             }),
             output_dir: String::new(),
+            report_ir_plan: false,
         }
     }
 

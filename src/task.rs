@@ -39,6 +39,9 @@ struct Inner {
     canceled: Mutex<HashSet<String>>,
     /// Result files this worker wrote: the only files FetchResult serves.
     written: Mutex<HashSet<PathBuf>>,
+    /// An execution process started ahead of the next task (loaded and initialised, waiting
+    /// for its task on stdin), so that a task does not wait for a process to start.
+    spare: Mutex<Option<tokio::process::Child>>,
 }
 
 impl TaskService {
@@ -51,8 +54,47 @@ impl TaskService {
                 running: Mutex::default(),
                 canceled: Mutex::default(),
                 written: Mutex::default(),
+                spare: Mutex::default(),
             }),
         })
+    }
+
+    /// Starts an execution process (`polars-node exec-task`), which waits for a task on stdin.
+    fn start_process(&self) -> std::io::Result<tokio::process::Child> {
+        let mut command = tokio::process::Command::new(&self.inner.exe);
+        command
+            .arg("exec-task")
+            .envs(&self.inner.env_vars)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: only an async-signal-safe prctl between fork and exec. It makes the process
+        // die with its worker, so a killed worker leaves no work (and no spare) behind.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        command.spawn()
+    }
+
+    /// The spare execution process if it is alive (and a new spare for the next task), else a
+    /// newly started one.
+    fn take_process(&self) -> std::io::Result<tokio::process::Child> {
+        let spare = self.inner.spare.lock().unwrap().take().and_then(|mut child| match child.try_wait() {
+            Ok(None) => Some(child), // still waiting for a task
+            _ => None,
+        });
+        let process = match spare {
+            Some(child) => child,
+            None => self.start_process()?,
+        };
+        match self.start_process() {
+            Ok(next) => *self.inner.spare.lock().unwrap() = Some(next),
+            Err(e) => warn!("cannot start a spare execution process: {e}"),
+        }
+        Ok(process)
     }
 
     /// Tasks still running (for a graceful stop).
@@ -76,22 +118,8 @@ impl TaskService {
             }
             request.output_dir = self.inner.shuffle.output_dir(&query_id, stage.stage, stage.task).display().to_string();
         }
-        let mut command = tokio::process::Command::new(&self.inner.exe);
-        command
-            .arg("exec-task")
-            .envs(&self.inner.env_vars)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        // SAFETY: only an async-signal-safe prctl between fork and exec. It makes the task die
-        // with its worker, so a killed worker leaves no work behind.
-        unsafe {
-            command.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
-            });
-        }
-        let mut child = command.spawn().map_err(|e| format!("cannot start the execution process: {e}"))?;
+        request.report_ir_plan = crate::monitoring::exporting();
+        let mut child = self.take_process().map_err(|e| format!("cannot start the execution process: {e}"))?;
         if let Some(pid) = child.id() {
             self.inner.running.lock().unwrap().insert(key.clone(), (query_id.clone(), pid));
         }
@@ -273,10 +301,12 @@ pub fn exec_task() -> Result<(), String> {
     use crate::proto::EngineChoice;
     use std::io::{Read, Write};
 
+    // Initialise before the task arrives: a spare process is ready when it does.
+    engine::init();
+    engine::warm_up();
     let mut input = Vec::new();
     std::io::stdin().read_to_end(&mut input).map_err(|e| e.to_string())?;
     let request = RunTaskRequest::decode(input.as_slice()).map_err(|e| format!("unreadable task: {e}"))?;
-    engine::init();
     let choice = match EngineChoice::try_from(request.engine).unwrap_or(EngineChoice::Auto) {
         EngineChoice::Streaming => engine::EngineChoice::Streaming,
         EngineChoice::InMemory => engine::EngineChoice::InMemory,
@@ -305,8 +335,11 @@ fn run_whole(request: &RunTaskRequest, choice: engine::EngineChoice, target: eng
             polars_node_engine::polars::prelude::polars_bail!(ComputeError: "the plan's sink does not match the task's result target");
         }
         // The plan as optimized for this run, for the observatory (an unexplainable plan
-        // still runs).
-        let ir_plan = plan.explain(request.optimization_flags).unwrap_or_default();
+        // still runs); another optimisation pass, so only when traces go somewhere.
+        let ir_plan = match request.report_ir_plan {
+            true => plan.explain(request.optimization_flags).unwrap_or_default(),
+            false => String::new(),
+        };
         plan.execute(choice, request.optimization_flags, Path::new(&request.result_dir), request.head_rows as usize)
             .map(|done| (done, ir_plan))
     });
@@ -350,7 +383,8 @@ fn run_stage(request: &RunTaskRequest, stage: &crate::proto::StageTask, choice: 
     let outcome = engine::Plan::fragment(&request.plan, target).and_then(|mut plan| {
         plan.with_inputs(&inputs, format)?;
         if is_result {
-            let ir_plan = plan.explain(request.optimization_flags).unwrap_or_default();
+            // The scheduler reports the whole query's plan of a split query.
+            let ir_plan = String::new();
             let done = plan.execute(choice, request.optimization_flags, Path::new(&request.result_dir), request.head_rows as usize)?;
             return Ok(TaskSuccess {
                 files: done.files.iter().map(|p| p.display().to_string()).collect(),

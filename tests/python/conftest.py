@@ -127,6 +127,23 @@ scheduler_service.public_addr = "127.0.0.1:1"
             p.wait()
 
 
+def busy_task_processes(pid: int) -> list[int]:
+    """Execution processes of the worker `pid` that are working on a task: those that used
+    CPU since they started (a worker's spare process waits for its task on stdin, idle)."""
+    import subprocess
+
+    busy = []
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        try:
+            stat = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()
+            state, ticks = stat[0], int(stat[11]) + int(stat[12])  # utime + stime
+        except (OSError, IndexError, ValueError):
+            continue
+        if state == "R" or ticks > 10:
+            busy.append(int(child))
+    return busy
+
+
 @contextlib.contextmanager
 def running_cluster(root: Path, workers: dict[str, str], scheduler: str = ""):
     """A scheduler (with `scheduler` extra keys) and `workers` (name -> loopback address)."""

@@ -12,6 +12,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import polars_cloud as pc
+from conftest import busy_task_processes
 from polars_cloud.query.query_status import QueryStatus
 
 
@@ -90,12 +91,18 @@ def test_get_status_then_await(ctx):
     assert_frame_equal(result.lazy().collect(), revenue().collect())
 
 
-def execution_processes() -> int:
-    out = subprocess.run(["pgrep", "-f", "polars-node exec-task"], capture_output=True, text=True)
-    return len(out.stdout.split())
+def execution_processes(cluster) -> set[str]:
+    """Execution processes of this cluster's workers: running tasks, and at most one spare per
+    worker (started ahead of the next task)."""
+    pids = set()
+    for name, proc in cluster.procs.items():
+        if name.startswith("worker"):
+            out = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "exec-task"], capture_output=True, text=True)
+            pids |= set(out.stdout.split())
+    return pids
 
 
-def test_cancel_a_long_query(ctx):
+def test_cancel_a_long_query(ctx, cluster):
     long = pl.LazyFrame({"a": range(3000)}).join(pl.LazyFrame({"b": range(3000)}), how="cross")
     long = long.with_columns((pl.col("a") * pl.col("b")).alias("c")).sort("c").select(pl.col("c").sum())
     query = long.remote(ctx).execute(blocking=False)
@@ -103,14 +110,17 @@ def test_cancel_a_long_query(ctx):
     while query.get_status() != QueryStatus.INPROGRESS and time.time() < deadline:
         time.sleep(0.05)
     assert query.get_status() == QueryStatus.INPROGRESS
-    assert execution_processes() >= 1
+    workers = sum(name.startswith("worker") for name in cluster.procs)
+    running = execution_processes(cluster)
+    assert len(running) > workers - 1, running  # the task's process besides the spares
     query.cancel()
     assert query.get_status() == QueryStatus.CANCELED
-    # The work stops on the worker: its execution process is gone.
+    # The work stops on the worker: its execution process is gone, only spares remain.
     deadline = time.time() + 10
-    while execution_processes() and time.time() < deadline:
+    while not (running - execution_processes(cluster)) and time.time() < deadline:
         time.sleep(0.1)
-    assert execution_processes() == 0
+    assert running - execution_processes(cluster), "the canceled task's process still runs"
+    assert len(execution_processes(cluster)) <= workers
 
 
 def test_delete_result(ctx):
@@ -183,8 +193,7 @@ def kill_the_busy_worker(cluster, query) -> str:
     while time.time() < deadline:
         if query.get_status() == QueryStatus.INPROGRESS:
             for name, proc in cluster.procs.items():
-                children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-                if name.startswith("worker") and children:
+                if name.startswith("worker") and busy_task_processes(proc.pid):
                     proc.kill()
                     proc.wait()
                     return name

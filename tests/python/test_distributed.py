@@ -17,7 +17,7 @@ from polars_cloud.query.query_status import QueryStatus
 
 sys.path.insert(0, str(Path(__file__).parent))
 import pdsh  # noqa: E402
-from conftest import free_port, running_cluster  # noqa: E402
+from conftest import busy_task_processes, free_port, running_cluster  # noqa: E402
 
 SCALE = os.environ.get("PDSH_SCALE", "0.1")
 
@@ -153,10 +153,9 @@ def test_hash_joins(tpch, dcluster, dctx):
 
 
 def busy_worker(cluster, names) -> str | None:
-    """A worker that runs a task now (it has an execution process)."""
+    """A worker that runs a task now (an execution process of its is working)."""
     for name in names:
-        proc = cluster.procs[name]
-        if subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        if busy_task_processes(cluster.procs[name].pid):
             return name
     return None
 

@@ -26,6 +26,16 @@ pub fn init() {
     ONCE.get_or_init(polars::sql::register_sql_resolver);
 }
 
+/// Runs a tiny query on each engine, so that the thread pools and the streaming executor exist
+/// before a task arrives (a worker's spare execution process does this while it waits).
+pub fn warm_up() {
+    if let Ok(df) = DataFrame::new(1, vec![Column::new("a".into(), [1i64])]) {
+        for engine in [Engine::Streaming, Engine::InMemory] {
+            let _ = df.clone().lazy().select([col("a") + lit(1)]).collect_with_engine(engine);
+        }
+    }
+}
+
 /// The `DSL_SCHEMA_HASH` in the header of a serialized plan, if it has one.
 pub fn schema_hash_of(plan: &[u8]) -> Option<&str> {
     let rest = plan.strip_prefix(DSL_MAGIC)?;
@@ -113,6 +123,14 @@ impl Plan {
     /// The query without its result sink.
     pub fn query(&self) -> &DslPlan {
         &self.query
+    }
+
+    /// Whether the plan reads files (or object stores): a plan of in-memory frames only is
+    /// never worth splitting, and needs no planning pass to know it.
+    pub fn reads_files(&self) -> bool {
+        let mut found = false;
+        walk(&self.query, &mut |p| found |= matches!(p, DslPlan::Scan { .. }));
+        found
     }
 
     /// Splits the query into stages (see [`planner`]).
