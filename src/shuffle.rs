@@ -105,10 +105,6 @@ impl ShuffleStore {
         tokio::fs::write(local, &data).await.map_err(|e| e.to_string())
     }
 
-    pub fn instance_id(&self) -> &str {
-        &self.inner.instance_id
-    }
-
     fn query_dir(&self, query_id: &str) -> PathBuf {
         self.inner.root.join(sanitize(query_id)).join(sanitize(&self.inner.instance_id))
     }
@@ -306,36 +302,41 @@ pub fn router(store: ShuffleStore) -> axum::Router {
         };
         let length = file.metadata().map(|m| m.len()).unwrap_or(0);
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
-        tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let mut file = file;
-            loop {
-                let mut buf = vec![0u8; 1 << 20];
-                let mut filled = 0;
-                while filled < buf.len() {
-                    match file.read(&mut buf[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) => {
-                            let _ = tx.blocking_send(Err(e));
-                            return;
-                        }
-                    }
-                }
-                if filled == 0 {
-                    return;
-                }
-                buf.truncate(filled);
-                if tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() {
-                    return;
-                }
-            }
-        });
+        tokio::task::spawn_blocking(move || read_chunks(file, |chunk| tx.blocking_send(chunk.map(bytes::Bytes::from)).is_ok()));
         let body = axum::body::Body::from_stream(ReceiverStream::new(rx));
         ([(header::CONTENT_LENGTH, length.to_string())], body).into_response()
     }
 
     axum::Router::new().route("/v1/shuffle", axum::routing::get(fetch)).with_state(store)
+}
+
+/// Reads `file` in 1 MiB pieces on the calling (blocking) thread and hands each to `send`
+/// until it returns false; a read error is handed over and ends the read. One thread for the
+/// whole file, not a blocking call per chunk.
+pub(crate) fn read_chunks(mut file: std::fs::File, mut send: impl FnMut(std::io::Result<Vec<u8>>) -> bool) {
+    use std::io::Read;
+    loop {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut filled = 0;
+        // Whole chunks: fewer, larger messages.
+        while filled < buf.len() {
+            match file.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => {
+                    send(Err(e));
+                    return;
+                }
+            }
+        }
+        if filled == 0 {
+            return;
+        }
+        buf.truncate(filled);
+        if !send(Ok(buf)) {
+            return;
+        }
+    }
 }
 
 fn http_client() -> reqwest::Client {

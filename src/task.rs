@@ -256,39 +256,14 @@ impl Task for TaskService {
     }
 }
 
-/// Streams a file in 1 MiB chunks; the bounded channel keeps memory bounded. The file is read
-/// by one blocking thread for the whole stream (not one blocking call per chunk).
-pub(crate) async fn stream_file(path: PathBuf, tx: tokio::sync::mpsc::Sender<Result<ResultChunk, Status>>) {
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = tx.blocking_send(Err(Status::not_found(format!("{}: {e}", path.display()))));
-                return;
-            }
-        };
-        loop {
-            let mut buf = vec![0u8; 1 << 20];
-            let mut filled = 0;
-            // Fill whole chunks: fewer, larger messages.
-            while filled < buf.len() {
-                match file.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(Status::internal(e.to_string())));
-                        return;
-                    }
-                }
-            }
-            if filled == 0 {
-                return;
-            }
-            buf.truncate(filled);
-            if tx.blocking_send(Ok(ResultChunk { data: buf })).is_err() {
-                return;
-            }
+/// Streams a file in 1 MiB chunks; the bounded channel keeps memory bounded.
+async fn stream_file(path: PathBuf, tx: tokio::sync::mpsc::Sender<Result<ResultChunk, Status>>) {
+    tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
+        Ok(file) => crate::shuffle::read_chunks(file, |chunk| {
+            tx.blocking_send(chunk.map(|data| ResultChunk { data }).map_err(|e| Status::internal(e.to_string()))).is_ok()
+        }),
+        Err(e) => {
+            let _ = tx.blocking_send(Err(Status::not_found(format!("{}: {e}", path.display()))));
         }
     })
     .await
