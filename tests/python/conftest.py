@@ -40,7 +40,8 @@ class Cluster:
             [BIN, "service", "--config-path", str(path)], stdout=log, stderr=subprocess.STDOUT, env=env
         )
 
-    def start_scheduler(self, extra: str = "") -> None:
+    def start_scheduler(self, extra: str = "", tables: str = "") -> None:
+        """`extra`: further [scheduler] keys; `tables`: further TOML tables."""
         self.start(
             "scheduler",
             f"""instance_id = "scheduler"
@@ -50,6 +51,7 @@ enabled = true
 client_service.bind_addr = "127.0.0.1:{self.client_port}"
 worker_service.bind_addr = "127.0.0.1:{self.worker_port}"
 anonymous_result_location.local.path = "{self.results}"
+{tables}
 """,
         )
 

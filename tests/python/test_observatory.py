@@ -143,15 +143,8 @@ def monitored(tmp_path_factory):
     root = tmp_path_factory.mktemp("monitored")
     c = Cluster(root)
     otlp, rest = free_port("127.0.0.1"), free_port("127.0.0.1")
-    c.start(
-        "scheduler",
-        f"""instance_id = "scheduler"
-[scheduler]
-enabled = true
-client_service.bind_addr = "127.0.0.1:{c.client_port}"
-worker_service.bind_addr = "127.0.0.1:{c.worker_port}"
-anonymous_result_location.local.path = "{c.results}"
-[observatory]
+    c.start_scheduler(
+        tables=f"""[observatory]
 enabled = true
 service.bind_addr = "127.0.0.1:{otlp}"
 rest_api.service.bind_addr = "127.0.0.1:{rest}"
@@ -159,7 +152,7 @@ database_path = "{root / 'data.db'}"
 [monitoring]
 enabled = true
 host_metrics.disk_usage_metrics = true
-""",
+"""
     )
     for name, ip in (("worker-1", "127.0.0.2"), ("worker-2", "127.0.0.3")):
         c.start_worker(name, ip, tables="[monitoring]\nenabled = true",
@@ -359,20 +352,7 @@ def test_an_unreachable_observatory_costs_a_warning_not_an_error(tmp_path):
     the node only logs that it cannot export."""
     c = Cluster(tmp_path)
     dead = free_port("127.0.0.1")  # nothing listens here
-    c.start(
-        "scheduler",
-        f"""instance_id = "scheduler"
-[scheduler]
-enabled = true
-client_service.bind_addr = "127.0.0.1:{c.client_port}"
-worker_service.bind_addr = "127.0.0.1:{c.worker_port}"
-anonymous_result_location.local.path = "{c.results}"
-[monitoring]
-enabled = true
-[static_leader]
-observatory_service.public_addr = "127.0.0.1:{dead}"
-""",
-    )
+    c.start_scheduler(tables=f'[monitoring]\nenabled = true\n[static_leader]\nobservatory_service.public_addr = "127.0.0.1:{dead}"')
     c.start_worker("worker-u", "127.0.0.2", tables="[monitoring]\nenabled = true", leader=f'observatory_service.public_addr = "127.0.0.1:{dead}"')
     try:
         c.wait_for_workers(["worker-u"])

@@ -94,16 +94,8 @@ def secure(tmp_path_factory):
     cert = certificates(root)
     keys = KeyServer()
     c = Cluster(root)
-    c.start(
-        "scheduler",
-        f"""instance_id = "scheduler"
-[scheduler]
-enabled = true
-client_service.bind_addr = "127.0.0.1:{c.client_port}"
-worker_service.bind_addr = "127.0.0.1:{c.worker_port}"
-anonymous_result_location.local.path = "{c.results}"
-
-[scheduler.client_service.connection.tls]
+    c.start_scheduler(
+        tables=f"""[scheduler.client_service.connection.tls]
 certificate_key_file = "{root / 'cert.pem'}"
 private_key_file = "{root / 'key.pem'}"
 
