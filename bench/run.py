@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 class Cluster:
-    def __init__(self, binary: str, root: Path, workers: int):
+    def __init__(self, binary: str, root: Path, workers: int, threads: int | None = None):
         self.binary, self.root, self.procs = binary, root, []
         self.client, self.worker_port = free_port(), free_port()
         self.shuffle = {}
@@ -60,6 +60,7 @@ enabled = true
 task_service.bind_addr = "127.0.0.1:{free_port()}"
 shuffle_service.bind_addr = "127.0.0.1:{shuffle_port}"
 shuffle_location.local.path = "{root / f'worker-{i}'}"
+{f'env_vars = {{ POLARS_MAX_THREADS = "{threads}" }}' if threads else ""}
 [static_leader]
 scheduler_service.public_addr = "127.0.0.1:{self.worker_port}"
 """)
@@ -204,15 +205,17 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--trips", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--worker-threads", type=int, help="POLARS_MAX_THREADS of each worker's engine (worker.env_vars)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache/polars-node/bench"))
     args = ap.parse_args()
     out = HERE / "results" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     mem = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) // 1024 // 1024
-    results = {"machine": f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, {platform.platform()}", "pdsh": {}}
+    results = {"machine": f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, {platform.platform()}", "pdsh": {},
+               "worker_threads": args.worker_threads}
     with tempfile.TemporaryDirectory(prefix="polars-node-bench-") as tmp:
-        cluster = Cluster(args.bin, Path(tmp), args.workers)
+        cluster = Cluster(args.bin, Path(tmp), args.workers, args.worker_threads)
         try:
             ctx = pc.ClusterContext(uri=cluster.uri)
             for scale in args.scales:
