@@ -287,3 +287,13 @@ def test_range_partitioned_sort(tpch, dcluster, dctx):
     assert_frame_equal(result.lazy().collect(), q.collect())
     assert result.total_stages >= 5, result.total_stages
     assert "ranges of l_orderkey" in result.plan() or "range of l_orderkey" in result.plan(), result.plan()
+
+
+def test_user_sink_of_a_split_query(tpch, tmp_path, dctx):
+    """`sink_parquet(path)`: the query below the sink is split, its last task writes the file."""
+    t = pdsh.tables(tpch)
+    q = pdsh.q3(t)
+    target = tmp_path / "q3.parquet"
+    result = q.remote(dctx).sink_parquet(str(target), sink_to_single_file=True).await_result()
+    assert result.total_stages >= 2, result.total_stages
+    assert_frame_equal(pl.read_parquet(target), q.collect(), check_exact=False, rel_tol=1e-9)

@@ -135,10 +135,24 @@ impl Plan {
 
     /// Splits the query into stages (see [`planner`]).
     pub fn plan_stages(&self, optimization_flags: Option<u32>, limits: planner::Limits) -> PolarsResult<planner::Split> {
-        if self.target == Target::User {
-            return Ok(planner::Split::Whole("queries that write their own sink are not split yet".into()));
+        // A user's sink: the query below it is split, and its last task writes the sink as the
+        // client wrote it.
+        let (query, sink) = match &self.query {
+            DslPlan::Sink { input, payload } => (input.as_ref(), Some(payload)),
+            DslPlan::SinkMultiple { .. } => return Ok(planner::Split::Whole("queries with several sinks are not split yet".into())),
+            query => (query, None),
+        };
+        let mut split = planner::plan_stages(query, optimization_flags, limits)?;
+        if let (planner::Split::Stages(graph), Some(payload)) = (&mut split, sink) {
+            let last = graph.stages.last_mut().expect("a stage graph ends in its result stage");
+            let fragment = DslPlan::deserialize_versioned(last.tasks[0].as_slice())?;
+            let sunk = DslPlan::Sink { input: Arc::new(fragment), payload: payload.clone() };
+            let mut bytes = Vec::new();
+            sunk.serialize_versioned(&mut bytes, Default::default())?;
+            last.tasks[0] = bytes;
+            last.label = "write the query's sink".into();
         }
-        planner::plan_stages(&self.query, optimization_flags, limits)
+        Ok(split)
     }
 
     /// Points the fragment's input placeholders at the local shuffle files fetched for them.
