@@ -4,7 +4,6 @@
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,10 +15,7 @@ BIN = os.environ.get("POLARS_NODE_BIN") or str(
 )
 
 
-def free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
+from ports import free_port  # noqa: E402,F401  (tests import it from here)
 
 
 class Cluster:
