@@ -33,10 +33,10 @@ async function queriesPage() {
   if (!queries.length) return panel("Queries", el("div", { class: "empty" }, "No query has reported yet."));
   const rows = queries.map((q) =>
     el("tr", { class: "link", "data-query": q.query_id, onclick: () => (location.hash = `#/query/${q.query_id}`) },
-      el("td", {}, el("code", {}, q.query_id)), el("td", {}, badge(q.status)),
-      el("td", {}, when(q.start_ns)), el("td", {}, ms(q.end_ns - q.start_ns)), el("td", {}, q.spans)));
+      el("td", {}, el("code", {}, q.query_id)), el("td", {}, badge(q.status)), el("td", {}, q.user || "—"),
+      el("td", {}, q.query_type || ""), el("td", {}, when(q.start_ns)), el("td", {}, ms(q.end_ns - q.start_ns)), el("td", {}, q.spans)));
   return panel("Queries", el("table", { id: "queries" },
-    el("thead", {}, el("tr", {}, ...["Query", "Status", "Started", "Duration", "Spans"].map((h) => el("th", {}, h)))),
+    el("thead", {}, el("tr", {}, ...["Query", "Status", "User", "Type", "Started", "Duration", "Spans"].map((h) => el("th", {}, h)))),
     el("tbody", {}, ...rows)));
 }
 

@@ -31,6 +31,7 @@ async fn queries(State(store): State<Store>) -> Result<Json<serde_json::Value>, 
                 "query_id": q.query_id, "start_ns": q.start_ns, "end_ns": q.end_ns,
                 "duration_ms": (q.end_ns - q.start_ns) as f64 / 1e6, "spans": q.spans,
                 "status": if q.failed_spans > 0 { "failed" } else { "ok" },
+                "user": q.user, "query_type": q.query_type,
             })
         })
         .collect();

@@ -54,6 +54,9 @@ pub struct QuerySeen {
     pub end_ns: i64,
     pub spans: i64,
     pub failed_spans: i64,
+    /// From the scheduler's span of the whole query, once it has arrived.
+    pub user: Option<String>,
+    pub query_type: Option<String>,
 }
 
 impl Store {
@@ -175,11 +178,21 @@ impl Store {
     pub fn queries(&self) -> rusqlite::Result<Vec<QuerySeen>> {
         let db = self.db.lock().unwrap();
         let mut stmt = db.prepare(
-            "SELECT query_id, MIN(start_ns), MAX(end_ns), COUNT(*), SUM(status_code = 2) FROM spans
-             WHERE query_id IS NOT NULL GROUP BY query_id ORDER BY MIN(start_ns) DESC",
+            "SELECT query_id, MIN(start_ns), MAX(end_ns), COUNT(*), SUM(status_code = 2),
+                    NULLIF(MAX(CASE WHEN name = 'query' THEN json_extract(attributes, '$.\"polars.user\"') END), ''),
+                    MAX(CASE WHEN name = 'query' THEN json_extract(attributes, '$.\"polars.query_type\"') END)
+             FROM spans WHERE query_id IS NOT NULL GROUP BY query_id ORDER BY MIN(start_ns) DESC",
         )?;
         let rows = stmt.query_map([], |r| {
-            Ok(QuerySeen { query_id: r.get(0)?, start_ns: r.get(1)?, end_ns: r.get(2)?, spans: r.get(3)?, failed_spans: r.get(4)? })
+            Ok(QuerySeen {
+                query_id: r.get(0)?,
+                start_ns: r.get(1)?,
+                end_ns: r.get(2)?,
+                spans: r.get(3)?,
+                failed_spans: r.get(4)?,
+                user: r.get(5)?,
+                query_type: r.get(6)?,
+            })
         })?;
         rows.collect()
     }

@@ -225,7 +225,11 @@ def test_split_query_stages_and_the_official_clients_query_detail(monitored, tmp
     cluster, rest = monitored
     ctx = pc.ClusterContext(uri=cluster.uri, observatory=pc.ClientOptions(uri=rest))
     q = split_query(tmp_path)
-    running = q.remote(ctx).execute(blocking=False)
+    pc.Config.set_user_name("carol")
+    try:
+        running = q.remote(ctx).execute(blocking=False)
+    finally:
+        pc.Config.set_user_name(None)
     result = running.await_result()
     assert result.lazy().collect().equals(q.collect())
     query_id = str(running._query_id)
@@ -242,6 +246,8 @@ def test_split_query_stages_and_the_official_clients_query_detail(monitored, tmp
     assert {"query", "planning", "stage", "task", "task.execute", "shuffle.write", "shuffle.read"} <= names, names
     reads = [s for s in detail["spans"] if s["name"] == "shuffle.read"]
     assert sum(s["attributes"]["polars.shuffle.bytes_read"] for s in reads) > 0, reads
+    listed = next(x for x in get(f"{rest}/api/v1/queries")["queries"] if x["query_id"] == query_id)
+    assert listed["query_type"] == "Distributed" and listed["user"] == detail["user"]["name"] == "carol", listed
     # The official client's own model of the observatory's answer.
     official = ctx._get_direct_client().get_query_details(running._query_id)
     assert official.status == "Success" and official.query_type == "Distributed" and official.engine == "Auto"
