@@ -158,16 +158,23 @@ impl ClientService for ClientApi {
 
     async fn get_query_plans(&self, request: Request<GetQueryPlansRequest>) -> Result<Response<GetQueryPlansResponse>, Status> {
         let query = self.query(request.into_inner().query_id)?;
-        let plan = engine::Plan::read(&query.submission.plan)
-            .map_err(|e| Status::failed_precondition(engine::describe_error(&e)))?;
-        let flags = query.submission.optimization_flags;
-        let ir = tokio::task::spawn_blocking(move || plan.explain(flags))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::failed_precondition(engine::describe_error(&e)))?;
+        let outcome = query.outcome();
+        // A split query's optimized plan is already known from planning; otherwise the plan is
+        // read and optimized here.
+        let ir = match outcome.logical_plan.is_empty() {
+            false => outcome.logical_plan.clone(),
+            true => {
+                let plan = engine::Plan::read(&query.submission.plan)
+                    .map_err(|e| Status::failed_precondition(engine::describe_error(&e)))?;
+                let flags = query.submission.optimization_flags;
+                tokio::task::spawn_blocking(move || plan.explain(flags))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(|e| Status::failed_precondition(engine::describe_error(&e)))?
+            }
+        };
         // The stage graph of a split query (once planned): MessagePack for 0.12 clients, text
         // for older ones.
-        let outcome = query.outcome();
         let stage_graph = Some(outcome.stage_graph_msgpack).filter(|g| !g.is_empty());
         let phys_plan = Some(outcome.stage_graph).filter(|g| !g.is_empty());
         Ok(Response::new(GetQueryPlansResponse {

@@ -279,39 +279,71 @@ pub struct LocalPaths {
     pub sinks: Vec<String>,
 }
 
-/// Calls `f` on every node of a plan. Every variant with inputs must be listed here: a
-/// missed one would hide the scans below it from `local_paths`.
+/// Runs `$body` with `$p` bound to each input of a DSL node: the one list of the variants that
+/// have inputs, for read-only visits (`walk`) and rewriting ones (`shuffle::rewrite`), so the
+/// two cannot drift apart. `$one`/`$many` reach into an `Arc` / `Arc<[_]>`, `$iter` walks a `Vec`.
+macro_rules! for_each_input {
+    ($plan:expr, |$p:ident| $body:expr, $one:ident, $many:ident, $iter:ident) => {
+        match $plan {
+            DslPlan::Filter { input, .. }
+            | DslPlan::Cache { input, .. }
+            | DslPlan::Select { input, .. }
+            | DslPlan::GroupBy { input, .. }
+            | DslPlan::HStack { input, .. }
+            | DslPlan::MatchToSchema { input, .. }
+            | DslPlan::Pivot { input, .. }
+            | DslPlan::Distinct { input, .. }
+            | DslPlan::Sort { input, .. }
+            | DslPlan::Slice { input, .. }
+            | DslPlan::MapFunction { input, .. }
+            | DslPlan::Sink { input, .. }
+            | DslPlan::IR { dsl: input, .. } => {
+                let $p = $one(input);
+                $body;
+            }
+            DslPlan::Join { input_left, input_right, .. } | DslPlan::MergeSorted { input_left, input_right, .. } => {
+                let $p = $one(input_left);
+                $body;
+                let $p = $one(input_right);
+                $body;
+            }
+            DslPlan::Gather { input, idxs, .. } => {
+                let $p = $one(input);
+                $body;
+                let $p = $one(idxs);
+                $body;
+            }
+            DslPlan::PipeWithSchema { input, .. } => {
+                for $p in $many(input) {
+                    $body;
+                }
+            }
+            DslPlan::Union { inputs, .. } | DslPlan::HConcat { inputs, .. } | DslPlan::SinkMultiple { inputs } => {
+                for $p in inputs.$iter() {
+                    $body;
+                }
+            }
+            DslPlan::SQL { relations, .. } => {
+                for (_, $p) in relations.$iter() {
+                    $body;
+                }
+            }
+            DslPlan::Scan { .. } | DslPlan::DataFrameScan { .. } | DslPlan::Resolver { .. } => {}
+        }
+    };
+}
+pub(crate) use for_each_input;
+
+/// Calls `f` on every node of a plan, parents first.
 fn walk(plan: &DslPlan, f: &mut impl FnMut(&DslPlan)) {
-    f(plan);
-    match plan {
-        DslPlan::Filter { input, .. }
-        | DslPlan::Cache { input, .. }
-        | DslPlan::Select { input, .. }
-        | DslPlan::GroupBy { input, .. }
-        | DslPlan::HStack { input, .. }
-        | DslPlan::MatchToSchema { input, .. }
-        | DslPlan::Pivot { input, .. }
-        | DslPlan::Distinct { input, .. }
-        | DslPlan::Sort { input, .. }
-        | DslPlan::Slice { input, .. }
-        | DslPlan::MapFunction { input, .. }
-        | DslPlan::Sink { input, .. } => walk(input, f),
-        DslPlan::IR { dsl, .. } => walk(dsl, f),
-        DslPlan::Join { input_left, input_right, .. } | DslPlan::MergeSorted { input_left, input_right, .. } => {
-            walk(input_left, f);
-            walk(input_right, f);
-        }
-        DslPlan::Gather { input, idxs, .. } => {
-            walk(input, f);
-            walk(idxs, f);
-        }
-        DslPlan::PipeWithSchema { input, .. } => input.iter().for_each(|p| walk(p, f)),
-        DslPlan::Union { inputs, .. } | DslPlan::HConcat { inputs, .. } | DslPlan::SinkMultiple { inputs } => {
-            inputs.iter().for_each(|p| walk(p, f))
-        }
-        DslPlan::SQL { relations, .. } => relations.iter().for_each(|(_, p)| walk(p, f)),
-        DslPlan::Scan { .. } | DslPlan::DataFrameScan { .. } | DslPlan::Resolver { .. } => {}
+    fn one(a: &Arc<DslPlan>) -> &DslPlan {
+        a
     }
+    fn many(a: &Arc<[DslPlan]>) -> &[DslPlan] {
+        a
+    }
+    f(plan);
+    for_each_input!(plan, |input| walk(input, f), one, many, iter);
 }
 
 fn create(path: &Path) -> PolarsResult<File> {

@@ -187,39 +187,15 @@ fn input_scan(files: &[PathBuf], format: ShuffleFormat) -> PolarsResult<DslPlan>
     Ok(lf.logical_plan)
 }
 
-/// Calls `f` on every node of `plan`, parents before children, allowing replacement.
-fn rewrite(plan: &mut DslPlan, f: &mut impl FnMut(&mut DslPlan)) {
-    f(plan);
-    let one = |input: &mut Arc<DslPlan>, f: &mut dyn FnMut(&mut DslPlan)| rewrite_dyn(Arc::make_mut(input), f);
-    match plan {
-        DslPlan::Filter { input, .. }
-        | DslPlan::Cache { input, .. }
-        | DslPlan::Select { input, .. }
-        | DslPlan::GroupBy { input, .. }
-        | DslPlan::HStack { input, .. }
-        | DslPlan::MatchToSchema { input, .. }
-        | DslPlan::Distinct { input, .. }
-        | DslPlan::Sort { input, .. }
-        | DslPlan::Slice { input, .. }
-        | DslPlan::MapFunction { input, .. }
-        | DslPlan::Sink { input, .. } => one(input, f),
-        DslPlan::Pivot { input, .. } => one(input, f),
-        DslPlan::Join { input_left, input_right, .. } | DslPlan::MergeSorted { input_left, input_right, .. } => {
-            one(input_left, f);
-            one(input_right, f);
-        }
-        DslPlan::Gather { input, idxs, .. } => {
-            one(input, f);
-            one(idxs, f);
-        }
-        DslPlan::Union { inputs, .. } | DslPlan::HConcat { inputs, .. } | DslPlan::SinkMultiple { inputs } => {
-            inputs.iter_mut().for_each(|p| rewrite_dyn(p, f))
-        }
-        // Fragments are built by the planner from IR: they hold none of these.
-        _ => {}
+/// Calls `f` on every node of `plan`, parents before children, allowing replacement (shared
+/// inputs are copied on write).
+fn rewrite(plan: &mut DslPlan, f: &mut dyn FnMut(&mut DslPlan)) {
+    fn one(a: &mut Arc<DslPlan>) -> &mut DslPlan {
+        Arc::make_mut(a)
     }
-}
-
-fn rewrite_dyn(plan: &mut DslPlan, f: &mut dyn FnMut(&mut DslPlan)) {
-    rewrite(plan, &mut |p| f(p))
+    fn many(a: &mut Arc<[DslPlan]>) -> &mut [DslPlan] {
+        Arc::make_mut(a)
+    }
+    f(plan);
+    crate::for_each_input!(plan, |input| rewrite(input, f), one, many, iter_mut);
 }
