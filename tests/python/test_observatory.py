@@ -242,8 +242,15 @@ def test_split_query_stages_and_the_official_clients_query_detail(monitored, tmp
     assert set(stages[0]["workers"]) == {"worker-1", "worker-2"}, stages[0]
     assert detail["total_bytes_shuffled"] == sum(s["bytes_shuffled"] for s in stages.values())
     assert "shuffle by k" in detail["plans"]["physical"]
+    # Each node exports its spans on its own schedule: the workers' may come after the
+    # scheduler's.
+    expected = {"query", "planning", "stage", "task", "task.execute", "shuffle.write", "shuffle.read"}
+    deadline = time.time() + 20
+    while not expected <= {s["name"] for s in detail["spans"]} and time.time() < deadline:
+        time.sleep(0.3)
+        detail = get(f"{rest}/api/v1/query/{query_id}")
     names = {s["name"] for s in detail["spans"]}
-    assert {"query", "planning", "stage", "task", "task.execute", "shuffle.write", "shuffle.read"} <= names, names
+    assert expected <= names, names
     reads = [s for s in detail["spans"] if s["name"] == "shuffle.read"]
     assert sum(s["attributes"]["polars.shuffle.bytes_read"] for s in reads) > 0, reads
     listed = next(x for x in get(f"{rest}/api/v1/queries")["queries"] if x["query_id"] == query_id)
