@@ -5,13 +5,14 @@
 //! of workers, `notify` talks to systemd and `cgroup` enforces the memory limit.
 //! `client_service` is the API of the official client, `queries` the lifecycle of its queries
 //! on the scheduler, `stages` the execution of split queries stage by stage, `task` the
-//! execution of tasks on a worker and `shuffle` the data stages exchange.
+//! execution of tasks on a worker, `executor` the processes that run them, and `shuffle` the data stages exchange.
 pub mod activation;
 pub mod client_service;
 pub mod address;
 pub mod auth;
 pub mod cgroup;
 pub mod config;
+pub mod executor;
 pub mod flight;
 pub mod layout;
 pub mod logging;

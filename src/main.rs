@@ -12,6 +12,11 @@ use polars_node::logging::{self, LogFormat};
 use polars_node::node;
 use polars_node::proto::{ListWorkersRequest, WorkerState, membership_client::MembershipClient};
 
+/// Polars runs as it does in the client's wheel: on jemalloc (glibc's malloc is markedly slower
+/// for its many-threaded allocations), with its memory estimate kept.
+#[global_allocator]
+static ALLOCATOR: polars_node_engine::Allocator = polars_node_engine::Allocator;
+
 #[derive(Parser)]
 #[command(name = "polars-node", version, about = "A node of a self-hosted Polars cluster: scheduler, worker and observatory in one binary")]
 struct Cli {

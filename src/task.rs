@@ -1,16 +1,13 @@
-//! The worker's task service: runs each query task in its own execution process (this same
-//! binary, `polars-node exec-task`), so that a task can be stopped for real by killing it, a
-//! crash in the engine costs one task rather than the worker, and `worker.env_vars` reach
-//! the engine without touching the worker's own environment.
+//! The worker's task service: runs each query task in an execution process (see
+//! [`crate::executor`]), where `worker.env_vars` reach the engine without touching the
+//! worker's own environment.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use opentelemetry::trace::Span as _;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -21,6 +18,7 @@ use crate::proto::{
     RunTaskRequest, RunTaskResponse, TaskFailure, run_task_response::Outcome,
 };
 use crate::proto::ResultTarget;
+use crate::executor::Executors;
 use crate::shuffle::ShuffleStore;
 use polars_node_engine as engine;
 
@@ -30,8 +28,7 @@ pub struct TaskService {
 }
 
 struct Inner {
-    exe: PathBuf,
-    env_vars: BTreeMap<String, String>,
+    executors: Executors,
     shuffle: ShuffleStore,
     /// Execution process id of each running task (by query id, stage and task), with its query.
     running: Mutex<HashMap<String, (String, u32)>>,
@@ -39,62 +36,27 @@ struct Inner {
     canceled: Mutex<HashSet<String>>,
     /// Result files this worker wrote: the only files FetchResult serves.
     written: Mutex<HashSet<PathBuf>>,
-    /// An execution process started ahead of the next task (loaded and initialised, waiting
-    /// for its task on stdin), so that a task does not wait for a process to start.
-    spare: Mutex<Option<tokio::process::Child>>,
 }
 
 impl TaskService {
     pub fn new(env_vars: BTreeMap<String, String>, shuffle: ShuffleStore) -> std::io::Result<Self> {
         Ok(TaskService {
             inner: Arc::new(Inner {
-                exe: std::env::current_exe()?,
-                env_vars,
+                executors: Executors::new(env_vars)?,
                 shuffle,
                 running: Mutex::default(),
                 canceled: Mutex::default(),
                 written: Mutex::default(),
-                spare: Mutex::default(),
             }),
         })
     }
 
-    /// Starts an execution process (`polars-node exec-task`), which waits for a task on stdin.
-    fn start_process(&self) -> std::io::Result<tokio::process::Child> {
-        let mut command = tokio::process::Command::new(&self.inner.exe);
-        command
-            .arg("exec-task")
-            .envs(&self.inner.env_vars)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        // SAFETY: only an async-signal-safe prctl between fork and exec. It makes the process
-        // die with its worker, so a killed worker leaves no work (and no spare) behind.
-        unsafe {
-            command.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
-            });
-        }
-        command.spawn()
-    }
-
-    /// The spare execution process if it is alive (and a new spare for the next task), else a
-    /// newly started one.
-    fn take_process(&self) -> std::io::Result<tokio::process::Child> {
-        let spare = self.inner.spare.lock().unwrap().take().and_then(|mut child| match child.try_wait() {
-            Ok(None) => Some(child), // still waiting for a task
-            _ => None,
-        });
-        let process = match spare {
-            Some(child) => child,
-            None => self.start_process()?,
-        };
-        match self.start_process() {
-            Ok(next) => *self.inner.spare.lock().unwrap() = Some(next),
-            Err(e) => warn!("cannot start a spare execution process: {e}"),
-        }
-        Ok(process)
+    /// Runs a task in `executor`, known as running (for cancellation) while it does.
+    async fn run_in(&self, executor: &mut crate::executor::Executor, key: &str, query_id: &str, request: &[u8]) -> Result<Vec<u8>, String> {
+        self.inner.running.lock().unwrap().insert(key.to_string(), (query_id.to_string(), executor.pid()));
+        let out = executor.run(query_id, request).await;
+        self.inner.running.lock().unwrap().remove(key);
+        out
     }
 
     /// Tasks still running (for a graceful stop).
@@ -119,37 +81,22 @@ impl TaskService {
             request.output_dir = self.inner.shuffle.output_dir(&query_id, stage.stage, stage.task).display().to_string();
         }
         request.report_ir_plan = crate::monitoring::exporting();
-        let mut child = self.take_process().map_err(|e| format!("cannot start the execution process: {e}"))?;
-        if let Some(pid) = child.id() {
-            self.inner.running.lock().unwrap().insert(key.clone(), (query_id.clone(), pid));
+        let encoded = request.encode_to_vec();
+        let mut executor = self.inner.executors.take().map_err(|e| format!("cannot start an execution process: {e}"))?;
+        let mut out = self.run_in(&mut executor, &key, &query_id, &encoded).await;
+        if out.is_err() && executor.waited() && !self.inner.canceled.lock().unwrap().contains(&query_id) {
+            // A process can die while it waits (the OOM killer, an operator): the task was
+            // maybe never read, so it gets one new process before it counts as failed.
+            warn!(query = %query_id, pid = executor.pid(), "an idle execution process died; the task runs in a new one");
+            executor = self.inner.executors.start().map_err(|e| format!("cannot start an execution process: {e}"))?;
+            out = self.run_in(&mut executor, &key, &query_id, &encoded).await;
         }
-        let mut stdin = child.stdin.take().expect("piped");
-        let input = request.encode_to_vec();
-        let write = async move {
-            stdin.write_all(&input).await?;
-            stdin.shutdown().await
-        };
-        let (mut stdout, mut stderr) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let (written, read_out, read_err) =
-            tokio::join!(write, stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
-        let status = child.wait().await;
-        self.inner.running.lock().unwrap().remove(&key);
-        let canceled = self.inner.canceled.lock().unwrap().contains(&query_id);
-        let err_text = String::from_utf8_lossy(&err);
-        if !err_text.trim().is_empty() {
-            for line in err_text.lines() {
-                info!(query = %query_id, "engine: {line}");
-            }
-        }
-        if canceled {
+        if self.inner.canceled.lock().unwrap().contains(&query_id) {
             return Ok(failure("ComputeError: the query was canceled", false));
         }
-        let status = status.map_err(|e| e.to_string())?;
-        if !status.success() || written.is_err() || read_out.is_err() || read_err.is_err() {
-            let tail: String = err_text.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-            return Err(format!("the execution process exited with {status}: {tail}"));
-        }
+        let out = out?;
+        info!(query = %query_id, pid = executor.pid(), "task ran in execution process");
+        self.inner.executors.give_back(executor);
         let mut response = RunTaskResponse::decode(out.as_slice()).map_err(|e| format!("unreadable task result: {e}"))?;
         if let Some(Outcome::Success(s)) = &mut response.outcome {
             if request.target == ResultTarget::Shuffle as i32 {
@@ -270,18 +217,20 @@ async fn stream_file(path: PathBuf, tx: tokio::sync::mpsc::Sender<Result<ResultC
     .ok();
 }
 
-/// The execution process: reads a RunTaskRequest on stdin, runs it with the engine, writes
-/// the RunTaskResponse on stdout. Engine errors are outcomes, not process failures.
+/// The execution process: runs each RunTaskRequest it reads on stdin with the engine and
+/// answers with a RunTaskResponse on stdout. Engine errors are outcomes, not process failures.
 pub fn exec_task() -> Result<(), String> {
-    use crate::proto::EngineChoice;
-    use std::io::{Read, Write};
-
-    // Initialise before the task arrives: a spare process is ready when it does.
+    // Initialise before a task arrives: a spare process is ready when it does.
     engine::init();
     engine::warm_up();
-    let mut input = Vec::new();
-    std::io::stdin().read_to_end(&mut input).map_err(|e| e.to_string())?;
-    let request = RunTaskRequest::decode(input.as_slice()).map_err(|e| format!("unreadable task: {e}"))?;
+    crate::executor::serve(|input| match RunTaskRequest::decode(input) {
+        Ok(request) => run_task_here(&request).encode_to_vec(),
+        Err(e) => failure(&format!("ComputeError: unreadable task: {e}"), false).encode_to_vec(),
+    })
+}
+
+fn run_task_here(request: &RunTaskRequest) -> RunTaskResponse {
+    use crate::proto::EngineChoice;
     let choice = match EngineChoice::try_from(request.engine).unwrap_or(EngineChoice::Auto) {
         EngineChoice::Streaming => engine::EngineChoice::Streaming,
         EngineChoice::InMemory => engine::EngineChoice::InMemory,
@@ -294,11 +243,10 @@ pub fn exec_task() -> Result<(), String> {
         ResultTarget::Shuffle => engine::Target::User, // not a result: see run_stage
         _ => engine::Target::InMemory,
     };
-    let response = match &request.stage {
-        Some(stage) => run_stage(&request, stage, choice, target),
-        None => run_whole(&request, choice, target),
-    };
-    std::io::stdout().write_all(&response.encode_to_vec()).map_err(|e| e.to_string())
+    match &request.stage {
+        Some(stage) => run_stage(request, stage, choice, target),
+        None => run_whole(request, choice, target),
+    }
 }
 
 /// A whole query, as the client sent it.

@@ -126,18 +126,25 @@ scheduler_service.public_addr = "127.0.0.1:1"
 
 
 def busy_task_processes(pid: int) -> list[int]:
-    """Execution processes of the worker `pid` that are working on a task: those that used
-    CPU since they started (a worker's spare process waits for its task on stdin, idle)."""
+    """Execution processes of the worker `pid` that are working on a task: running, or using
+    CPU over a short look (idle ones wait for their next task on stdin)."""
     import subprocess
+    import time
 
-    busy = []
-    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+    def cpu(child: str) -> tuple[str, int] | None:
         try:
             stat = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()
-            state, ticks = stat[0], int(stat[11]) + int(stat[12])  # utime + stime
+            return stat[0], int(stat[11]) + int(stat[12])  # state, utime + stime
         except (OSError, IndexError, ValueError):
-            continue
-        if state == "R" or ticks > 10:
+            return None
+
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    before = {c: cpu(c) for c in children}
+    time.sleep(0.05)
+    busy = []
+    for child, first in before.items():
+        now = cpu(child)
+        if first and now and (now[0] == "R" or now[1] > first[1]):
             busy.append(int(child))
     return busy
 

@@ -2,6 +2,7 @@
 result is compared with the same query collected by local Polars."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -91,15 +92,10 @@ def test_get_status_then_await(ctx):
     assert_frame_equal(result.lazy().collect(), revenue().collect())
 
 
-def execution_processes(cluster) -> set[str]:
-    """Execution processes of this cluster's workers: running tasks, and at most one spare per
-    worker (started ahead of the next task)."""
-    pids = set()
-    for name, proc in cluster.procs.items():
-        if name.startswith("worker"):
-            out = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "exec-task"], capture_output=True, text=True)
-            pids |= set(out.stdout.split())
-    return pids
+def busy_execution_processes(cluster) -> set[int]:
+    """Execution processes of this cluster's workers that are running a task (idle ones wait
+    for their next task)."""
+    return {pid for name, proc in cluster.procs.items() if name.startswith("worker") for pid in busy_task_processes(proc.pid)}
 
 
 def test_cancel_a_long_query(ctx, cluster):
@@ -107,20 +103,49 @@ def test_cancel_a_long_query(ctx, cluster):
     long = long.with_columns((pl.col("a") * pl.col("b")).alias("c")).sort("c").select(pl.col("c").sum())
     query = long.remote(ctx).execute(blocking=False)
     deadline = time.time() + 20
-    while query.get_status() != QueryStatus.INPROGRESS and time.time() < deadline:
-        time.sleep(0.05)
-    assert query.get_status() == QueryStatus.INPROGRESS
-    workers = sum(name.startswith("worker") for name in cluster.procs)
-    running = execution_processes(cluster)
-    assert len(running) > workers - 1, running  # the task's process besides the spares
+    running = set()
+    while not running and time.time() < deadline:
+        running = busy_execution_processes(cluster) if query.get_status() == QueryStatus.INPROGRESS else set()
+    assert running, "the query's task never ran in an execution process"
     query.cancel()
     assert query.get_status() == QueryStatus.CANCELED
-    # The work stops on the worker: its execution process is gone, only spares remain.
+    # The work stops on the worker: the task's execution process is killed, not kept.
     deadline = time.time() + 10
-    while not (running - execution_processes(cluster)) and time.time() < deadline:
+    while any(Path(f"/proc/{pid}").exists() for pid in running) and time.time() < deadline:
         time.sleep(0.1)
-    assert running - execution_processes(cluster), "the canceled task's process still runs"
-    assert len(execution_processes(cluster)) <= workers
+    assert not any(Path(f"/proc/{pid}").exists() for pid in running), "the canceled task's process still runs"
+    assert not busy_execution_processes(cluster)
+
+
+def worker_exec_pids(cluster) -> dict[str, set[int]]:
+    """Per worker, the execution processes that ran its tasks (from its log)."""
+    import re
+
+    pids = {}
+    for name in cluster.procs:
+        if name.startswith("worker"):
+            log = (cluster.root / f"{name}.log").read_text()
+            lines = [line for line in log.splitlines() if "task ran in execution process" in line]
+            pids[name] = {int(m.group(1)) for line in lines if (m := re.search(r"pid=(\d+)", line))}
+    return pids
+
+
+def test_execution_processes_serve_many_tasks_and_dead_ones_are_replaced(ctx, cluster):
+    before = {name: len(p) for name, p in worker_exec_pids(cluster).items()}
+    tasks_before = sum(1 for name in before for _ in re.finditer("task ran in", (cluster.root / f"{name}.log").read_text()))
+    for _ in range(6):
+        assert_frame_equal(revenue().remote(ctx).execute().lazy().collect(), revenue().collect())
+    tasks = sum(1 for name in before for _ in re.finditer("task ran in", (cluster.root / f"{name}.log").read_text())) - tasks_before
+    new_pids = sum(len(p) for p in worker_exec_pids(cluster).values()) - sum(before.values())
+    assert tasks >= 6 and new_pids < tasks, (tasks, new_pids)
+    # Idle processes that die (OOM killer, operator): their next task runs in a new process.
+    for name, proc in cluster.procs.items():
+        if name.startswith("worker"):
+            out = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "exec-task"], capture_output=True, text=True)
+            for pid in out.stdout.split():
+                os.kill(int(pid), 9)
+    for _ in range(2):
+        assert_frame_equal(revenue().remote(ctx).execute().lazy().collect(), revenue().collect())
 
 
 def test_delete_result(ctx):

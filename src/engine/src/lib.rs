@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 pub use polars;
+/// The global allocator of the client's wheel (jemalloc with Polars' memory accounting).
+pub use polars_ooc::Allocator;
 use polars::prelude::*;
 
 pub mod planner;

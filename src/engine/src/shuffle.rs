@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use polars::prelude::*;
 use polars_utils::aliases::{PlSeedableRandomStateQuality, SeedableFromU64SeedExt};
@@ -77,31 +78,67 @@ pub fn write_partitions(
 ) -> PolarsResult<Written> {
     std::fs::create_dir_all(dir).map_err(|e| polars_err!(ComputeError: "cannot create shuffle directory {}: {e}", dir.display()))?;
     let parts = match output {
-        StageOutput::Hash { keys, partitions } => split_by_hash(df, keys, *partitions)?,
-        StageOutput::Single | StageOutput::Result => vec![df.clone()],
-        StageOutput::Boundaries { key, descending, partitions, .. } => vec![sample_boundaries(df, key, *descending, *partitions)?],
+        StageOutput::Hash { keys, partitions } => split_by_hash(df, keys, *partitions)?.into_iter().map(Part::Rows).collect(),
+        StageOutput::Single | StageOutput::Result => vec![Part::Frame(df.clone())],
+        StageOutput::Boundaries { key, descending, partitions, .. } => vec![Part::Frame(sample_boundaries(df, key, *descending, *partitions)?)],
         StageOutput::Range { key, descending, nulls_last, partitions, .. } => {
             let boundaries = boundaries.ok_or_else(|| polars_err!(ComputeError: "a range partitioning task got no boundaries"))?;
-            split_by_range(df, key, *descending, *nulls_last, *partitions, boundaries)?
+            split_by_range(df, key, *descending, *nulls_last, *partitions, boundaries)?.into_iter().map(Part::Rows).collect()
         }
     };
-    let mut written = Written { rows: df.height() as u64, ..Default::default() };
-    for (i, mut part) in parts.into_iter().enumerate() {
-        let path = dir.join(format!("{i}.{}", format.extension()));
-        let file = File::create(&path).map_err(|e| polars_err!(ComputeError: "cannot write {}: {e}", path.display()))?;
-        match format {
-            ShuffleFormat::Ipc(compression) => IpcWriter::new(file).with_compression(compression).finish(&mut part)?,
-            ShuffleFormat::Parquet(compression) => {
-                ParquetWriter::new(file).with_compression(compression).finish(&mut part)?;
-            }
+    // Partitions are written side by side (compression is most of the cost), in as many
+    // threads as the engine may use.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(parts.len()).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let df: &DataFrame = df;
+    let parts: Vec<Mutex<Option<Part>>> = parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
+    let sizes: Vec<Mutex<PolarsResult<u64>>> = parts.iter().map(|_| Mutex::new(Ok(0))).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(part) = parts.get(i) else { break };
+                let part = part.lock().unwrap().take().expect("each partition is written once");
+                let frame = match part {
+                    Part::Frame(frame) => Ok(frame),
+                    Part::Rows(rows) => df.take(&IdxCa::from_vec(PlSmallStr::EMPTY, rows)),
+                };
+                *sizes[i].lock().unwrap() = frame.and_then(|mut frame| write_partition(&mut frame, &partition_path(dir, i, format), format));
+            });
         }
-        written.bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        written.files.push(path);
+    });
+    let mut written = Written { rows: df.height() as u64, ..Default::default() };
+    for (i, size) in sizes.into_iter().enumerate() {
+        written.bytes += size.into_inner().unwrap()?;
+        written.files.push(partition_path(dir, i, format));
     }
     Ok(written)
 }
 
-fn split_by_hash(df: &DataFrame, keys: &[String], partitions: usize) -> PolarsResult<Vec<DataFrame>> {
+/// An output partition: a frame of its own, or the rows of the task's output it takes.
+enum Part {
+    Frame(DataFrame),
+    Rows(Vec<IdxSize>),
+}
+
+fn partition_path(dir: &Path, i: usize, format: ShuffleFormat) -> PathBuf {
+    dir.join(format!("{i}.{}", format.extension()))
+}
+
+/// Writes one partition; returns its size on disk.
+fn write_partition(part: &mut DataFrame, path: &Path, format: ShuffleFormat) -> PolarsResult<u64> {
+    let file = File::create(path).map_err(|e| polars_err!(ComputeError: "cannot write {}: {e}", path.display()))?;
+    match format {
+        ShuffleFormat::Ipc(compression) => IpcWriter::new(file).with_compression(compression).finish(part)?,
+        ShuffleFormat::Parquet(compression) => {
+            ParquetWriter::new(file).with_compression(compression).finish(part)?;
+        }
+    }
+    Ok(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
+}
+
+/// The rows of each hash partition.
+fn split_by_hash(df: &DataFrame, keys: &[String], partitions: usize) -> PolarsResult<Vec<Vec<IdxSize>>> {
     let mut key_df = df.select(keys.iter().map(|k| PlSmallStr::from(k.as_str())))?;
     let hashes = key_df.hash_rows(Some(PlSeedableRandomStateQuality::seed_from_u64(PARTITION_SEED)))?;
     let mut indices: Vec<Vec<IdxSize>> = vec![Vec::new(); partitions];
@@ -110,10 +147,7 @@ fn split_by_hash(df: &DataFrame, keys: &[String], partitions: usize) -> PolarsRe
         let p = hash.map(|h| (h % partitions as u64) as usize).unwrap_or(0);
         indices[p].push(row as IdxSize);
     }
-    indices
-        .into_iter()
-        .map(|idx| df.take(&IdxCa::from_vec(PlSmallStr::EMPTY, idx)))
-        .collect()
+    Ok(indices)
 }
 
 /// `partitions - 1` values of `key` that cut its sorted non-null values into equal runs.
@@ -129,7 +163,8 @@ fn sample_boundaries(df: &DataFrame, key: &str, descending: bool, partitions: us
 /// Rows by the range of `key` they fall in: partition `i` holds keys after boundary `i - 1`
 /// up to boundary `i` in sort order (equal keys always in the same partition); nulls go to the
 /// first or the last partition as the sort puts them.
-fn split_by_range(df: &DataFrame, key: &str, descending: bool, nulls_last: bool, partitions: usize, boundaries: &Series) -> PolarsResult<Vec<DataFrame>> {
+/// The rows of each range partition.
+fn split_by_range(df: &DataFrame, key: &str, descending: bool, nulls_last: bool, partitions: usize, boundaries: &Series) -> PolarsResult<Vec<Vec<IdxSize>>> {
     let values = df.column(key)?.as_materialized_series().clone();
     let boundaries = boundaries.cast(values.dtype())?;
     let positions = search_sorted(&boundaries, &values, SearchSortedSide::Left, descending)?;
@@ -143,7 +178,7 @@ fn split_by_range(df: &DataFrame, key: &str, descending: bool, nulls_last: bool,
         };
         indices[p].push(row as IdxSize);
     }
-    indices.into_iter().map(|idx| df.take(&IdxCa::from_vec(PlSmallStr::EMPTY, idx))).collect()
+    Ok(indices)
 }
 
 /// Reads the boundaries a sample stage wrote (one column).
