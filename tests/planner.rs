@@ -196,3 +196,31 @@ fn a_sort_of_split_data_is_range_partitioned_and_stays_in_order() {
     let lf = scan(&facts).sort(["value"], Default::default());
     assert!(!split(&lf, Limits { partitioned_sort: false, ..LIMITS }).describe().contains("boundaries"));
 }
+
+#[test]
+fn data_already_partitioned_by_a_key_is_not_shuffled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (facts, _) = tables(dir.path());
+    // Grouped by key (hash-partitioned by it), then semi- and left-joined on key, renamed
+    // around it and grouped by key again: one shuffle per side, no more.
+    let totals = scan(&facts).group_by([col("key")]).agg([col("value").sum().alias("total")]).filter(col("total").gt(lit(100.0)));
+    let lf = totals
+        .clone()
+        .join(totals.clone(), [col("key")], [col("key")], JoinArgs::new(JoinType::Semi))
+        .unwrap()
+        .join(scan(&facts).select([col("key"), col("amount")]), [col("key")], [col("key")], JoinArgs::new(JoinType::Left))
+        .unwrap()
+        .with_columns([(col("amount") * lit(2)).alias("twice")])
+        .select([col("key"), col("twice"), col("total").alias("t")])
+        .group_by([col("key")])
+        .agg([col("twice").sum(), col("t").first(), len().alias("n")]);
+    let graph = split(&lf, Limits { broadcast_limit: 0, ..LIMITS });
+    let text = graph.describe();
+    let shuffles = graph.stages.iter().filter(|s| matches!(s.output, StageOutput::Hash { .. })).count();
+    assert_eq!(shuffles, 3, "partial totals twice, the second facts scan once:\n{text}");
+    // A sort after an aggregation is gathered, not range-partitioned.
+    assert!(!split(&totals.clone().sort(["total"], Default::default()), LIMITS).describe().contains("boundaries"));
+    let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
+    let got = sorted(run(&graph, dir.path(), format), &["key"]);
+    assert!(got.equals_missing(&sorted(lf.collect().unwrap(), &["key"])), "{text}");
+}

@@ -142,6 +142,14 @@ pub fn plan_stages(query: &DslPlan, optimization_flags: Option<u32>, limits: Lim
     Ok(Split::Stages(planner.graph))
 }
 
+/// The columns a spread relation is hash-partitioned by.
+fn hash_keys(rel: &Rel) -> Option<&[String]> {
+    match rel {
+        Rel::Spread { hashed: Some(keys), .. } => Some(keys),
+        _ => None,
+    }
+}
+
 /// Why a plan is not split.
 struct Unsupported(String);
 
@@ -184,6 +192,14 @@ impl Planner<'_> {
     /// An expression that keeps its IR output name.
     fn named(&self, e: &ExprIR) -> Expr {
         self.expr(e).alias(e.output_name().clone())
+    }
+
+    /// Whether the rows of `node` come out of an aggregation (group_by, unique).
+    fn aggregated(&self, node: Node) -> bool {
+        match self.arena().get(node) {
+            IR::GroupBy { .. } | IR::Distinct { .. } => true,
+            ir => ir.inputs().any(|input| self.aggregated(input)),
+        }
     }
 
     fn elementwise(&self, exprs: &[ExprIR]) -> bool {
@@ -234,14 +250,18 @@ impl Planner<'_> {
                     return Ok(Rel::Whole(DslPlan::Select { expr: split.finals, input: Arc::new(gathered), options }));
                 }
                 let rel = if rowwise { rel } else { Rel::Whole(self.gather(rel, "select")) };
-                Ok(self.map(rel, "select", false, |p| DslPlan::Select { expr: exprs.clone(), input: Arc::new(p), options }))
+                let passed: Vec<String> = self.column_names_each(&expr);
+                let keeps = hash_keys(&rel).is_some_and(|keys| keys.iter().all(|k| passed.contains(k)));
+                Ok(self.map(rel, "select", keeps, |p| DslPlan::Select { expr: exprs.clone(), input: Arc::new(p), options }))
             }
             IR::HStack { input, exprs, options, .. } => {
                 let rowwise = self.elementwise(&exprs);
+                let replaced: Vec<String> = exprs.iter().map(|e| e.output_name().to_string()).collect();
                 let exprs: Vec<Expr> = exprs.iter().map(|e| self.named(e)).collect();
                 let rel = self.visit(input)?;
                 let rel = if rowwise { rel } else { Rel::Whole(self.gather(rel, "with_columns")) };
-                Ok(self.map(rel, "with_columns", false, |p| DslPlan::HStack { input: Arc::new(p), exprs: exprs.clone(), options }))
+                let keeps = hash_keys(&rel).is_some_and(|keys| keys.iter().all(|k| !replaced.contains(k)));
+                Ok(self.map(rel, "with_columns", keeps, |p| DslPlan::HStack { input: Arc::new(p), exprs: exprs.clone(), options }))
             }
             IR::GroupBy { input, keys, aggs, maintain_order, options, apply, schema } => {
                 if apply.is_some() || options.is_dynamic() || options.is_rolling() {
@@ -284,14 +304,16 @@ impl Planner<'_> {
                     let rel = self.map(rel, "partial group_by", false, |p| group(p, partial_keys.clone(), partial.clone()));
                     let rel = self.hashed_by(rel, &key_outputs);
                     let final_keys: Vec<Expr> = key_outputs.iter().map(|k| col(k.as_str())).collect();
-                    return Ok(self.map(rel, "final group_by", false, |p| group(p, final_keys.clone(), split.finals.clone())));
+                    // Each group's row stays in its key's partition (a join on the keys needs
+                    // no new shuffle).
+                    return Ok(self.map(rel, "final group_by", true, |p| group(p, final_keys.clone(), split.finals.clone())));
                 }
                 match (rel, key_names) {
                     // Every row of a group lands in the same partition: each part aggregates
                     // its groups completely.
                     (rel @ Rel::Spread { .. }, Some(names)) if !maintain_order && slice.is_none() && !names.is_empty() => {
                         let rel = self.hashed_by(rel, &names);
-                        Ok(self.map(rel, "group_by", false, build))
+                        Ok(self.map(rel, "group_by", true, build))
                     }
                     (rel, _) => Ok(Rel::Whole(build(self.gather(rel, "group_by")))),
                 }
@@ -313,10 +335,11 @@ impl Planner<'_> {
                 // partition of its key range, sort every partition; the partitions, in order,
                 // are the sorted rows.
                 let first_key = self.column_names(&by_column[..1.min(by_column.len())]).and_then(|k| k.into_iter().next());
-                // Not after a keyed aggregation (its hash-partitioned output is mostly small:
-                // one task sorts it faster than four stages would).
-                if let (Rel::Spread { hashed: None, .. }, None, Some(key)) = (&rel, slice, first_key)
+                // Not after an aggregation (its output is mostly small: one task sorts it
+                // faster than four stages would).
+                if let (Rel::Spread { .. }, None, Some(key)) = (&rel, slice, first_key)
                     && self.limits.partitioned_sort
+                    && !self.aggregated(input)
                     && !sort_options.maintain_order
                     && self.orderable(input, &key)
                 {
@@ -511,8 +534,14 @@ impl Planner<'_> {
             .collect()
     }
 
-    /// Applies `f` to a relation: to every part of a spread one (`keeps_hash`: the operation
-    /// keeps rows and columns as they are, so a hash partitioning still holds).
+    /// The output names of those expressions that pass a column through unchanged.
+    fn column_names_each(&self, exprs: &[ExprIR]) -> Vec<String> {
+        exprs.iter().filter_map(|e| self.column_names(std::slice::from_ref(e))).flatten().collect()
+    }
+
+    /// Applies `f` to a relation: to every part of a spread one (`keeps_hash`: the hash
+    /// partitioning still holds after it: rows stay where they are with their key columns, or
+    /// the operation groups by exactly those keys).
     fn map(&self, rel: Rel, what: &str, keeps_hash: bool, f: impl Fn(DslPlan) -> DslPlan) -> Rel {
         match rel {
             Rel::Whole(p) => Rel::Whole(f(p)),
@@ -628,11 +657,15 @@ impl Planner<'_> {
             JoinType::Semi | JoinType::Anti => (true, false),
             _ => (false, false),
         };
+        // Every output row is a left row with its left columns as they were (so the left side's
+        // hash partitioning still holds).
+        let keeps_left_rows = matches!(how, JoinType::Inner | JoinType::Left | JoinType::Semi | JoinType::Anti);
         match (l, r) {
             (Rel::Whole(l), Rel::Whole(r)) => Ok(Rel::Whole(build(l, r))),
-            (Rel::Spread { parts, label, .. }, Rel::Whole(r)) if left_may_spread => {
+            (Rel::Spread { parts, label, hashed }, Rel::Whole(r)) if left_may_spread => {
                 let parts = parts.into_iter().map(|p| build(p, r.clone())).collect();
-                Ok(Rel::Spread { parts, hashed: None, label: format!("{label} → join (broadcast right)") })
+                let hashed = hashed.filter(|_| keeps_left_rows);
+                Ok(Rel::Spread { parts, hashed, label: format!("{label} → join (broadcast right)") })
             }
             (Rel::Whole(l), Rel::Spread { parts, label, .. }) if right_may_spread => {
                 let parts = parts.into_iter().map(|p| build(l.clone(), p)).collect();
@@ -643,8 +676,7 @@ impl Planner<'_> {
                     let Rel::Spread { parts: lp, hashed, .. } = self.hashed_by(l, &lk) else { unreachable!() };
                     let Rel::Spread { parts: rp, .. } = self.hashed_by(r, &rk) else { unreachable!() };
                     let parts = lp.into_iter().zip(rp).map(|(l, r)| build(l, r)).collect();
-                    // Inner joins keep the left keys as they were.
-                    let hashed = if matches!(how, JoinType::Inner) { hashed } else { None };
+                    let hashed = hashed.filter(|_| keeps_left_rows);
                     Ok(Rel::Spread { parts, hashed, label: format!("hash join on {}", lk.join(", ")) })
                 }
                 // Inner and cross joins: the right side, gathered, is broadcast to the left parts.
