@@ -193,10 +193,20 @@ impl ShuffleStore {
             file.flush()
         });
         let received = async {
+            // The body arrives in socket-sized pieces: the writer gets them in 1 MiB batches,
+            // so that it wakes (and writes) once per MiB rather than once per piece.
+            let mut batch = bytes::BytesMut::with_capacity(WRITE_BATCH);
             while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
-                if tx.send(chunk).await.is_err() {
-                    break; // the writer failed: its error is reported below
+                batch.extend_from_slice(&chunk);
+                if batch.len() >= WRITE_BATCH {
+                    let full = std::mem::replace(&mut batch, bytes::BytesMut::with_capacity(WRITE_BATCH));
+                    if tx.send(full.freeze()).await.is_err() {
+                        return Ok(()); // the writer failed: its error is reported below
+                    }
                 }
+            }
+            if !batch.is_empty() {
+                let _ = tx.send(batch.freeze()).await;
             }
             Ok::<(), String>(())
         }
@@ -338,6 +348,9 @@ pub(crate) fn read_chunks(mut file: std::fs::File, mut send: impl FnMut(std::io:
         }
     }
 }
+
+/// Bytes of a fetched file handed to its writer at once.
+const WRITE_BATCH: usize = 1 << 20;
 
 fn http_client() -> reqwest::Client {
     reqwest::Client::builder()

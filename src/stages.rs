@@ -13,7 +13,7 @@ use std::time::Instant;
 use futures_util::future::join_all;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::Span as _;
-use polars_node_engine::planner::{StageGraph, StageOutput, input_path};
+use polars_node_engine::planner::{self, StageGraph, StageOutput, input_path};
 use tracing::{info, warn};
 
 use crate::proto::{
@@ -40,7 +40,17 @@ pub(crate) struct StageRun<'a> {
     stats: Vec<StageStats>,
     reruns: u32,
     next: usize,
+    /// The result task, once gather stages were fused into it (see [`StageRun::fuse_small_gathers`]).
+    result_task: Option<Vec<u8>>,
+    /// Per stage, the stages it reads (the plan's, but a fused result reads what the fused
+    /// stages read).
+    inputs: Vec<Vec<usize>>,
+    fused: Vec<bool>,
 }
+
+/// A gather stage whose only reader is the result, and whose inputs add up to at most this
+/// many bytes of shuffle files, runs inside the result task instead of as tasks of its own.
+const FUSE_LIMIT: u64 = 16 << 20;
 
 /// A task that did not succeed.
 enum TaskError {
@@ -63,6 +73,9 @@ impl<'a> StageRun<'a> {
             stats: graph.stages.iter().map(|s| StageStats { tasks: s.tasks.len() as u32, label: s.label.clone(), ..Default::default() }).collect(),
             reruns: 0,
             next: 0,
+            result_task: None,
+            inputs: graph.stages.iter().map(|s| s.inputs.clone()).collect(),
+            fused: vec![false; graph.stages.len()],
         }
     }
 
@@ -75,7 +88,11 @@ impl<'a> StageRun<'a> {
             depth[i] = stage.inputs.iter().map(|&d| depth[d] + 1).max().unwrap_or(0);
         }
         for level in 0..=depth[last] {
-            let stages: Vec<usize> = (0..=last).filter(|&s| depth[s] == level).collect();
+            let mut stages: Vec<usize> = (0..=last).filter(|&s| depth[s] == level).collect();
+            self.fuse_small_gathers(&mut stages);
+            if stages.is_empty() {
+                continue;
+            }
             let mut spans: Vec<_> = stages
                 .iter()
                 .map(|&stage| {
@@ -108,7 +125,50 @@ impl<'a> StageRun<'a> {
             }
         }
         let done = self.outputs[last][0].clone().expect("the result stage ran");
+        for s in (0..last).filter(|&s| self.fused[s]) {
+            self.stats[s].workers = self.stats[last].workers.clone();
+        }
         Ok((done.success, done.worker, self.stats))
+    }
+
+    /// Takes out of `stages` the gather stages that the result task may as well compute: read
+    /// only by the result, reading only other stages' outputs, and those small (the outputs
+    /// are known by now). Their fragments move into the result task.
+    fn fuse_small_gathers(&mut self, stages: &mut Vec<usize>) {
+        let last = self.graph.stages.len() - 1;
+        stages.retain(|&s| {
+            let stage = &self.graph.stages[s];
+            let readers: Vec<usize> = (0..=last).filter(|&r| self.inputs[r].contains(&s)).collect();
+            let input_bytes: u64 = self.inputs[s].iter().map(|&i| self.stats[i].bytes).sum();
+            let fusable = s != last
+                && stage.output == StageOutput::Single
+                && readers == [last]
+                && !self.inputs[s].is_empty()
+                && input_bytes <= FUSE_LIMIT
+                && stage.tasks.iter().all(|t| planner::reads_only_inputs(t).unwrap_or(false));
+            if !fusable {
+                return true;
+            }
+            let consumer = self.result_task.clone().unwrap_or_else(|| self.graph.stages[last].tasks[0].clone());
+            match planner::fuse(&consumer, s, &stage.tasks) {
+                Ok(task) => {
+                    info!(query = %self.query.id, stage = s, input_bytes, "small gather stage runs inside the result task");
+                    self.result_task = Some(task);
+                    let moved = self.inputs[s].clone();
+                    self.inputs[last].retain(|&i| i != s);
+                    self.inputs[last].extend(moved);
+                    self.fused[s] = true;
+                    self.stats[s].tasks = 0;
+                    self.stats[s].label.push_str(" (run inside the result task)");
+                    self.stats[s].finished = true;
+                    false
+                }
+                Err(e) => {
+                    warn!(query = %self.query.id, stage = s, "cannot fuse a gather stage into the result task: {e}");
+                    true
+                }
+            }
+        });
     }
 
     /// Makes sure every task of `stages` has an output on a live worker: their inputs first
@@ -116,7 +176,7 @@ impl<'a> StageRun<'a> {
     async fn ensure(&mut self, stages: &[usize]) -> Result<(), String> {
         loop {
             self.forget_lost_outputs();
-            let inputs: BTreeSet<usize> = stages.iter().flat_map(|&s| self.graph.stages[s].inputs.iter().copied()).collect();
+            let inputs: BTreeSet<usize> = stages.iter().flat_map(|&s| self.inputs[s].iter().copied()).collect();
             if !inputs.is_empty() {
                 Box::pin(self.ensure(&inputs.into_iter().collect::<Vec<_>>())).await?;
             }
@@ -213,26 +273,31 @@ impl<'a> StageRun<'a> {
 
     fn request(&self, stage: usize, task: usize) -> RunTaskRequest {
         let plan = &self.graph.stages[stage];
-        let inputs = plan
-            .inputs
-            .iter()
-            .map(|&input| {
-                let hashed = self.graph.stages[input].output.is_partitioned();
-                let (placeholder, part) = if hashed { (input_path(input, Some(task)), task) } else { (input_path(input, None), 0) };
+        let fused_result = stage == self.graph.stages.len() - 1 && self.result_task.is_some();
+        let mut inputs = Vec::new();
+        for &input in &self.inputs[stage] {
+            let partitions = match self.graph.stages[input].output.is_partitioned() {
+                // Consumer task `i` reads partition `i`; a result that does a fused stage's
+                // work reads every partition.
+                true if fused_result => (0..self.outputs[input].first().map_or(0, |o| o.as_ref().map_or(0, |d| d.success.files.len()))).map(Some).collect(),
+                true => vec![Some(task)],
+                false => vec![None],
+            };
+            for part in partitions {
                 let files = self.outputs[input]
                     .iter()
                     .map(|out| {
                         let done = out.as_ref().expect("inputs run first");
                         ShuffleFile {
-                            path: done.success.files[part].clone(),
+                            path: done.success.files[part.unwrap_or(0)].clone(),
                             shuffle_addr: done.worker.shuffle_addr.clone().unwrap_or_default(),
                             worker_id: done.worker.instance_id.clone(),
                         }
                     })
                     .collect();
-                StageInput { placeholder, files }
-            })
-            .collect();
+                inputs.push(StageInput { placeholder: input_path(input, part), files });
+            }
+        }
         let (hash_keys, partitions) = match &plan.output {
             StageOutput::Hash { keys, partitions } => (keys.clone(), *partitions as u32),
             StageOutput::Range { partitions, .. } | StageOutput::Boundaries { partitions, .. } => (Vec::new(), *partitions as u32),
@@ -262,7 +327,10 @@ impl<'a> StageRun<'a> {
         };
         RunTaskRequest {
             query_id: self.query.id.to_string(),
-            plan: plan.tasks[task].clone(),
+            plan: match (&self.result_task, fused_result) {
+                (Some(fused), true) => fused.clone(),
+                _ => plan.tasks[task].clone(),
+            },
             engine: self.query.submission.engine as i32,
             optimization_flags: self.query.submission.optimization_flags,
             result_dir: self.query.result_dir.display().to_string(),

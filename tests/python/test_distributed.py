@@ -81,6 +81,8 @@ def test_stage_statistics_and_cleanup(tpch, dcluster, dctx):
     assert all(s.num_workers_used >= 1 for s in result.stage_statistics())
     log = split_log(dcluster)
     assert "shuffle by l_orderkey" in log, log[-3000:]
+    # The final aggregation's inputs are a few MB: its gather runs inside the result task.
+    assert "small gather stage runs inside the result task" in log, log[-3000:]
     deadline = time.time() + 10
     while time.time() < deadline:
         leftovers = [p for w in ("dw-1", "dw-2", "dw-3") for p in (dcluster.root / w / "shuffle").rglob("*") if p.is_file()]

@@ -946,6 +946,50 @@ fn inputs_of(plan: &DslPlan) -> Vec<usize> {
     found
 }
 
+/// Whether a task fragment reads nothing but other stages' outputs (no files of its own).
+pub fn reads_only_inputs(task: &[u8]) -> PolarsResult<bool> {
+    let plan = DslPlan::deserialize_versioned(task)?;
+    let mut only = true;
+    crate::walk(&plan, &mut |p| {
+        if let DslPlan::Scan { sources, .. } = p {
+            only &= matches!(sources, ScanSources::Paths(paths) if paths.iter().all(|p| parse_input_path(p.as_str()).is_some()));
+        }
+    });
+    Ok(only)
+}
+
+/// `consumer` (a task fragment reading all of gather stage `stage`) with that stage's work done
+/// inside it: the placeholder replaced by the concatenation, in task order, of the stage's task
+/// fragments, which read the stage's own inputs. For a gather whose inputs turned out small,
+/// one task beats a stage of tasks and a shuffle.
+pub fn fuse(consumer: &[u8], stage: usize, tasks: &[Vec<u8>]) -> PolarsResult<Vec<u8>> {
+    let mut plan = DslPlan::deserialize_versioned(consumer)?;
+    let parts = tasks.iter().map(|t| DslPlan::deserialize_versioned(t.as_slice())).collect::<PolarsResult<Vec<_>>>()?;
+    let args = UnionArgs {
+        parallel: true,
+        rechunk: false,
+        to_supertypes: false,
+        diagonal: false,
+        strict: false,
+        from_partitioned_ds: false,
+        maintain_order: true,
+    };
+    let concat = DslPlan::Union { inputs: parts, args };
+    let all = input_path(stage, None);
+    let mut replaced = false;
+    crate::shuffle::rewrite(&mut plan, &mut |node| {
+        if let DslPlan::Scan { sources: ScanSources::Paths(paths), .. } = node
+            && paths.len() == 1
+            && paths[0].as_str() == all
+        {
+            *node = concat.clone();
+            replaced = true;
+        }
+    });
+    polars_ensure!(replaced, ComputeError: "the fragment does not read stage {stage}");
+    serialize(&plan)
+}
+
 fn serialize(plan: &DslPlan) -> PolarsResult<Vec<u8>> {
     let mut bytes = Vec::new();
     plan.serialize_versioned(&mut bytes, Default::default())?;

@@ -224,7 +224,7 @@ fn input_scan(files: &[PathBuf], format: ShuffleFormat) -> PolarsResult<DslPlan>
 
 /// Calls `f` on every node of `plan`, parents before children, allowing replacement (shared
 /// inputs are copied on write).
-fn rewrite(plan: &mut DslPlan, f: &mut dyn FnMut(&mut DslPlan)) {
+pub(crate) fn rewrite(plan: &mut DslPlan, f: &mut dyn FnMut(&mut DslPlan)) {
     fn one(a: &mut Arc<DslPlan>) -> &mut DslPlan {
         Arc::make_mut(a)
     }
