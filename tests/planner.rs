@@ -34,6 +34,12 @@ fn scan(path: &str) -> LazyFrame {
 
 /// Runs every stage's tasks in order, as workers would, and returns the result.
 fn run(graph: &StageGraph, dir: &Path, format: ShuffleFormat) -> DataFrame {
+    run_with(graph, dir, format, EngineChoice::Auto)
+}
+
+/// `run` with stage tasks on `engine` (streaming: outputs written as they stream; in-memory:
+/// collected, then written).
+fn run_with(graph: &StageGraph, dir: &Path, format: ShuffleFormat, engine: EngineChoice) -> DataFrame {
     let mut outputs: Vec<Vec<Vec<PathBuf>>> = Vec::new();
     for (s, stage) in graph.stages.iter().enumerate() {
         let mut files = Vec::new();
@@ -57,7 +63,7 @@ fn run(graph: &StageGraph, dir: &Path, format: ShuffleFormat) -> DataFrame {
                 return IpcStreamReader::new(std::fs::File::open(&done.files[0]).unwrap()).finish().unwrap();
             }
             let written = plan
-                .execute_stage(EngineChoice::Auto, None, &stage.output, boundaries.as_ref(), format, &dir.join(format!("{s}-{t}")))
+                .execute_stage(engine, None, &stage.output, boundaries.as_ref(), format, &dir.join(format!("{s}-{t}")))
                 .unwrap();
             files.push(written.files);
         }
@@ -139,8 +145,10 @@ fn joins_broadcast_small_sides_and_hash_large_ones() {
     assert!(hashed.describe().contains("hash join on key"), "{}", hashed.describe());
     let format = ShuffleFormat::new(false, Codec::Uncompressed, None).unwrap();
     for (lf, graph, by) in [(&joined, &broadcast, vec!["key", "value"]), (&self_join, &hashed, vec!["key"])] {
-        let got = sorted(run(graph, dir.path(), format), &by);
-        assert!(got.equals_missing(&sorted(lf.clone().collect().unwrap(), &by)), "{}", graph.describe());
+        for engine in [EngineChoice::Streaming, EngineChoice::InMemory] {
+            let got = sorted(run_with(graph, dir.path(), format, engine), &by);
+            assert!(got.equals_missing(&sorted(lf.clone().collect().unwrap(), &by)), "{}", graph.describe());
+        }
     }
 }
 

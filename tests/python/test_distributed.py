@@ -109,6 +109,18 @@ def test_shuffle_formats(shuffle, tpch, dcluster, dctx):
     assert result.total_stages >= 2
 
 
+@pytest.mark.parametrize("engine", ["auto", "streaming"])
+def test_stage_outputs_stream_into_shuffle_files(engine, tpch, dctx):
+    """Stage tasks write their hash-partitioned and gathered outputs as the engine streams
+    them, whichever streaming choice the client makes (it allows no in-memory engine for
+    distributed queries); range outputs: test_range_partitioned_sort."""
+    t = pdsh.tables(tpch)
+    q = pdsh.q18(t)
+    result = q.remote(dctx, engine=engine).distributed(equi_join_broadcast_limit=0).execute()
+    assert_frame_equal(result.lazy().collect(), q.collect(), check_exact=False, rel_tol=1e-9)
+    assert result.total_stages >= 3
+
+
 def test_collect_over_flight(tpch, dctx):
     t = pdsh.tables(tpch)
     q = pdsh.q1(t)

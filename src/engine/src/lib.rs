@@ -13,6 +13,7 @@ pub use polars;
 /// The global allocator of the client's wheel (jemalloc with Polars' memory accounting).
 pub use polars_ooc::Allocator;
 use polars::prelude::*;
+use polars_plan::prelude::PlanCallback;
 
 pub mod planner;
 pub mod shuffle;
@@ -173,8 +174,23 @@ impl Plan {
         format: shuffle::ShuffleFormat,
         dir: &Path,
     ) -> PolarsResult<shuffle::Written> {
-        let mut df = self.lazy(optimization_flags).collect_with_engine(engine.polars()?)?.unwrap_single();
-        shuffle::write_partitions(&mut df, output, boundaries, format, dir)
+        let lf = self.lazy(optimization_flags);
+        let streams = matches!(engine, EngineChoice::Auto | EngineChoice::Streaming);
+        if !streams || matches!(output, planner::StageOutput::Boundaries { .. }) {
+            // The boundaries come from all rows at once; the in-memory engine has no stream.
+            let df = lf.collect_with_engine(engine.polars()?)?.unwrap_single();
+            return shuffle::write_partitions(df, output, boundaries, format, dir);
+        }
+        // The partitions are written as the engine streams the output: it never exists whole.
+        let schema = lf.clone().collect_schema()?;
+        let writers = Arc::new(shuffle::PartitionWriters::create(dir, &schema, shuffle::Dealer::new(output, boundaries)?, format)?);
+        let sink = writers.clone();
+        // Order matters where the consumer reads a gathered output or a range in order.
+        let maintain_order = !matches!(output, planner::StageOutput::Hash { .. });
+        let callback = PlanCallback::new(move |df: DataFrame| sink.write(df).map(|()| false));
+        lf.sink_batches(callback, maintain_order, None)?.collect_with_engine(Engine::Streaming)?;
+        let writers = Arc::into_inner(writers).ok_or_else(|| polars_err!(ComputeError: "the engine kept the shuffle writers"))?;
+        writers.finish()
     }
 
     fn lazy(&self, optimization_flags: Option<u32>) -> LazyFrame {

@@ -63,6 +63,9 @@ pub struct Written {
     pub bytes: u64,
 }
 
+/// Rows of a batch above which its partitions are written on several threads.
+const PARALLEL_ROWS: usize = 1 << 18;
+
 /// Seed of the partitioning hash: every worker must send a key to the same partition.
 const PARTITION_SEED: u64 = 0x706f_6c61_7273;
 
@@ -70,72 +73,168 @@ const PARTITION_SEED: u64 = 0x706f_6c61_7273;
 /// Every partition is written, empty ones too, so readers always find their files.
 /// `boundaries`: for a `Range` output, the boundaries its sample stage wrote.
 pub fn write_partitions(
-    df: &mut DataFrame,
+    df: DataFrame,
     output: &StageOutput,
     boundaries: Option<&Series>,
     format: ShuffleFormat,
     dir: &Path,
 ) -> PolarsResult<Written> {
-    std::fs::create_dir_all(dir).map_err(|e| polars_err!(ComputeError: "cannot create shuffle directory {}: {e}", dir.display()))?;
-    let parts = match output {
-        StageOutput::Hash { keys, partitions } => split_by_hash(df, keys, *partitions)?.into_iter().map(Part::Rows).collect(),
-        StageOutput::Single | StageOutput::Result => vec![Part::Frame(df.clone())],
-        StageOutput::Boundaries { key, descending, partitions, .. } => vec![Part::Frame(sample_boundaries(df, key, *descending, *partitions)?)],
-        StageOutput::Range { key, descending, nulls_last, partitions, .. } => {
-            let boundaries = boundaries.ok_or_else(|| polars_err!(ComputeError: "a range partitioning task got no boundaries"))?;
-            split_by_range(df, key, *descending, *nulls_last, *partitions, boundaries)?.into_iter().map(Part::Rows).collect()
-        }
+    let (df, dealer) = match output {
+        StageOutput::Boundaries { key, descending, partitions, .. } => (sample_boundaries(&df, key, *descending, *partitions)?, Dealer::One),
+        _ => (df, Dealer::new(output, boundaries)?),
     };
-    // Partitions are written side by side (compression is most of the cost), in as many
-    // threads as the engine may use.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(parts.len()).max(1);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let df: &DataFrame = df;
-    let parts: Vec<Mutex<Option<Part>>> = parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
-    let sizes: Vec<Mutex<PolarsResult<u64>>> = parts.iter().map(|_| Mutex::new(Ok(0))).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(part) = parts.get(i) else { break };
-                let part = part.lock().unwrap().take().expect("each partition is written once");
-                let frame = match part {
-                    Part::Frame(frame) => Ok(frame),
-                    Part::Rows(rows) => df.take(&IdxCa::from_vec(PlSmallStr::EMPTY, rows)),
-                };
-                *sizes[i].lock().unwrap() = frame.and_then(|mut frame| write_partition(&mut frame, &partition_path(dir, i, format), format));
-            });
-        }
-    });
-    let mut written = Written { rows: df.height() as u64, ..Default::default() };
-    for (i, size) in sizes.into_iter().enumerate() {
-        written.bytes += size.into_inner().unwrap()?;
-        written.files.push(partition_path(dir, i, format));
-    }
-    Ok(written)
+    let rows = df.height() as u64;
+    let writers = PartitionWriters::create(dir, df.schema(), dealer, format)?;
+    writers.write(df)?;
+    // The rows the task produced (not the boundaries sampled from them).
+    Ok(Written { rows, ..writers.finish()? })
 }
 
-/// An output partition: a frame of its own, or the rows of the task's output it takes.
-enum Part {
-    Frame(DataFrame),
-    Rows(Vec<IdxSize>),
+/// How the rows of a stage task's output are dealt to its partitions.
+#[derive(Clone)]
+pub enum Dealer {
+    /// One partition.
+    One,
+    Hash { keys: Vec<String>, partitions: usize },
+    Range { key: String, descending: bool, nulls_last: bool, partitions: usize, boundaries: Series },
+}
+
+impl Dealer {
+    /// The dealer of a stage output (`boundaries`: those a `Range` output's sample stage found).
+    pub fn new(output: &StageOutput, boundaries: Option<&Series>) -> PolarsResult<Dealer> {
+        Ok(match output {
+            StageOutput::Hash { keys, partitions } => Dealer::Hash { keys: keys.clone(), partitions: *partitions },
+            StageOutput::Range { key, descending, nulls_last, partitions, .. } => Dealer::Range {
+                key: key.clone(),
+                descending: *descending,
+                nulls_last: *nulls_last,
+                partitions: *partitions,
+                boundaries: boundaries.ok_or_else(|| polars_err!(ComputeError: "a range partitioning task got no boundaries"))?.clone(),
+            },
+            StageOutput::Single | StageOutput::Result | StageOutput::Boundaries { .. } => Dealer::One,
+        })
+    }
+
+    pub fn partitions(&self) -> usize {
+        match self {
+            Dealer::One => 1,
+            Dealer::Hash { partitions, .. } | Dealer::Range { partitions, .. } => *partitions,
+        }
+    }
+
+    /// The rows of `df` each partition gets (None: all of them, to the only partition).
+    fn deal(&self, df: &DataFrame) -> PolarsResult<Option<Vec<Vec<IdxSize>>>> {
+        Ok(match self {
+            Dealer::One => None,
+            Dealer::Hash { keys, partitions } => Some(split_by_hash(df, keys, *partitions)?),
+            Dealer::Range { key, descending, nulls_last, partitions, boundaries } => {
+                Some(split_by_range(df, key, *descending, *nulls_last, *partitions, boundaries)?)
+            }
+        })
+    }
+}
+
+/// Partition files written batch by batch as the engine streams a task's output (the task
+/// never holds its whole output). Every partition file exists from the start, so empty
+/// partitions are valid, empty files.
+pub struct PartitionWriters {
+    dealer: Dealer,
+    writers: Vec<Mutex<BatchWriter>>,
+    paths: Vec<PathBuf>,
+    rows: std::sync::atomic::AtomicU64,
+}
+
+enum BatchWriter {
+    Ipc(polars::io::ipc::BatchedWriter<File>),
+    Parquet(polars::io::parquet::write::BatchedWriter<File>),
+}
+
+impl PartitionWriters {
+    pub fn create(dir: &Path, schema: &Schema, dealer: Dealer, format: ShuffleFormat) -> PolarsResult<PartitionWriters> {
+        std::fs::create_dir_all(dir).map_err(|e| polars_err!(ComputeError: "cannot create shuffle directory {}: {e}", dir.display()))?;
+        let paths: Vec<PathBuf> = (0..dealer.partitions()).map(|i| partition_path(dir, i, format)).collect();
+        let writers = paths
+            .iter()
+            .map(|path| {
+                let file = File::create(path).map_err(|e| polars_err!(ComputeError: "cannot write {}: {e}", path.display()))?;
+                let writer = match format {
+                    ShuffleFormat::Ipc(compression) => {
+                        let arrow = schema.to_arrow(CompatLevel::newest());
+                        let fields = polars_arrow::io::ipc::write::default_ipc_fields(arrow.iter_values());
+                        BatchWriter::Ipc(IpcWriter::new(file).with_compression(compression).batched(schema, fields)?)
+                    }
+                    ShuffleFormat::Parquet(compression) => BatchWriter::Parquet(ParquetWriter::new(file).with_compression(compression).batched(schema)?),
+                };
+                Ok(Mutex::new(writer))
+            })
+            .collect::<PolarsResult<Vec<_>>>()?;
+        Ok(PartitionWriters { dealer, writers, paths, rows: Default::default() })
+    }
+
+    /// Deals a batch of rows to the partitions and appends each part to its file.
+    pub fn write(&self, mut df: DataFrame) -> PolarsResult<()> {
+        if df.height() == 0 {
+            return Ok(());
+        }
+        self.rows.fetch_add(df.height() as u64, std::sync::atomic::Ordering::Relaxed);
+        match self.dealer.deal(&df)? {
+            None => {
+                df.align_chunks();
+                append(&self.writers[0], &df)
+            }
+            Some(rows) => {
+                let parts: Vec<(&Mutex<BatchWriter>, Vec<IdxSize>)> = self.writers.iter().zip(rows).filter(|(_, r)| !r.is_empty()).collect();
+                let one = |(writer, rows): (&Mutex<BatchWriter>, Vec<IdxSize>)| append(writer, &df.take(&IdxCa::from_vec(PlSmallStr::EMPTY, rows))?);
+                // A large batch (a whole output) is taken and compressed on several threads;
+                // streamed batches are small and the engine keeps the other cores busy.
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(parts.len());
+                if df.height() < PARALLEL_ROWS || threads < 2 {
+                    return parts.into_iter().try_for_each(one);
+                }
+                let queue = Mutex::new(parts);
+                std::thread::scope(|scope| {
+                    let workers: Vec<_> = (0..threads)
+                        .map(|_| {
+                            scope.spawn(|| loop {
+                                let Some(part) = queue.lock().unwrap().pop() else { return Ok(()) };
+                                one(part)?;
+                            })
+                        })
+                        .collect();
+                    workers.into_iter().try_for_each(|w| w.join().expect("a partition writer panicked"))
+                })
+            }
+        }
+    }
+
+    /// Closes every file (footers written) and says what was written.
+    pub fn finish(self) -> PolarsResult<Written> {
+        let mut written = Written { rows: self.rows.into_inner(), ..Default::default() };
+        for (writer, path) in self.writers.into_iter().zip(self.paths) {
+            match writer.into_inner().unwrap() {
+                BatchWriter::Ipc(mut w) => w.finish()?,
+                BatchWriter::Parquet(w) => {
+                    w.finish()?;
+                }
+            }
+            written.bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            written.files.push(path);
+        }
+        Ok(written)
+    }
+}
+
+fn append(writer: &Mutex<BatchWriter>, df: &DataFrame) -> PolarsResult<()> {
+    match &mut *writer.lock().unwrap() {
+        BatchWriter::Ipc(w) => w.write_batch(df),
+        BatchWriter::Parquet(w) => w.write_batch(df),
+    }
 }
 
 fn partition_path(dir: &Path, i: usize, format: ShuffleFormat) -> PathBuf {
     dir.join(format!("{i}.{}", format.extension()))
 }
 
-/// Writes one partition; returns its size on disk.
-fn write_partition(part: &mut DataFrame, path: &Path, format: ShuffleFormat) -> PolarsResult<u64> {
-    let file = File::create(path).map_err(|e| polars_err!(ComputeError: "cannot write {}: {e}", path.display()))?;
-    match format {
-        ShuffleFormat::Ipc(compression) => IpcWriter::new(file).with_compression(compression).finish(part)?,
-        ShuffleFormat::Parquet(compression) => {
-            ParquetWriter::new(file).with_compression(compression).finish(part)?;
-        }
-    }
-    Ok(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
-}
 
 /// The rows of each hash partition.
 fn split_by_hash(df: &DataFrame, keys: &[String], partitions: usize) -> PolarsResult<Vec<Vec<IdxSize>>> {
