@@ -161,6 +161,17 @@ impl<'a> StageRun<'a> {
                     self.stats[s].tasks = 0;
                     self.stats[s].label.push_str(" (run inside the result task)");
                     self.stats[s].finished = true;
+                    crate::monitoring::span(
+                        "stage",
+                        [
+                            KeyValue::new("polars.query_id", self.query.id.to_string()),
+                            KeyValue::new("polars.stage", s as i64),
+                            KeyValue::new("polars.tasks", 0i64),
+                            KeyValue::new("polars.stage.label", self.stats[s].label.clone()),
+                            KeyValue::new("polars.stage.fused", true),
+                        ],
+                    )
+                    .end();
                     false
                 }
                 Err(e) => {

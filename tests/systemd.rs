@@ -111,7 +111,8 @@ fn named_socket_activation_and_readiness_notifications() {
     let status_at = notifications.position("STATUS=").unwrap();
     let ready_at = notifications.position("READY=1").unwrap();
     let stopping_at = notifications.position("STOPPING=1").unwrap();
-    assert!(status_at < ready_at && ready_at < stopping_at, "order: {:?}", notifications.received);
+    // A status may come with READY itself (the worker registered before the first report).
+    assert!(status_at <= ready_at && ready_at < stopping_at, "order: {:?}", notifications.received);
     let ready_msg = &notifications.received[ready_at];
     assert!(ready_msg.contains("STATUS=ready: scheduler, worker; 1 live workers"), "{ready_msg}");
     assert_eq!(notifications.received.iter().filter(|m| m.contains("READY=1")).count(), 1);

@@ -74,7 +74,7 @@ function stageGraph(stages) {
     svg.append(el("svg:g", { class: `stage${s.failed_tasks ? " failed" : ""}`, "data-stage": s.stage },
       el("svg:title", {}, s.label || ""),
       el("svg:rect", { x, y, width: w, height: h }),
-      el("svg:text", { x: x + 12, y: y + 22, "font-weight": 600 }, `Stage ${s.stage}`, el("svg:tspan", { class: "muted", dx: 8 }, `${s.tasks ?? "?"} task(s) → ${s.output ?? ""}`)),
+      el("svg:text", { x: x + 12, y: y + 22, "font-weight": 600 }, `Stage ${s.stage}`, el("svg:tspan", { class: "muted", dx: 8 }, s.fused ? "run inside the result task" : `${s.tasks ?? "?"} task(s) → ${s.output ?? ""}`)),
       el("svg:text", { x: x + 12, y: y + 42 }, `${workers.length} worker${workers.length === 1 ? "" : "s"}: ${workers.join(", ")}`),
       el("svg:text", { x: x + 12, y: y + 60 }, `${s.rows ?? 0} rows · ${fmtBytes(s.bytes_shuffled ?? 0)} shuffled`),
       el("svg:text", { x: x + 12, y: y + 78, class: "muted" }, `${(s.time_ms ?? 0).toFixed(1)} ms · ${s.spans ?? 0} spans`)));

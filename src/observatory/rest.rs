@@ -70,10 +70,23 @@ fn query_detail(id: &str, spans: &[SpanRow]) -> serde_json::Value {
         .collect();
     for s in spans {
         if let Some(stage) = attr(s, "polars.stage").and_then(|v| v.as_i64()) {
-            let entry = stages.entry(stage).or_insert_with(|| json!({ "stage": stage, "inputs": [] }));
-            let obj = entry.as_object_mut().expect("object");
-            for key in ["workers", "spans", "rows", "bytes_shuffled", "start_ns", "end_ns", "failed_tasks", "task_runs"] {
-                obj.entry(key).or_insert(if key == "workers" { json!([]) } else { json!(0) });
+            stages.entry(stage).or_insert_with(|| json!({ "stage": stage, "inputs": [] }));
+        }
+    }
+    // Every stage has its figures, zero for a stage that ran no task of its own.
+    for entry in stages.values_mut() {
+        let obj = entry.as_object_mut().expect("object");
+        for key in ["workers", "spans", "rows", "bytes_shuffled", "start_ns", "end_ns", "failed_tasks", "task_runs"] {
+            obj.entry(key).or_insert(if key == "workers" { json!([]) } else { json!(0) });
+        }
+        obj.entry("fused").or_insert(json!(false));
+    }
+    for s in spans {
+        if let Some(stage) = attr(s, "polars.stage").and_then(|v| v.as_i64()) {
+            let obj = stages.get_mut(&stage).and_then(|e| e.as_object_mut()).expect("every stage has an entry");
+            // A small gather stage the result task ran inside itself (no tasks of its own).
+            if s.name == "stage" && attr(s, "polars.stage.fused").and_then(|v| v.as_bool()) == Some(true) {
+                obj["fused"] = json!(true);
             }
             obj["spans"] = (obj["spans"].as_i64().unwrap_or(0) + 1).into();
             // The worker a span is about: named by the span, else the node that sent it (the
@@ -122,7 +135,7 @@ fn query_detail(id: &str, spans: &[SpanRow]) -> serde_json::Value {
     };
     let finished: Vec<i64> = stages
         .iter()
-        .filter(|(_, s)| s["task_runs"].as_i64().unwrap_or(0) > s["failed_tasks"].as_i64().unwrap_or(0))
+        .filter(|(_, s)| s["fused"] == json!(true) || s["task_runs"].as_i64().unwrap_or(0) > s["failed_tasks"].as_i64().unwrap_or(0))
         .map(|(i, _)| *i)
         .collect();
     let failed_stage = stages.iter().find(|(_, s)| s["failed_tasks"].as_i64().unwrap_or(0) > 0 && status == "Failed").map(|(i, _)| *i);

@@ -238,6 +238,9 @@ def test_split_query_stages_and_the_official_clients_query_detail(monitored, tmp
     stages = {s["stage"]: s for s in detail["stages"]}
     assert sorted(stages) == list(range(result.total_stages))
     assert stages[1]["inputs"] == [0] and stages[0]["output"].startswith("hash(k)"), stages
+    # Stage 1's inputs are a few KB: the result task computed it (a stage without tasks).
+    assert stages[1]["fused"] is True and stages[1]["task_runs"] == 0 and not stages[0]["fused"], stages
+    assert detail["finished_stages"] == list(range(result.total_stages)), detail["finished_stages"]
     assert stages[0]["bytes_shuffled"] > 0 and stages[0]["rows"] > 0 and stages[0]["time_ms"] > 0, stages[0]
     assert set(stages[0]["workers"]) == {"worker-1", "worker-2"}, stages[0]
     assert detail["total_bytes_shuffled"] == sum(s["bytes_shuffled"] for s in stages.values())
