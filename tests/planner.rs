@@ -232,3 +232,36 @@ fn data_already_partitioned_by_a_key_is_not_shuffled_again() {
     let got = sorted(run(&graph, dir.path(), format), &["key"]);
     assert!(got.equals_missing(&sorted(lf.collect().unwrap(), &["key"])), "{text}");
 }
+
+#[test]
+fn a_side_is_broadcast_by_the_size_of_the_columns_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, mut df: DataFrame| {
+        let path = dir.path().join(name);
+        ParquetWriter::new(std::fs::File::create(&path).unwrap()).with_compression(ParquetCompression::Uncompressed).finish(&mut df).unwrap();
+        path.display().to_string()
+    };
+    let big = write("big.parquet", df!("key" => (0..200_000i64).map(|i| i % 23).collect::<Vec<_>>()).unwrap());
+    // A wide table: a small key column and a long text column.
+    let wide = write(
+        "wide.parquet",
+        df!("key" => (0..1000i64).map(|i| i % 23).collect::<Vec<_>>(), "text" => (0..1000).map(|i| format!("{i:>100}")).collect::<Vec<_>>())
+            .unwrap(),
+    );
+    let size = std::fs::metadata(&wide).unwrap().len();
+    let joined = |wide: LazyFrame| scan(&big).join(wide, [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap();
+    let keys_only = joined(scan(&wide).select([col("key")])).group_by([col("key")]).agg([len().alias("n")]);
+    let with_text = joined(scan(&wide))
+        .select([col("key"), col("text").str().len_bytes().alias("bytes")])
+        .group_by([col("key")])
+        .agg([col("bytes").sum()]);
+    // Below the file's size, above what its key column takes: only the key column is broadcast.
+    let limits = Limits { broadcast_limit: size / 3, ..LIMITS };
+    let graph = split(&keys_only, limits);
+    assert!(graph.describe().contains("broadcast"), "{}", graph.describe());
+    let text = split(&with_text, limits).describe();
+    assert!(!text.contains("broadcast") && text.contains("hash join"), "{text}");
+    let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
+    let got = sorted(run(&graph, dir.path(), format), &["key"]);
+    assert!(got.equals(&sorted(keys_only.collect().unwrap(), &["key"])));
+}

@@ -32,8 +32,9 @@ pub const INPUT_SCHEME: &str = "polars-node-input://";
 pub struct Limits {
     /// Tasks per spread stage (workers x partitions per worker).
     pub max_tasks: usize,
-    /// Scans at most this large (bytes on disk) are read whole by every task that needs them
-    /// (a broadcast) instead of being split; the client's `allow_equi_join_broadcast_limit`.
+    /// Scans at most this large (bytes on disk of the columns they read) are read whole by
+    /// every task that needs them (a broadcast) instead of being split; the client's
+    /// `allow_equi_join_broadcast_limit`.
     pub broadcast_limit: u64,
     /// Smallest number of rows worth a task of its own when a single file is split.
     pub min_rows_per_task: u64,
@@ -782,7 +783,10 @@ impl Planner<'_> {
             plan
         };
         let name = scan_name(&sources);
-        let split = Some(node) == self.largest_scan || scan_bytes(&sources) > self.limits.broadcast_limit;
+        // What the scan reads: the files' bytes in the share of the columns it reads (a join
+        // side of two integer columns of a wide table is cheap to broadcast).
+        let read_bytes = (scan_bytes(&sources) as f64 * read_share(&file_info.schema, columns.as_deref())) as u64;
+        let split = Some(node) == self.largest_scan || read_bytes > self.limits.broadcast_limit;
         let ordered = args.row_index.is_none() && args.pre_slice.is_none();
         if !split || !ordered {
             return Ok(Rel::Whole(dsl(sources, None)));
@@ -906,6 +910,26 @@ fn scan_bytes(sources: &ScanSources) -> u64 {
             .fold(0u64, |a, b| a.saturating_add(b)),
         _ => 0,
     }
+}
+
+/// The share of a file's bytes that reading `columns` of it takes (all columns: 1), with
+/// columns weighed by the typical width of their type.
+fn read_share(schema: &Schema, columns: Option<&[PlSmallStr]>) -> f64 {
+    let weight = |dtype: &DataType| -> f64 {
+        match dtype {
+            DataType::Boolean | DataType::Int8 | DataType::UInt8 => 1.0,
+            DataType::Int16 | DataType::UInt16 => 2.0,
+            DataType::Int32 | DataType::UInt32 | DataType::Float32 | DataType::Date => 4.0,
+            DataType::Int64 | DataType::UInt64 | DataType::Float64 | DataType::Datetime(..) | DataType::Duration(_) | DataType::Time => 8.0,
+            DataType::String | DataType::Binary => 32.0,
+            DataType::List(_) | DataType::Array(..) | DataType::Struct(_) => 64.0,
+            _ => 16.0,
+        }
+    };
+    let Some(columns) = columns else { return 1.0 };
+    let total: f64 = schema.iter_values().map(weight).sum();
+    let read: f64 = columns.iter().filter_map(|c| schema.get(c)).map(weight).sum();
+    if total > 0.0 { (read / total).min(1.0) } else { 1.0 }
 }
 
 fn scan_name(sources: &ScanSources) -> String {
