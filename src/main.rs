@@ -50,7 +50,7 @@ enum Command {
         #[arg(long, default_value = "/tmp/polars/local")]
         data_dir: PathBuf,
     },
-    /// Run one query task: a worker's execution process (task on stdin, outcome on stdout).
+    /// Serve query tasks: a worker's execution process (framed tasks on stdin, outcomes on stdout).
     #[command(hide = true)]
     ExecTask,
     /// Measure shuffle fetch throughput from a worker against raw loopback TCP (the benchmark

@@ -30,7 +30,7 @@ pub fn init() {
 }
 
 /// Runs a tiny query on each engine, so that the thread pools and the streaming executor exist
-/// before a task arrives (a worker's spare execution process does this while it waits).
+/// before a task arrives (a new execution process does this while it waits for its first task).
 pub fn warm_up() {
     if let Ok(df) = DataFrame::new(1, vec![Column::new("a".into(), [1i64])]) {
         for engine in [Engine::Streaming, Engine::InMemory] {
