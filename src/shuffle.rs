@@ -181,32 +181,35 @@ impl ShuffleStore {
             let status = response.status();
             return Err(format!("{status}: {}", response.text().await.unwrap_or_default()));
         }
-        // One blocking writer for the whole file, fed through a bounded channel.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+        // One blocking writer for the whole file, fed through a bounded channel. The body
+        // arrives in socket-sized pieces: the writer gets them in batches of about 1 MiB (no
+        // copy), so that it wakes once per batch rather than once per piece.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(4);
         let path = local.to_path_buf();
         let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             use std::io::Write;
             let mut file = std::fs::File::create(&path)?;
-            while let Some(chunk) = rx.blocking_recv() {
-                file.write_all(&chunk)?;
+            while let Some(batch) = rx.blocking_recv() {
+                for piece in batch {
+                    file.write_all(&piece)?;
+                }
             }
             file.flush()
         });
         let received = async {
-            // The body arrives in socket-sized pieces: the writer gets them in 1 MiB batches,
-            // so that it wakes (and writes) once per MiB rather than once per piece.
-            let mut batch = bytes::BytesMut::with_capacity(WRITE_BATCH);
-            while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
-                batch.extend_from_slice(&chunk);
-                if batch.len() >= WRITE_BATCH {
-                    let full = std::mem::replace(&mut batch, bytes::BytesMut::with_capacity(WRITE_BATCH));
-                    if tx.send(full.freeze()).await.is_err() {
+            let (mut batch, mut batched) = (Vec::new(), 0);
+            while let Some(piece) = response.chunk().await.map_err(|e| e.to_string())? {
+                batched += piece.len();
+                batch.push(piece);
+                if batched >= WRITE_BATCH {
+                    batched = 0;
+                    if tx.send(std::mem::take(&mut batch)).await.is_err() {
                         return Ok(()); // the writer failed: its error is reported below
                     }
                 }
             }
             if !batch.is_empty() {
-                let _ = tx.send(batch.freeze()).await;
+                let _ = tx.send(batch).await;
             }
             Ok::<(), String>(())
         }
