@@ -265,3 +265,34 @@ fn a_side_is_broadcast_by_the_size_of_the_columns_it_reads() {
     let got = sorted(run(&graph, dir.path(), format), &["key"]);
     assert!(got.equals(&sorted(keys_only.collect().unwrap(), &["key"])));
 }
+
+#[test]
+fn semi_and_anti_joins_of_a_small_side_read_only_the_distinct_keys_of_the_split_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let (facts, dims) = tables(dir.path());
+    let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
+    let few = scan(&facts).filter(col("amount").eq(lit(3)).and(col("key").lt(lit(15))));
+    for how in [JoinType::Semi, JoinType::Anti] {
+        let lf = scan(&dims).join(few.clone(), [col("key")], [col("key")], JoinArgs::new(how.clone())).unwrap();
+        let graph = split(&lf, LIMITS);
+        assert!(graph.describe().contains("distinct join keys"), "{}", graph.describe());
+        assert!(!graph.stages.iter().any(|s| matches!(s.output, StageOutput::Hash { .. })), "{}", graph.describe());
+        let got = sorted(run(&graph, dir.path(), format), &["key"]);
+        assert!(got.equals(&sorted(lf.collect().unwrap(), &["key"])), "{how:?}\n{}", graph.describe());
+    }
+}
+
+#[test]
+fn an_aggregated_broadcast_side_is_computed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (facts, dims) = tables(dir.path());
+    let counts = scan(&dims).group_by([col("key")]).agg([len().alias("n")]);
+    let lf = scan(&facts).join(counts, [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap().select([col("key"), col("value"), col("n")]);
+    let graph = split(&lf, LIMITS);
+    let once = graph.stages.iter().position(|s| s.label.contains("computed once")).unwrap_or_else(|| panic!("{}", graph.describe()));
+    assert_eq!(graph.stages[once].tasks.len(), 1);
+    assert!(graph.stages.iter().any(|s| s.inputs.contains(&once) && s.tasks.len() > 1), "{}", graph.describe());
+    let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
+    let got = sorted(run(&graph, dir.path(), format), &["key", "value"]);
+    assert!(got.equals(&sorted(lf.collect().unwrap(), &["key", "value"])));
+}

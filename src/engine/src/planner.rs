@@ -554,6 +554,20 @@ impl Planner<'_> {
         }
     }
 
+    /// A whole relation that every task of a join will read: if it aggregates (costly to
+    /// compute, small to keep), one task computes it in a stage of its own and the others read
+    /// its output, instead of every task computing it. (A join of dimension tables is not
+    /// worth it: measured, its output costs more to write and read than to compute again.)
+    fn computed_once(&mut self, plan: DslPlan, consumer: &str) -> DslPlan {
+        let mut costly = false;
+        crate::walk(&plan, &mut |p| costly |= matches!(p, DslPlan::GroupBy { .. } | DslPlan::Distinct { .. }));
+        if !costly {
+            return plan;
+        }
+        let stage = self.add_stage(vec![plan], StageOutput::Single, format!("computed once for a {consumer}"));
+        placeholder(stage, None)
+    }
+
     /// Ends a spread relation in a stage whose tasks each write one partition, read whole by
     /// the consumer; a whole relation stays as it is.
     fn gather(&mut self, rel: Rel, consumer: &str) -> DslPlan {
@@ -664,13 +678,27 @@ impl Planner<'_> {
         match (l, r) {
             (Rel::Whole(l), Rel::Whole(r)) => Ok(Rel::Whole(build(l, r))),
             (Rel::Spread { parts, label, hashed }, Rel::Whole(r)) if left_may_spread => {
+                let r = self.computed_once(r, "broadcast");
                 let parts = parts.into_iter().map(|p| build(p, r.clone())).collect();
                 let hashed = hashed.filter(|_| keeps_left_rows);
                 Ok(Rel::Spread { parts, hashed, label: format!("{label} → join (broadcast right)") })
             }
             (Rel::Whole(l), Rel::Spread { parts, label, .. }) if right_may_spread => {
+                let l = self.computed_once(l, "broadcast");
                 let parts = parts.into_iter().map(|p| build(l.clone(), p)).collect();
                 Ok(Rel::Spread { parts, hashed: None, label: format!("{label} → join (broadcast left)") })
+            }
+            // A semi or anti join of a whole (small) side needs only the distinct keys of the
+            // spread side: each part reduces its rows to its keys, one task joins.
+            (Rel::Whole(l), Rel::Spread { parts, label, .. }) if matches!(how, JoinType::Semi | JoinType::Anti) && keys.1.is_some() => {
+                let names: Vec<PlSmallStr> = keys.1.unwrap_or_default().iter().map(|k| PlSmallStr::from(k.as_str())).collect();
+                let distinct = |p: DslPlan| DslPlan::Distinct {
+                    input: Arc::new(select_columns(p, names.iter())),
+                    options: DistinctOptionsDSL { subset: None, maintain_order: false, keep_strategy: UniqueKeepStrategy::Any },
+                };
+                let parts = parts.into_iter().map(distinct).collect();
+                let keys = self.gather(Rel::Spread { parts, hashed: None, label: format!("{label} → distinct join keys") }, "join");
+                Ok(Rel::Whole(build(l, keys)))
             }
             (l, r) => match keys {
                 (Some(lk), Some(rk)) if !lk.is_empty() && same_dtypes && !matches!(how, JoinType::Cross) => {
