@@ -395,6 +395,27 @@ impl Planner<'_> {
                     }
                 };
                 let rel = self.visit(input)?;
+                // Duplicates dropped within each part first (a pre-aggregation): less to
+                // shuffle or gather.
+                let rel = match rel {
+                    Rel::Spread { .. }
+                        if self.limits.pre_aggregate
+                            && !options.maintain_order
+                            && options.slice.is_none()
+                            && matches!(options.keep_strategy, UniqueKeepStrategy::Any) =>
+                    {
+                        let partial = options.subset.clone();
+                        self.map(rel, "partial unique", true, |p| DslPlan::Distinct {
+                            input: Arc::new(p),
+                            options: DistinctOptionsDSL {
+                                subset: partial.as_ref().map(|s| s.iter().map(|n| col(n.clone())).collect()),
+                                maintain_order: false,
+                                keep_strategy: UniqueKeepStrategy::Any,
+                            },
+                        })
+                    }
+                    rel => rel,
+                };
                 match (rel, names) {
                     (rel @ Rel::Spread { .. }, Some(names))
                         if !options.maintain_order
