@@ -287,10 +287,11 @@ impl<'a> StageRun<'a> {
         let fused_result = stage == self.graph.stages.len() - 1 && self.result_task.is_some();
         let mut inputs = Vec::new();
         for &input in &self.inputs[stage] {
-            let partitions = match self.graph.stages[input].output.is_partitioned() {
+            let output = &self.graph.stages[input].output;
+            let partitions = match output.is_partitioned() {
                 // Consumer task `i` reads partition `i`; a result that does a fused stage's
                 // work reads every partition.
-                true if fused_result => (0..self.outputs[input].first().map_or(0, |o| o.as_ref().map_or(0, |d| d.success.files.len()))).map(Some).collect(),
+                true if fused_result => (0..output.partitions()).map(Some).collect(),
                 true => vec![Some(task)],
                 false => vec![None],
             };

@@ -68,6 +68,14 @@ impl StageOutput {
     pub fn is_partitioned(&self) -> bool {
         matches!(self, StageOutput::Hash { .. } | StageOutput::Range { .. })
     }
+
+    /// Files each task writes.
+    pub fn partitions(&self) -> usize {
+        match self {
+            StageOutput::Hash { partitions, .. } | StageOutput::Range { partitions, .. } => *partitions,
+            _ => 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
