@@ -259,3 +259,39 @@ def test_user_sinks(ctx, tmp_path, kind):
     expected = revenue().collect()
     got = pl.read_ipc(target) if kind == "ipc" else pl.read_csv(target).cast(expected.schema)
     assert_frame_equal(got, expected)
+
+
+def test_the_local_cluster_of_the_readme(tmp_path):
+    """`polars-node local` (README's first command): scheduler, worker and observatory in one
+    process; the official client runs a query on it and the dashboard answers. Its addresses
+    are moved to free ports through the PC_CUBLET__ environment overrides."""
+    import urllib.request
+
+    from conftest import BIN
+    from ports import free_port
+
+    ports = {key: free_port() for key in ("client", "worker", "task", "shuffle", "otlp", "rest")}
+    env = dict(os.environ)
+    for var, key in [
+        ("PC_CUBLET__SCHEDULER__CLIENT_SERVICE__BIND_ADDR", "client"),
+        ("PC_CUBLET__SCHEDULER__WORKER_SERVICE__BIND_ADDR", "worker"),
+        ("PC_CUBLET__WORKER__TASK_SERVICE__BIND_ADDR", "task"),
+        ("PC_CUBLET__WORKER__SHUFFLE_SERVICE__BIND_ADDR", "shuffle"),
+        ("PC_CUBLET__OBSERVATORY__SERVICE__BIND_ADDR", "otlp"),
+        ("PC_CUBLET__OBSERVATORY__REST_API__SERVICE__BIND_ADDR", "rest"),
+    ]:
+        env[var] = f'"127.0.0.1:{ports[key]}"'
+    log = open(tmp_path / "local.log", "w")
+    node = subprocess.Popen([BIN, "local", "--data-dir", str(tmp_path / "data")], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 30
+        while "local cluster ready" not in (tmp_path / "local.log").read_text():
+            assert node.poll() is None and time.time() < deadline, (tmp_path / "local.log").read_text()
+            time.sleep(0.1)
+        ctx = pc.ClusterContext(uri=f"http://127.0.0.1:{ports['client']}")
+        assert_frame_equal(revenue().remote(ctx).execute().lazy().collect(), revenue().collect())
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['rest']}/", timeout=10) as page:
+            assert page.status == 200
+    finally:
+        node.terminate()
+        assert node.wait(timeout=20) == 0, (tmp_path / "local.log").read_text()
