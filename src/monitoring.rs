@@ -66,6 +66,11 @@ pub fn start(instance_id: &str, cluster_id: &str, observatory_addr: &str, host: 
     Ok(Monitoring { tracer, meter })
 }
 
+/// The attributes naming a stage task, which the observatory groups spans by.
+pub fn task_attributes(query_id: &str, stage: i64, task: i64) -> [KeyValue; 3] {
+    [KeyValue::new("polars.query_id", query_id.to_string()), KeyValue::new("polars.stage", stage), KeyValue::new("polars.task", task)]
+}
+
 /// Starts a span of this node's tracer (exported when `[monitoring]` is on, a no-op
 /// otherwise); end it with `.end()`.
 pub fn span(name: &'static str, attributes: impl IntoIterator<Item = KeyValue>) -> opentelemetry::global::BoxedSpan {

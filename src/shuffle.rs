@@ -141,12 +141,9 @@ impl ShuffleStore {
         use opentelemetry::trace::Span as _;
         let mut span = crate::monitoring::span(
             "shuffle.read",
-            [
-                opentelemetry::KeyValue::new("polars.query_id", query_id.to_string()),
-                opentelemetry::KeyValue::new("polars.stage", stage.stage as i64),
-                opentelemetry::KeyValue::new("polars.task", stage.task as i64),
-                opentelemetry::KeyValue::new("polars.shuffle.files", jobs.len() as i64),
-            ],
+            crate::monitoring::task_attributes(query_id, stage.stage as i64, stage.task as i64)
+                .into_iter()
+                .chain([opentelemetry::KeyValue::new("polars.shuffle.files", jobs.len() as i64)]),
         );
         let locals: Vec<PathBuf> = jobs.iter().map(|j| j.3.clone()).collect();
         let fetched = futures_util::stream::iter(jobs)

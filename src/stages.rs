@@ -93,20 +93,7 @@ impl<'a> StageRun<'a> {
             if stages.is_empty() {
                 continue;
             }
-            let mut spans: Vec<_> = stages
-                .iter()
-                .map(|&stage| {
-                    crate::monitoring::span(
-                        "stage",
-                        [
-                            KeyValue::new("polars.query_id", self.query.id.to_string()),
-                            KeyValue::new("polars.stage", stage as i64),
-                            KeyValue::new("polars.tasks", self.graph.stages[stage].tasks.len() as i64),
-                            KeyValue::new("polars.stage.label", self.graph.stages[stage].label.clone()),
-                        ],
-                    )
-                })
-                .collect();
+            let mut spans: Vec<_> = stages.iter().map(|&stage| self.stage_span(stage)).collect();
             let ran = self.ensure(&stages).await;
             for (span, &stage) in spans.iter_mut().zip(&stages) {
                 span.set_attribute(KeyValue::new("polars.rows", self.stats[stage].rows as i64));
@@ -129,6 +116,20 @@ impl<'a> StageRun<'a> {
             self.stats[s].workers = self.stats[last].workers.clone();
         }
         Ok((done.success, done.worker, self.stats))
+    }
+
+    /// The scheduler's span of a stage (its tasks and label as they are now: a fused stage has
+    /// no tasks of its own).
+    fn stage_span(&self, stage: usize) -> opentelemetry::global::BoxedSpan {
+        crate::monitoring::span(
+            "stage",
+            [
+                KeyValue::new("polars.query_id", self.query.id.to_string()),
+                KeyValue::new("polars.stage", stage as i64),
+                KeyValue::new("polars.tasks", self.stats[stage].tasks as i64),
+                KeyValue::new("polars.stage.label", self.stats[stage].label.clone()),
+            ],
+        )
     }
 
     /// Takes out of `stages` the gather stages that the result task may as well compute: read
@@ -161,17 +162,9 @@ impl<'a> StageRun<'a> {
                     self.stats[s].tasks = 0;
                     self.stats[s].label.push_str(" (run inside the result task)");
                     self.stats[s].finished = true;
-                    crate::monitoring::span(
-                        "stage",
-                        [
-                            KeyValue::new("polars.query_id", self.query.id.to_string()),
-                            KeyValue::new("polars.stage", s as i64),
-                            KeyValue::new("polars.tasks", 0i64),
-                            KeyValue::new("polars.stage.label", self.stats[s].label.clone()),
-                            KeyValue::new("polars.stage.fused", true),
-                        ],
-                    )
-                    .end();
+                    let mut span = self.stage_span(s);
+                    span.set_attribute(KeyValue::new("polars.stage.fused", true));
+                    span.end();
                     false
                 }
                 Err(e) => {

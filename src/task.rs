@@ -104,13 +104,10 @@ impl TaskService {
                 let (stage, task) = request.stage.as_ref().map(|s| (s.stage as i64, s.task as i64)).unwrap_or_default();
                 let mut span = crate::monitoring::span(
                     "shuffle.write",
-                    [
-                        opentelemetry::KeyValue::new("polars.query_id", query_id.clone()),
-                        opentelemetry::KeyValue::new("polars.stage", stage),
-                        opentelemetry::KeyValue::new("polars.task", task),
+                    crate::monitoring::task_attributes(&query_id, stage, task).into_iter().chain([
                         opentelemetry::KeyValue::new("polars.shuffle.files", s.files.len() as i64),
                         opentelemetry::KeyValue::new("polars.shuffle.bytes_written", s.bytes_written as i64),
-                    ],
+                    ]),
                 );
                 let published = self.inner.shuffle.publish(&query_id, std::mem::take(&mut s.files)).await;
                 if let Err(e) = &published {
@@ -139,12 +136,9 @@ impl Task for TaskService {
         info!(query = %query_id, stage, task, "task started");
         let mut span = crate::monitoring::span(
             "task.execute",
-            [
-                opentelemetry::KeyValue::new("polars.query_id", query_id.clone()),
-                opentelemetry::KeyValue::new("polars.stage", stage),
-                opentelemetry::KeyValue::new("polars.task", task),
-                opentelemetry::KeyValue::new("polars.plan_bytes", request.plan.len() as i64),
-            ],
+            crate::monitoring::task_attributes(&query_id, stage, task)
+                .into_iter()
+                .chain([opentelemetry::KeyValue::new("polars.plan_bytes", request.plan.len() as i64)]),
         );
         let response = match self.execute(request).await {
             Ok(r) => r,
