@@ -107,10 +107,11 @@ def best_of(n, f):
     return min(times)
 
 
-def pdsh_side_by_side(ctx, data: Path, repeat: int):
+def pdsh_side_by_side(ctx, data: Path, repeat: int, queries: list[int]):
     t = pdsh.tables(data)
     rows = []
-    for n, build in pdsh.QUERIES.items():
+    for n in queries:
+        build = pdsh.QUERIES[n]
         q = build(t)
         local = cluster = float("inf")
         stages = 0
@@ -196,6 +197,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=os.environ.get("POLARS_NODE_BIN", str(Path.home() / ".cache/polars-node/target-release/release/polars-node")))
     ap.add_argument("--scales", nargs="*", default=["1", "10"], help="PDS-H scale factors (none: skip PDS-H)")
+    ap.add_argument("--queries", nargs="*", type=int, default=list(pdsh.QUERIES), help="PDS-H query numbers (default: all 22)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--trips", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
@@ -215,7 +217,7 @@ def main():
             for scale in args.scales:
                 data = generate(scale, Path(args.cache))
                 print(f"PDS-H SF-{scale}", flush=True)
-                results["pdsh"][scale] = pdsh_side_by_side(ctx, data, args.repeat)
+                results["pdsh"][scale] = pdsh_side_by_side(ctx, data, args.repeat, args.queries)
             results["shuffle"] = shuffle_throughput(args.bin, cluster)
             results["round_trip"] = round_trips(ctx, args.trips)
         finally:

@@ -316,3 +316,59 @@ fn unique_drops_duplicates_within_each_part_first_unless_it_keeps_none() {
         assert!(!exact || got.equals(&expected), "{}", graph.describe());
     }
 }
+
+#[test]
+fn files_laid_out_by_a_key_are_split_by_its_ranges_and_grouped_or_joined_without_shuffles() {
+    let dir = tempfile::tempdir().unwrap();
+    // Lines: four files sorted by `key` (three lines per key, so a key may span two row
+    // groups), in row groups of 100 rows; orders: one file, one row per key (and one without a
+    // key), in row groups of 50.
+    let mut lines = Vec::new();
+    for part in 0..4i64 {
+        let rows: Vec<i64> = (part * 600..(part + 1) * 600).collect();
+        let mut df = df!(
+            "key" => rows.iter().map(|r| r / 3).collect::<Vec<_>>(),
+            "supp" => rows.iter().map(|r| (r * 7) % 13 + (r % 3 == 0 && r % 2 == 0) as i64 * 13).collect::<Vec<_>>(),
+            "late" => rows.iter().map(|r| r % 5 < 2).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let path = dir.path().join(format!("lines-{part}.parquet"));
+        ParquetWriter::new(std::fs::File::create(&path).unwrap()).with_row_group_size(Some(100)).finish(&mut df).unwrap();
+        lines.push(path);
+    }
+    let keys: Vec<Option<i64>> = (0..800i64).map(Some).chain([None]).collect();
+    let mut orders = df!("okey" => keys, "status" => (0..801).map(|i| ["F", "O"][i % 2]).collect::<Vec<_>>()).unwrap();
+    let orders_path = dir.path().join("orders.parquet");
+    ParquetWriter::new(std::fs::File::create(&orders_path).unwrap()).with_row_group_size(Some(50)).finish(&mut orders).unwrap();
+    let lines = format!("{}/lines-*.parquet", dir.path().display());
+    let orders = orders_path.display().to_string();
+
+    // Shaped like PDS-H q21: groups of the key, semi joins of the table with itself, a join with
+    // the orders, grouped by another column at the end.
+    let multi = scan(&lines).group_by([col("key")]).agg([col("supp").n_unique().alias("n")]).filter(col("n").gt(lit(1)));
+    let q21 = scan(&lines)
+        .filter(col("late"))
+        .join(multi, [col("key")], [col("key")], JoinArgs::new(JoinType::Semi))
+        .unwrap()
+        .join(scan(&orders).filter(col("status").eq(lit("F"))), [col("key")], [col("okey")], JoinArgs::new(JoinType::Inner))
+        .unwrap()
+        .group_by([col("supp")])
+        .agg([len().alias("n")]);
+    // The orders (whole) left-joined with the lines (split): the orders are cut to the ranges.
+    let left = scan(&orders)
+        .join(scan(&lines).filter(col("late")), [col("okey")], [col("key")], JoinArgs::new(JoinType::Left))
+        .unwrap()
+        .select([col("okey"), col("supp"), col("status")]);
+    let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
+    for (lf, by) in [(q21, vec!["supp"]), (left, vec!["okey", "supp"])] {
+        let graph = split(&lf, LIMITS);
+        let text = graph.describe();
+        assert!(text.contains("3 parts by ranges of key") && text.contains("join by ranges of"), "{text}");
+        let by_key = graph.stages.iter().filter(|s| matches!(&s.output, StageOutput::Hash { keys, .. } if keys.iter().any(|k| k.contains("key"))));
+        assert_eq!(by_key.count(), 0, "{text}");
+        for engine in [EngineChoice::Streaming, EngineChoice::InMemory] {
+            let got = sorted(run_with(&graph, dir.path(), format, engine), &by);
+            assert!(got.equals_missing(&sorted(lf.clone().collect().unwrap(), &by)), "{text}");
+        }
+    }
+}

@@ -74,13 +74,13 @@ def test_pdsh(n, tpch, dcluster, dctx):
 def test_stage_statistics_and_cleanup(tpch, dcluster, dctx):
     """A hash-partitioned group-by: several workers in its stages, shuffle files gone after."""
     t = pdsh.tables(tpch)
-    q = t("lineitem").group_by("l_orderkey").agg(pl.len(), pl.sum("l_quantity")).sort("l_orderkey")
+    q = t("lineitem").group_by("l_partkey").agg(pl.len(), pl.sum("l_quantity")).sort("l_partkey")
     result = q.remote(dctx).execute()
     assert_frame_equal(result.lazy().collect(), q.collect())
     assert result.total_stages == result.finished_stages >= 3
     assert all(s.num_workers_used >= 1 for s in result.stage_statistics())
     log = split_log(dcluster)
-    assert "shuffle by l_orderkey" in log, log[-3000:]
+    assert "shuffle by l_partkey" in log, log[-3000:]
     # The final aggregation's inputs are a few MB: its gather runs inside the result task.
     assert "small gather stage runs inside the result task" in log, log[-3000:]
     deadline = time.time() + 10
@@ -90,6 +90,20 @@ def test_stage_statistics_and_cleanup(tpch, dcluster, dctx):
             break
         time.sleep(0.2)
     assert not leftovers, leftovers
+
+
+def test_tables_laid_out_by_a_key_are_grouped_and_joined_by_it_without_shuffles(tpch, dcluster, dctx):
+    """lineitem's files and orders' row groups are sorted by order key (their Parquet statistics
+    say so): PDS-H q18 groups lineitem by it and joins orders and lineitem on it part by part,
+    orders cut to each part's range instead of read whole by every task."""
+    t = pdsh.tables(tpch)
+    q = pdsh.q18(t)
+    result = q.remote(dctx).execute()
+    assert_frame_equal(result.lazy().collect(), q.collect())
+    plan = result.plan()
+    assert "parts by ranges of l_orderkey" in plan and "join by ranges of o_orderkey" in plan, plan
+    assert "shuffle by l_orderkey" not in plan and "shuffle by o_orderkey" not in plan, plan
+    assert result.total_stages == 2, plan
 
 
 @pytest.mark.parametrize(

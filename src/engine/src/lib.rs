@@ -15,6 +15,7 @@ pub use polars_ooc::Allocator;
 use polars::prelude::*;
 use polars_plan::prelude::PlanCallback;
 
+pub mod clustering;
 pub mod planner;
 pub mod shuffle;
 

@@ -151,12 +151,17 @@ pub fn plan_stages(query: &DslPlan, optimization_flags: Option<u32>, limits: Lim
     Ok(Split::Stages(planner.graph))
 }
 
-/// The columns a spread relation is hash-partitioned by.
-fn hash_keys(rel: &Rel) -> Option<&[String]> {
+/// The columns by which a spread relation's rows are placed in its parts.
+fn partition_keys(rel: &Rel) -> Option<Vec<&str>> {
     match rel {
-        Rel::Spread { hashed: Some(keys), .. } => Some(keys),
+        Rel::Spread { partitioned: Some(p), .. } => Some(p.keys()),
         _ => None,
     }
+}
+
+/// Whether every group of `keys` lies within one part of `rel` (it is spread by some of them).
+fn grouped(rel: &Rel, keys: &[String]) -> bool {
+    partition_keys(rel).is_some_and(|by| !by.is_empty() && by.iter().all(|k| keys.iter().any(|key| key == k)))
 }
 
 /// Why a plan is not split.
@@ -172,9 +177,29 @@ fn unsupported<T>(what: impl Into<String>) -> Planned<T> {
 enum Rel {
     /// Computed as one piece by whichever task needs it.
     Whole(DslPlan),
-    /// Spread over tasks: task `i` computes `parts[i]`; `hashed` names the columns the parts
-    /// are hash-partitioned by, if they are.
-    Spread { parts: Vec<DslPlan>, hashed: Option<Vec<String>>, label: String },
+    /// Spread over tasks: task `i` computes `parts[i]`, placed by `partitioned` if known.
+    Spread { parts: Vec<DslPlan>, partitioned: Option<Partitioning>, label: String },
+}
+
+/// How a spread relation's rows are placed in its parts: rows with equal keys are in the same
+/// part.
+#[derive(Debug, Clone, PartialEq)]
+enum Partitioning {
+    /// By the hash of these columns (a shuffle's output, `max_tasks` partitions).
+    Hash(Vec<String>),
+    /// Part `i` holds the rows whose `key` is at least `lows[i - 1]` (part 0: any) and below
+    /// `lows[i]` (the last part: any); rows with a null key only part 0. A scan of files laid
+    /// out by the key is split so (see [`crate::clustering`]).
+    Ranges { key: String, lows: Vec<i64> },
+}
+
+impl Partitioning {
+    fn keys(&self) -> Vec<&str> {
+        match self {
+            Partitioning::Hash(keys) => keys.iter().map(String::as_str).collect(),
+            Partitioning::Ranges { key, .. } => vec![key.as_str()],
+        }
+    }
 }
 
 struct Planner<'a> {
@@ -254,13 +279,13 @@ impl Planner<'_> {
                         .into_iter()
                         .map(|p| DslPlan::Select { expr: partial.clone(), input: Arc::new(p), options: Default::default() })
                         .collect();
-                    let rel = Rel::Spread { parts, hashed: None, label: format!("{label} → partial aggregates") };
+                    let rel = Rel::Spread { parts, partitioned: None, label: format!("{label} → partial aggregates") };
                     let gathered = self.gather(rel, "final aggregates");
                     return Ok(Rel::Whole(DslPlan::Select { expr: split.finals, input: Arc::new(gathered), options }));
                 }
                 let rel = if rowwise { rel } else { Rel::Whole(self.gather(rel, "select")) };
                 let passed: Vec<String> = self.column_names_each(&expr);
-                let keeps = hash_keys(&rel).is_some_and(|keys| keys.iter().all(|k| passed.contains(k)));
+                let keeps = partition_keys(&rel).is_some_and(|keys| keys.iter().all(|k| passed.iter().any(|p| p == k)));
                 Ok(self.map(rel, "select", keeps, |p| DslPlan::Select { expr: exprs.clone(), input: Arc::new(p), options }))
             }
             IR::HStack { input, exprs, options, .. } => {
@@ -269,7 +294,7 @@ impl Planner<'_> {
                 let exprs: Vec<Expr> = exprs.iter().map(|e| self.named(e)).collect();
                 let rel = self.visit(input)?;
                 let rel = if rowwise { rel } else { Rel::Whole(self.gather(rel, "with_columns")) };
-                let keeps = hash_keys(&rel).is_some_and(|keys| keys.iter().all(|k| !replaced.contains(k)));
+                let keeps = partition_keys(&rel).is_some_and(|keys| keys.iter().all(|k| !replaced.iter().any(|r| r == k)));
                 Ok(self.map(rel, "with_columns", keeps, |p| DslPlan::HStack { input: Arc::new(p), exprs: exprs.clone(), options }))
             }
             IR::GroupBy { input, keys, aggs, maintain_order, options, apply, schema } => {
@@ -297,8 +322,8 @@ impl Planner<'_> {
                 };
                 let rel = self.visit(input)?;
                 // Partial aggregates per part, shuffled by key, combined per partition.
-                if let (Rel::Spread { hashed, .. }, Some(split)) = (&rel, split)
-                    && hashed.as_deref() != Some(key_names.as_deref().unwrap_or_default())
+                if let (Rel::Spread { .. }, Some(split)) = (&rel, split)
+                    && !key_names.as_ref().is_some_and(|names| grouped(&rel, names))
                 {
                     let group = |input: DslPlan, keys: Vec<Expr>, aggs: Vec<Expr>| DslPlan::GroupBy {
                         input: Arc::new(input),
@@ -321,7 +346,7 @@ impl Planner<'_> {
                     // Every row of a group lands in the same partition: each part aggregates
                     // its groups completely.
                     (rel @ Rel::Spread { .. }, Some(names)) if !maintain_order && slice.is_none() && !names.is_empty() => {
-                        let rel = self.hashed_by(rel, &names);
+                        let rel = self.grouped_by(rel, &names);
                         Ok(self.map(rel, "group_by", true, build))
                     }
                     (rel, _) => Ok(Rel::Whole(build(self.gather(rel, "group_by")))),
@@ -369,13 +394,13 @@ impl Planner<'_> {
                     );
                     self.graph.stages[ranged].inputs.push(boundaries);
                     let parts = (0..partitions).map(|i| sort(placeholder(ranged, Some(i)), None)).collect();
-                    return Ok(Rel::Spread { parts, hashed: None, label: format!("stage {ranged} ranges → sort") });
+                    return Ok(Rel::Spread { parts, partitioned: None, label: format!("stage {ranged} ranges → sort") });
                 }
                 let rel = match (rel, slice) {
                     (Rel::Spread { parts, label, .. }, Some((offset, len))) if offset >= 0 => {
                         let keep = Some((0, offset as usize + len));
                         let parts = parts.into_iter().map(|p| sort(p, keep)).collect();
-                        Rel::Spread { parts, hashed: None, label: format!("{label} → top {}", offset as usize + len) }
+                        Rel::Spread { parts, partitioned: None, label: format!("{label} → top {}", offset as usize + len) }
                     }
                     (rel, _) => rel,
                 };
@@ -408,6 +433,7 @@ impl Planner<'_> {
                 let rel = match rel {
                     Rel::Spread { .. }
                         if self.limits.pre_aggregate
+                            && !names.as_ref().is_some_and(|names| grouped(&rel, names))
                             && !options.maintain_order
                             && options.slice.is_none()
                             && matches!(options.keep_strategy, UniqueKeepStrategy::Any) =>
@@ -430,8 +456,8 @@ impl Planner<'_> {
                             && options.slice.is_none()
                             && matches!(options.keep_strategy, UniqueKeepStrategy::Any | UniqueKeepStrategy::None) =>
                     {
-                        let rel = self.hashed_by(rel, &names);
-                        Ok(self.map(rel, "unique", false, distinct))
+                        let rel = self.grouped_by(rel, &names);
+                        Ok(self.map(rel, "unique", true, distinct))
                     }
                     (rel, _) => Ok(Rel::Whole(distinct(self.gather(rel, "unique")))),
                 }
@@ -452,7 +478,7 @@ impl Planner<'_> {
                         }
                     }
                     let n = parts.len();
-                    return Ok(Rel::Spread { parts, hashed: None, label: format!("concat ({n} parts)") });
+                    return Ok(Rel::Spread { parts, partitioned: None, label: format!("concat ({n} parts)") });
                 }
                 let mut plans = Vec::new();
                 for rel in rels {
@@ -569,15 +595,15 @@ impl Planner<'_> {
         exprs.iter().filter_map(|e| self.column_names(std::slice::from_ref(e))).flatten().collect()
     }
 
-    /// Applies `f` to a relation: to every part of a spread one (`keeps_hash`: the hash
+    /// Applies `f` to a relation: to every part of a spread one (`keeps_partitioning`: the
     /// partitioning still holds after it: rows stay where they are with their key columns, or
-    /// the operation groups by exactly those keys).
-    fn map(&self, rel: Rel, what: &str, keeps_hash: bool, f: impl Fn(DslPlan) -> DslPlan) -> Rel {
+    /// the operation groups by those keys and more).
+    fn map(&self, rel: Rel, what: &str, keeps_partitioning: bool, f: impl Fn(DslPlan) -> DslPlan) -> Rel {
         match rel {
             Rel::Whole(p) => Rel::Whole(f(p)),
-            Rel::Spread { parts, hashed, label } => Rel::Spread {
+            Rel::Spread { parts, partitioned, label } => Rel::Spread {
                 parts: parts.into_iter().map(&f).collect(),
-                hashed: if keeps_hash { hashed } else { None },
+                partitioned: if keeps_partitioning { partitioned } else { None },
                 label: format!("{label} → {what}"),
             },
         }
@@ -612,9 +638,20 @@ impl Planner<'_> {
     /// A spread relation hash-partitioned by `keys` (shuffling it unless it already is).
     fn hashed_by(&mut self, rel: Rel, keys: &[String]) -> Rel {
         match rel {
-            Rel::Spread { hashed: Some(h), parts, label } if h == keys => Rel::Spread { parts, hashed: Some(h), label },
+            Rel::Spread { partitioned: Some(Partitioning::Hash(h)), parts, label } if h == keys => {
+                Rel::Spread { parts, partitioned: Some(Partitioning::Hash(h)), label }
+            }
             Rel::Spread { parts, label, .. } => self.shuffle(parts, keys, label),
             Rel::Whole(p) => self.shuffle(vec![p], keys, "whole".into()),
+        }
+    }
+
+    /// A spread relation with each group of `keys` within one part: as it is if it already is
+    /// (spread by some of the keys), else shuffled by their hash.
+    fn grouped_by(&mut self, rel: Rel, keys: &[String]) -> Rel {
+        match grouped(&rel, keys) {
+            true => rel,
+            false => self.hashed_by(rel, keys),
         }
     }
 
@@ -627,7 +664,7 @@ impl Planner<'_> {
         );
         Rel::Spread {
             parts: (0..partitions).map(|i| placeholder(stage, Some(i))).collect(),
-            hashed: Some(keys.to_vec()),
+            partitioned: Some(Partitioning::Hash(keys.to_vec())),
             label: format!("stage {stage} partitions"),
         }
     }
@@ -704,18 +741,35 @@ impl Planner<'_> {
         // Every output row is a left row with its left columns as they were (so the left side's
         // hash partitioning still holds).
         let keeps_left_rows = matches!(how, JoinType::Inner | JoinType::Left | JoinType::Semi | JoinType::Anti);
+        // Sides spread by the same ranges of a pair of join keys, or one side spread so and the
+        // other whole: joined part by part, the whole side cut to each part's range.
+        if let (Some(lk), Some(rk)) = &keys
+            && same_dtypes
+            && !cross
+            && let Some((left_key, right_key, lows)) = same_ranges(&l, &r, lk, rk)
+        {
+            let label = [&l, &r].into_iter().find_map(|rel| match rel {
+                Rel::Spread { label, .. } => Some(label.clone()),
+                Rel::Whole(_) => None,
+            });
+            let left_parts = self.cut(l, &left_key, &lows, left);
+            let right_parts = self.cut(r, &right_key, &lows, right);
+            let parts = left_parts.into_iter().zip(right_parts).map(|(l, r)| build(l, r)).collect();
+            let partitioned = keeps_left_rows.then(|| Partitioning::Ranges { key: left_key.clone(), lows });
+            return Ok(Rel::Spread { parts, partitioned, label: format!("{} → join by ranges of {left_key}", label.unwrap_or_default()) });
+        }
         match (l, r) {
             (Rel::Whole(l), Rel::Whole(r)) => Ok(Rel::Whole(build(l, r))),
-            (Rel::Spread { parts, label, hashed }, Rel::Whole(r)) if left_may_spread => {
+            (Rel::Spread { parts, label, partitioned }, Rel::Whole(r)) if left_may_spread => {
                 let r = self.computed_once(r, "broadcast");
                 let parts = parts.into_iter().map(|p| build(p, r.clone())).collect();
-                let hashed = hashed.filter(|_| keeps_left_rows);
-                Ok(Rel::Spread { parts, hashed, label: format!("{label} → join (broadcast right)") })
+                let partitioned = partitioned.filter(|_| keeps_left_rows);
+                Ok(Rel::Spread { parts, partitioned, label: format!("{label} → join (broadcast right)") })
             }
             (Rel::Whole(l), Rel::Spread { parts, label, .. }) if right_may_spread => {
                 let l = self.computed_once(l, "broadcast");
                 let parts = parts.into_iter().map(|p| build(l.clone(), p)).collect();
-                Ok(Rel::Spread { parts, hashed: None, label: format!("{label} → join (broadcast left)") })
+                Ok(Rel::Spread { parts, partitioned: None, label: format!("{label} → join (broadcast left)") })
             }
             // A semi or anti join of a whole (small) side needs only the distinct keys of the
             // spread side: each part reduces its rows to its keys, one task joins.
@@ -726,16 +780,16 @@ impl Planner<'_> {
                     options: DistinctOptionsDSL { subset: None, maintain_order: false, keep_strategy: UniqueKeepStrategy::Any },
                 };
                 let parts = parts.into_iter().map(distinct).collect();
-                let keys = self.gather(Rel::Spread { parts, hashed: None, label: format!("{label} → distinct join keys") }, "join");
+                let keys = self.gather(Rel::Spread { parts, partitioned: None, label: format!("{label} → distinct join keys") }, "join");
                 Ok(Rel::Whole(build(l, keys)))
             }
             (l, r) => match keys {
                 (Some(lk), Some(rk)) if !lk.is_empty() && same_dtypes && !matches!(how, JoinType::Cross) => {
-                    let Rel::Spread { parts: lp, hashed, .. } = self.hashed_by(l, &lk) else { unreachable!() };
+                    let Rel::Spread { parts: lp, partitioned, .. } = self.hashed_by(l, &lk) else { unreachable!() };
                     let Rel::Spread { parts: rp, .. } = self.hashed_by(r, &rk) else { unreachable!() };
                     let parts = lp.into_iter().zip(rp).map(|(l, r)| build(l, r)).collect();
-                    let hashed = hashed.filter(|_| keeps_left_rows);
-                    Ok(Rel::Spread { parts, hashed, label: format!("hash join on {}", lk.join(", ")) })
+                    let partitioned = partitioned.filter(|_| keeps_left_rows);
+                    Ok(Rel::Spread { parts, partitioned, label: format!("hash join on {}", lk.join(", ")) })
                 }
                 // Inner and cross joins: the right side, gathered, is broadcast to the left parts.
                 (_, _) if matches!(how, JoinType::Inner | JoinType::Cross) => {
@@ -748,6 +802,33 @@ impl Planner<'_> {
                 }
             },
         }
+    }
+
+    /// The parts of `rel` for ranges `lows` of `key`: a spread relation's own (already so), a
+    /// whole one filtered to each range (rows with a null key in the first). The filter is pushed
+    /// into the scans, where the Parquet reader skips row groups outside the range by their
+    /// statistics: a table laid out by the key is read once across the parts, not by each.
+    fn cut(&self, rel: Rel, key: &str, lows: &[i64], node: Node) -> Vec<DslPlan> {
+        let plan = match rel {
+            Rel::Spread { parts, .. } => return parts,
+            Rel::Whole(plan) => plan,
+        };
+        let schema = self.arena().get(node).schema(self.arena());
+        let dtype = schema.get(key).cloned().unwrap_or(DataType::Int64);
+        let bound = |v: i64| lit(v).cast(dtype.clone());
+        (0..=lows.len())
+            .map(|i| {
+                let above = (i > 0).then(|| col(key).gt_eq(bound(lows[i - 1])));
+                let below = lows.get(i).map(|&high| col(key).lt(bound(high)));
+                let range = match (above, below) {
+                    (Some(a), Some(b)) => a.and(b),
+                    (Some(a), None) => a,
+                    (None, Some(b)) => b.or(col(key).is_null()),
+                    (None, None) => unreachable!("a split has two parts or more"),
+                };
+                DslPlan::Filter { input: Arc::new(plan.clone()), predicate: range }
+            })
+            .collect()
     }
 
     /// An inequality join's condition in the joined output's names (right columns that clash
@@ -851,6 +932,28 @@ impl Planner<'_> {
         let ScanSources::Paths(paths) = &sources else {
             return Ok(Rel::Whole(dsl(sources, None)));
         };
+        // Files laid out by ranges of a column the scan returns: parts cut between row groups,
+        // each holding one range of that column (grouping or joining by it needs no shuffle).
+        if matches!(scan_type, FileScanDsl::Parquet { .. }) {
+            let returned: Vec<PlSmallStr> = columns.clone().unwrap_or_else(|| file_info.schema.iter_names().cloned().collect());
+            if let Some(clustered) = crate::clustering::clustered(paths, &file_info.schema, &returned) {
+                let by_rows = (clustered.rows() / self.limits.min_rows_per_task.max(1)) as usize;
+                let n = by_rows.max(paths.len()).clamp(1, self.limits.max_tasks);
+                if let Some(ranges) = clustered.split(n) {
+                    let parts = ranges
+                        .iter()
+                        .map(|part| {
+                            let files: Vec<PlRefPath> = paths[part.files.clone()].to_vec();
+                            dsl(ScanSources::Paths(files.into()), part.slice.map(|(offset, len)| (offset as i64, len as IdxSize)))
+                        })
+                        .collect();
+                    let lows = ranges.iter().filter_map(|part| part.low).collect();
+                    let key = clustered.key.to_string();
+                    let label = format!("scan {name} ({} parts by ranges of {key})", ranges.len());
+                    return Ok(Rel::Spread { parts, partitioned: Some(Partitioning::Ranges { key, lows }), label });
+                }
+            }
+        }
         if paths.len() >= 2 {
             // Whole files per task, in order.
             let n = paths.len().min(self.limits.max_tasks);
@@ -860,7 +963,7 @@ impl Planner<'_> {
                     dsl(ScanSources::Paths(chunk.into()), None)
                 })
                 .collect();
-            return Ok(Rel::Spread { parts, hashed: None, label: format!("scan {name} ({} files in {n} parts)", paths.len()) });
+            return Ok(Rel::Spread { parts, partitioned: None, label: format!("scan {name} ({} files in {n} parts)", paths.len()) });
         }
         // One file: row ranges (a Parquet reader skips the row groups outside its range).
         let rows = exact_rows(&file_info);
@@ -880,7 +983,26 @@ impl Planner<'_> {
                 dsl(sources.clone(), Some((start as i64, (end - start) as IdxSize)))
             })
             .collect();
-        Ok(Rel::Spread { parts, hashed: None, label: format!("scan {name} ({rows} rows in {n} parts)") })
+        Ok(Rel::Spread { parts, partitioned: None, label: format!("scan {name} ({rows} rows in {n} parts)") })
+    }
+}
+
+/// The ranges both sides of a join on `lk` = `rk` can be joined by, part by part: a pair of
+/// join keys (left, right) by whose ranges both sides are spread alike, or one side is spread
+/// and the other whole.
+fn same_ranges(l: &Rel, r: &Rel, lk: &[String], rk: &[String]) -> Option<(String, String, Vec<i64>)> {
+    let ranges = |rel: &Rel| match rel {
+        Rel::Spread { partitioned: Some(Partitioning::Ranges { key, lows }), .. } => Some((key.clone(), lows.clone())),
+        _ => None,
+    };
+    let pairs = || lk.iter().zip(rk);
+    match (ranges(l), ranges(r)) {
+        (Some((lkey, llows)), Some((rkey, rlows))) if llows == rlows && pairs().any(|(a, b)| *a == lkey && *b == rkey) => {
+            Some((lkey, rkey, llows))
+        }
+        (Some((lkey, lows)), None) if matches!(r, Rel::Whole(_)) => pairs().find(|(a, _)| **a == lkey).map(|(a, b)| (a.clone(), b.clone(), lows)),
+        (None, Some((rkey, lows))) if matches!(l, Rel::Whole(_)) => pairs().find(|(_, b)| **b == rkey).map(|(a, b)| (a.clone(), b.clone(), lows)),
+        _ => None,
     }
 }
 
