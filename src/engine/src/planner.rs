@@ -743,11 +743,14 @@ impl Planner<'_> {
         let keeps_left_rows = matches!(how, JoinType::Inner | JoinType::Left | JoinType::Semi | JoinType::Anti);
         // Sides spread by the same ranges of a pair of join keys, or one side spread so and the
         // other whole: joined part by part, the whole side cut to each part's range.
-        if let (Some(lk), Some(rk)) = &keys
-            && same_dtypes
-            && !cross
-            && let Some((left_key, right_key, lows)) = same_ranges(&l, &r, lk, rk)
-        {
+        // Pairs of keys that are plain columns of one type on both sides (others may be
+        // expressions: equal keys agree on these too).
+        let plain: Vec<(String, String)> = on
+            .iter()
+            .filter(|pair| self.same_key_dtypes(left, right, std::slice::from_ref(*pair)))
+            .filter_map(|(l, r)| Some((self.column_names(std::slice::from_ref(l))?.pop()?, self.column_names(std::slice::from_ref(r))?.pop()?)))
+            .collect();
+        if !cross && let Some((left_key, right_key, lows)) = same_ranges(&l, &r, &plain) {
             let label = [&l, &r].into_iter().find_map(|rel| match rel {
                 Rel::Spread { label, .. } => Some(label.clone()),
                 Rel::Whole(_) => None,
@@ -987,15 +990,15 @@ impl Planner<'_> {
     }
 }
 
-/// The ranges both sides of a join on `lk` = `rk` can be joined by, part by part: a pair of
-/// join keys (left, right) by whose ranges both sides are spread alike, or one side is spread
-/// and the other whole.
-fn same_ranges(l: &Rel, r: &Rel, lk: &[String], rk: &[String]) -> Option<(String, String, Vec<i64>)> {
+/// The ranges both sides of a join on `pairs` of key columns (left, right) can be joined by,
+/// part by part: a pair by whose ranges both sides are spread alike, or one side is spread and
+/// the other whole.
+fn same_ranges(l: &Rel, r: &Rel, pairs: &[(String, String)]) -> Option<(String, String, Vec<i64>)> {
     let ranges = |rel: &Rel| match rel {
         Rel::Spread { partitioned: Some(Partitioning::Ranges { key, lows }), .. } => Some((key.clone(), lows.clone())),
         _ => None,
     };
-    let pairs = || lk.iter().zip(rk);
+    let pairs = || pairs.iter().map(|(a, b)| (a, b));
     match (ranges(l), ranges(r)) {
         (Some((lkey, llows)), Some((rkey, rlows))) if llows == rlows && pairs().any(|(a, b)| *a == lkey && *b == rkey) => {
             Some((lkey, rkey, llows))
