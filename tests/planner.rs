@@ -359,8 +359,12 @@ fn files_laid_out_by_a_key_are_split_by_its_ranges_and_grouped_or_joined_without
         .join(scan(&lines).filter(col("late")), [col("okey")], [col("key")], JoinArgs::new(JoinType::Left))
         .unwrap()
         .select([col("okey"), col("supp"), col("status")]);
+    // Shaped like q4: the orders semi-joined with the distinct keys of some lines.
+    let q4 = scan(&orders)
+        .join(scan(&lines).filter(col("late")).select([col("key")]).unique(None, UniqueKeepStrategy::Any), [col("okey")], [col("key")], JoinArgs::new(JoinType::Semi))
+        .unwrap();
     let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
-    for (lf, by) in [(q21, vec!["supp"]), (left, vec!["okey", "supp"])] {
+    for (lf, by) in [(q21, vec!["supp"]), (left, vec!["okey", "supp"]), (q4, vec!["okey"])] {
         let graph = split(&lf, LIMITS);
         let text = graph.describe();
         assert!(text.contains("3 parts by ranges of key") && text.contains("join by ranges of"), "{text}");

@@ -413,6 +413,10 @@ impl Planner<'_> {
             IR::Distinct { input, options } => {
                 let subset = options.subset.clone();
                 let names: Option<Vec<String>> = subset.as_ref().map(|s| s.iter().map(|n| n.to_string()).collect());
+                // The columns that make a row distinct (without a subset: all of them).
+                let compared: Vec<String> = names.clone().unwrap_or_else(|| {
+                    self.arena().get(input).schema(self.arena()).iter_names().map(|n| n.to_string()).collect()
+                });
                 let distinct = move |p: DslPlan| {
                     let plan = DslPlan::Distinct {
                         input: Arc::new(p),
@@ -433,7 +437,7 @@ impl Planner<'_> {
                 let rel = match rel {
                     Rel::Spread { .. }
                         if self.limits.pre_aggregate
-                            && !names.as_ref().is_some_and(|names| grouped(&rel, names))
+                            && !grouped(&rel, &compared)
                             && !options.maintain_order
                             && options.slice.is_none()
                             && matches!(options.keep_strategy, UniqueKeepStrategy::Any) =>
@@ -450,7 +454,12 @@ impl Planner<'_> {
                     }
                     rel => rel,
                 };
+                let by_part = !options.maintain_order
+                    && options.slice.is_none()
+                    && matches!(options.keep_strategy, UniqueKeepStrategy::Any | UniqueKeepStrategy::None);
                 match (rel, names) {
+                    // Spread by some of the compared columns: duplicates are within a part.
+                    (rel @ Rel::Spread { .. }, _) if by_part && grouped(&rel, &compared) => Ok(self.map(rel, "unique", true, distinct)),
                     (rel @ Rel::Spread { .. }, Some(names))
                         if !options.maintain_order
                             && options.slice.is_none()
