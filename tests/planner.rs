@@ -209,8 +209,8 @@ fn a_sort_of_split_data_is_range_partitioned_and_stays_in_order() {
 fn data_already_partitioned_by_a_key_is_not_shuffled_again() {
     let dir = tempfile::tempdir().unwrap();
     let (facts, _) = tables(dir.path());
-    // Grouped by key (hash-partitioned by it), then semi- and left-joined on key, renamed
-    // around it and grouped by key again: one shuffle per side, no more.
+    // Grouped by key (hash-partitioned by it), then semi-joined with itself and left-joined on
+    // key, renamed around it and grouped by key again: one shuffle per side, no more.
     let totals = scan(&facts).group_by([col("key")]).agg([col("value").sum().alias("total")]).filter(col("total").gt(lit(100.0)));
     let lf = totals
         .clone()
@@ -225,7 +225,7 @@ fn data_already_partitioned_by_a_key_is_not_shuffled_again() {
     let graph = split(&lf, Limits { broadcast_limit: 0, ..LIMITS });
     let text = graph.describe();
     let shuffles = graph.stages.iter().filter(|s| matches!(s.output, StageOutput::Hash { .. })).count();
-    assert_eq!(shuffles, 3, "partial totals twice, the second facts scan once:\n{text}");
+    assert_eq!(shuffles, 2, "partial totals once (read twice: a shared subplan), the second facts scan once:\n{text}");
     // A sort after an aggregation is gathered, not range-partitioned.
     assert!(!split(&totals.clone().sort(["total"], Default::default()), LIMITS).describe().contains("boundaries"));
     let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
@@ -375,4 +375,30 @@ fn files_laid_out_by_a_key_are_split_by_its_ranges_and_grouped_or_joined_without
             assert!(got.equals_missing(&sorted(lf.clone().collect().unwrap(), &by)), "{text}");
         }
     }
+}
+
+#[test]
+fn a_subplan_its_readers_group_and_join_by_one_key_is_computed_once_partitioned_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (facts, dims) = tables(dir.path());
+    // Shaped like PDS-H q17: the rows of some keys, joined with their own averages per key.
+    let items = scan(&dims).filter(col("key").lt(lit(12))).join(scan(&facts), [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap();
+    let averages = items.clone().group_by([col("key")]).agg([col("value").mean().alias("average")]);
+    let lf = items
+        .join(averages, [col("key")], [col("key")], JoinArgs::new(JoinType::Inner))
+        .unwrap()
+        .filter(col("value").lt(col("average")))
+        .select([col("value").sum(), len()]);
+    let graph = split(&lf, LIMITS);
+    let text = graph.describe();
+    let facts_read = graph.stages.iter().flat_map(|s| &s.tasks).filter(|t| String::from_utf8_lossy(t).contains("facts-")).count();
+    assert_eq!(facts_read, 3, "the facts are read once, by the three tasks of one stage:\n{text}");
+    let shuffles = graph.stages.iter().filter(|s| matches!(&s.output, StageOutput::Hash { keys, .. } if keys == &["key"])).count();
+    assert_eq!(shuffles, 1, "{text}");
+    let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
+    let got = run(&graph, dir.path(), format);
+    let expected = lf.collect().unwrap();
+    assert_eq!(got.column("len").unwrap(), expected.column("len").unwrap(), "{text}");
+    let (a, b) = (got.column("value").unwrap().f64().unwrap().get(0).unwrap(), expected.column("value").unwrap().f64().unwrap().get(0).unwrap());
+    assert!((a - b).abs() <= 1e-9 * b.abs(), "{a} != {b}");
 }

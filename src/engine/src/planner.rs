@@ -13,6 +13,7 @@
 //! it cannot express as DSL are not split at all: [`plan_stages`] returns `None` and the query
 //! runs whole on one worker.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
@@ -23,6 +24,7 @@ use polars_plan::plans::{AExpr, Card, DslFunction, FileInfo, IR, IRAggExpr, IRPl
 use polars_plan::prelude::{FileScanDsl, FileScanIR, JoinTypeOptionsIR};
 use polars_defs::join::{IEJoinOptions, InequalityOperator};
 use polars_utils::arena::{Arena, Node};
+use polars_utils::unique_id::UniqueId;
 
 /// Scheme of the placeholder scans standing for another stage's output.
 pub const INPUT_SCHEME: &str = "polars-node-input://";
@@ -132,7 +134,14 @@ pub fn plan_stages(query: &DslPlan, optimization_flags: Option<u32>, limits: Lim
         lf = lf.with_optimizations(OptFlags::from_bits_truncate(bits));
     }
     let ir = lf.to_alp_optimized()?;
-    let mut planner = Planner { ir: &ir, limits, graph: StageGraph::default(), largest_scan: largest_scan(&ir) };
+    let mut planner = Planner {
+        ir: &ir,
+        limits,
+        graph: StageGraph::default(),
+        largest_scan: largest_scan(&ir),
+        shared_keys: shared_keys(&ir),
+        shared: HashMap::new(),
+    };
     if planner.largest_scan.is_none() {
         return Ok(Split::Whole("the query reads no files".into()));
     }
@@ -174,6 +183,7 @@ fn unsupported<T>(what: impl Into<String>) -> Planned<T> {
 }
 
 /// A relation during planning.
+#[derive(Clone)]
 enum Rel {
     /// Computed as one piece by whichever task needs it.
     Whole(DslPlan),
@@ -208,6 +218,11 @@ struct Planner<'a> {
     graph: StageGraph,
     /// The scan that is always split (the largest one), by node.
     largest_scan: Option<Node>,
+    /// Subplans read more than once (IR caches) whose readers all group or join them by one
+    /// key: see [`shared_keys`].
+    shared_keys: HashMap<UniqueId, String>,
+    /// Those subplans once planned (shuffled by their key), for their other readers.
+    shared: HashMap<UniqueId, Rel>,
 }
 
 impl Planner<'_> {
@@ -508,7 +523,23 @@ impl Planner<'_> {
                     None => union,
                 }))
             }
-            IR::Cache { input, .. } => self.visit(input),
+            // A subplan read twice or more: each reader plans it again (its parts then run in the
+            // same tasks, where Polars computes them once), unless all its readers group or
+            // join it by one key: then it is computed once, partitioned by that key.
+            IR::Cache { input, id } => {
+                if let Some(rel) = self.shared.get(&id) {
+                    return Ok(rel.clone());
+                }
+                let rel = self.visit(input)?;
+                match self.shared_keys.get(&id).cloned() {
+                    Some(key) if matches!(rel, Rel::Spread { .. }) => {
+                        let rel = self.grouped_by(rel, &[key]);
+                        self.shared.insert(id, rel.clone());
+                        Ok(rel)
+                    }
+                    _ => Ok(rel),
+                }
+            }
             IR::MapFunction { input, function } => {
                 use polars_plan::plans::FunctionIR;
                 match function {
@@ -1073,6 +1104,74 @@ fn exact_rows(info: &FileInfo) -> Option<u64> {
 fn hashable(dtype: &DataType) -> bool {
     dtype.is_primitive_numeric() || matches!(dtype, DataType::String | DataType::Boolean | DataType::Date | DataType::Datetime(..) | DataType::Binary)
         || matches!(dtype, DataType::Decimal(..))
+}
+
+/// The IR caches (subplans read more than once, found by Polars' common-subplan elimination)
+/// whose every reader, through column selections, groups them by one key column or joins them
+/// on it: planned once and partitioned by that key, the readers need no shuffle of their own.
+/// PDS-H q17 joins the parts of lineitem it reads with their averages per part key: lineitem is
+/// then read once instead of twice.
+fn shared_keys(ir: &IRPlan) -> HashMap<UniqueId, String> {
+    let arena = &ir.lp_arena;
+    let exprs = &ir.expr_arena;
+    let plain = |keys: &[ExprIR]| match keys {
+        [k] => match exprs.get(k.node()) {
+            AExpr::Column(name) if name == k.output_name() => Some(name.to_string()),
+            _ => None,
+        },
+        _ => None,
+    };
+    // The cache a reader's input is, through column selections.
+    let cache_below = |mut node: Node| loop {
+        match arena.get(node) {
+            IR::SimpleProjection { input, .. } => node = *input,
+            IR::Cache { id, .. } => return Some(*id),
+            _ => return None,
+        }
+    };
+    let mut demands: HashMap<UniqueId, Vec<Option<String>>> = HashMap::new();
+    let mut stack = vec![ir.lp_top];
+    let mut expanded = std::collections::HashSet::new();
+    while let Some(node) = stack.pop() {
+        let plan = arena.get(node);
+        let inputs: Vec<Node> = plan.inputs().collect();
+        for (side, &input) in inputs.iter().enumerate() {
+            // A selection of columns is part of its reader's way to the cache.
+            let Some(id) = cache_below(input).filter(|_| !matches!(plan, IR::SimpleProjection { .. })) else { continue };
+            let demand = match plan {
+                IR::GroupBy { keys, maintain_order: false, apply: None, options, .. }
+                    if options.slice.is_none() && !options.is_dynamic() && !options.is_rolling() =>
+                {
+                    plain(keys)
+                }
+                IR::Join { options, .. } => match &options.options {
+                    JoinTypeOptionsIR::Equi { on, .. } if options.args.slice.is_none() => {
+                        let keys: Vec<ExprIR> = on.iter().map(|(l, r)| if side == 0 { l.clone() } else { r.clone() }).collect();
+                        plain(&keys)
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
+            demands.entry(id).or_default().push(demand);
+        }
+        for input in inputs {
+            // A cache's subplan is shared by its readers: walk it once.
+            if let IR::Cache { id, .. } = arena.get(input)
+                && !expanded.insert(*id)
+            {
+                continue;
+            }
+            stack.push(input);
+        }
+    }
+    demands
+        .into_iter()
+        .filter_map(|(id, keys)| {
+            let first = keys.first()?.clone()?;
+            (keys.len() >= 2 && keys.iter().all(|k| k.as_deref() == Some(first.as_str()))).then_some((id, first))
+        })
+        .collect()
 }
 
 /// The largest file scan of the plan (by bytes on disk; unknown sizes count as large): the
