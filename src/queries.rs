@@ -677,6 +677,7 @@ fn stage_graph_json(graph: &StageGraph) -> String {
                 StageOutput::Result => "result".to_string(),
                 StageOutput::Boundaries { key, .. } => format!("boundaries({key})"),
                 StageOutput::Range { key, partitions, .. } => format!("range({key}) x{partitions}"),
+                StageOutput::KeyRanges { key, lows } => format!("range({key}) x{}", lows.len() + 1),
             };
             serde_json::json!({ "stage": i, "label": s.label, "tasks": s.tasks.len(), "inputs": s.inputs, "output": output })
         })
@@ -692,7 +693,7 @@ fn stage_graph_msgpack(graph: &StageGraph, query_id: &str) -> Vec<u8> {
     use serde_json::json;
     let partitioning = |output: &StageOutput| match output {
         StageOutput::Hash { keys, .. } => json!({ "partition_type": "Hash", "by": keys.join(", ") }),
-        StageOutput::Range { key, .. } => json!({ "partition_type": "Hash", "by": format!("range of {key}") }),
+        StageOutput::Range { key, .. } | StageOutput::KeyRanges { key, .. } => json!({ "partition_type": "Hash", "by": format!("range of {key}") }),
         _ => json!({ "partition_type": "Single" }),
     };
     let mut nodes = Vec::new();

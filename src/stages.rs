@@ -306,6 +306,7 @@ impl<'a> StageRun<'a> {
         let (hash_keys, partitions) = match &plan.output {
             StageOutput::Hash { keys, partitions } => (keys.clone(), *partitions as u32),
             StageOutput::Range { partitions, .. } | StageOutput::Boundaries { partitions, .. } => (Vec::new(), *partitions as u32),
+            StageOutput::KeyRanges { lows, .. } => (Vec::new(), lows.len() as u32 + 1),
             _ => (Vec::new(), 1),
         };
         let range = match &plan.output {
@@ -315,6 +316,7 @@ impl<'a> StageRun<'a> {
                 nulls_last: *nulls_last,
                 boundaries_only: true,
                 boundaries_input: String::new(),
+                lows: Vec::new(),
             }),
             StageOutput::Range { key, descending, nulls_last, boundaries, .. } => Some(RangeOutput {
                 key: key.clone(),
@@ -322,6 +324,15 @@ impl<'a> StageRun<'a> {
                 nulls_last: *nulls_last,
                 boundaries_only: false,
                 boundaries_input: input_path(*boundaries, None),
+                lows: Vec::new(),
+            }),
+            StageOutput::KeyRanges { key, lows } => Some(RangeOutput {
+                key: key.clone(),
+                descending: false,
+                nulls_last: false,
+                boundaries_only: false,
+                boundaries_input: String::new(),
+                lows: lows.clone(),
             }),
             _ => None,
         };

@@ -317,6 +317,7 @@ fn run_stage(request: &RunTaskRequest, stage: &crate::proto::StageTask, choice: 
                 StageOutput::Boundaries { key: r.key.clone(), descending: r.descending, nulls_last: r.nulls_last, partitions: stage.partitions.max(1) as usize },
                 None,
             ),
+            Some(r) if !r.lows.is_empty() => (StageOutput::KeyRanges { key: r.key.clone(), lows: r.lows.clone() }, None),
             Some(r) => {
                 let files = inputs.get(&r.boundaries_input).cloned().unwrap_or_default();
                 let boundaries = engine::shuffle::read_boundaries(&files, format)?;

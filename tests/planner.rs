@@ -402,3 +402,39 @@ fn a_subplan_its_readers_group_and_join_by_one_key_is_computed_once_partitioned_
     let (a, b) = (got.column("value").unwrap().f64().unwrap().get(0).unwrap(), expected.column("value").unwrap().f64().unwrap().get(0).unwrap());
     assert!((a - b).abs() <= 1e-9 * b.abs(), "{a} != {b}");
 }
+
+#[test]
+fn rows_joined_with_a_table_laid_out_by_the_key_are_shuffled_by_its_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    // Sales in four files, in no order of key; prices sorted by key in row groups of 50 rows.
+    for part in 0..4i64 {
+        let n = 5000;
+        let mut df = df!(
+            "key" => (0..n).map(|i| (i * 7 + part) % 301).collect::<Vec<_>>(),
+            "qty" => (0..n).map(|i| ((i * 2_654_435_761 + part) % 1_000_003) as i64).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        ParquetWriter::new(std::fs::File::create(dir.path().join(format!("sales-{part}.parquet"))).unwrap()).finish(&mut df).unwrap();
+    }
+    let mut prices = df!("pkey" => (0..300i64).collect::<Vec<_>>(), "price" => (0..300).map(|i| i as f64 * 0.25).collect::<Vec<_>>()).unwrap();
+    let prices_path = dir.path().join("prices.parquet");
+    ParquetWriter::new(std::fs::File::create(&prices_path).unwrap()).with_row_group_size(Some(50)).finish(&mut prices).unwrap();
+    let sales = scan(&format!("{}/sales-*.parquet", dir.path().display()));
+    let prices = scan(prices_path.to_str().unwrap());
+    // Totals per key (shuffled by the prices' ranges, the prices cut to them), and the sales
+    // themselves joined with prices that are split too (only the sales are shuffled).
+    let totals = sales.clone().group_by([col("key")]).agg([col("qty").sum()]).join(prices.clone(), [col("key")], [col("pkey")], JoinArgs::new(JoinType::Left)).unwrap();
+    let lines = sales.join(prices, [col("key")], [col("pkey")], JoinArgs::new(JoinType::Inner)).unwrap();
+    let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
+    for (lf, limits, by) in [(totals, LIMITS, vec!["key"]), (lines, Limits { broadcast_limit: 0, ..LIMITS }, vec!["key", "qty"])] {
+        let graph = split(&lf, limits);
+        let text = graph.describe();
+        assert!(graph.stages.iter().any(|s| matches!(&s.output, StageOutput::KeyRanges { key, lows } if key == "key" && lows.len() == 2)), "{text}");
+        assert!(!graph.stages.iter().any(|s| matches!(&s.output, StageOutput::Hash { .. })), "{text}");
+        assert!(text.contains("join by ranges of"), "{text}");
+        for engine in [EngineChoice::Streaming, EngineChoice::InMemory] {
+            let got = sorted(run_with(&graph, dir.path(), format, engine), &by);
+            assert!(got.equals_missing(&sorted(lf.clone().collect().unwrap(), &by)), "{text}");
+        }
+    }
+}

@@ -26,6 +26,8 @@ use polars_defs::join::{IEJoinOptions, InequalityOperator};
 use polars_utils::arena::{Arena, Node};
 use polars_utils::unique_id::UniqueId;
 
+use crate::clustering::RangePart;
+
 /// Scheme of the placeholder scans standing for another stage's output.
 pub const INPUT_SCHEME: &str = "polars-node-input://";
 
@@ -63,18 +65,23 @@ pub enum StageOutput {
     /// stage `boundaries` found; consumer task `i` reads partition `i` of every task, and the
     /// partitions follow the sort order.
     Range { key: String, descending: bool, nulls_last: bool, partitions: usize, boundaries: usize },
+    /// Each task writes `lows.len() + 1` partitions by ranges of `key` known when planning
+    /// (those of a table laid out by it): partition `i` holds the keys from `lows[i - 1]` on
+    /// and below `lows[i]`, and the null keys go to partition 0 (see [`Partitioning::Ranges`]).
+    KeyRanges { key: String, lows: Vec<i64> },
 }
 
 impl StageOutput {
     /// Consumer task `i` reads partition `i` of every task (not every task's one file).
     pub fn is_partitioned(&self) -> bool {
-        matches!(self, StageOutput::Hash { .. } | StageOutput::Range { .. })
+        matches!(self, StageOutput::Hash { .. } | StageOutput::Range { .. } | StageOutput::KeyRanges { .. })
     }
 
     /// Files each task writes.
     pub fn partitions(&self) -> usize {
         match self {
             StageOutput::Hash { partitions, .. } | StageOutput::Range { partitions, .. } => *partitions,
+            StageOutput::KeyRanges { lows, .. } => lows.len() + 1,
             _ => 1,
         }
     }
@@ -141,6 +148,7 @@ pub fn plan_stages(query: &DslPlan, optimization_flags: Option<u32>, limits: Lim
         largest_scan: largest_scan(&ir),
         shared_keys: shared_keys(&ir),
         shared: HashMap::new(),
+        range_hints: HashMap::new(),
     };
     if planner.largest_scan.is_none() {
         return Ok(Split::Whole("the query reads no files".into()));
@@ -223,6 +231,9 @@ struct Planner<'a> {
     shared_keys: HashMap<UniqueId, String>,
     /// Those subplans once planned (shuffled by their key), for their other readers.
     shared: HashMap<UniqueId, Rel>,
+    /// Group_by nodes whose shuffle goes by ranges of a key (key, lows) a join after them
+    /// wants, instead of by hash.
+    range_hints: HashMap<Node, (String, Vec<i64>)>,
 }
 
 impl Planner<'_> {
@@ -351,7 +362,7 @@ impl Planner<'_> {
                     };
                     let (partial_keys, partial) = (keys.clone(), split.partial.clone());
                     let rel = self.map(rel, "partial group_by", false, |p| group(p, partial_keys.clone(), partial.clone()));
-                    let rel = self.hashed_by(rel, &key_outputs);
+                    let rel = self.shuffled_for_group(rel, &key_outputs, node);
                     let final_keys: Vec<Expr> = key_outputs.iter().map(|k| col(k.as_str())).collect();
                     // Each group's row stays in its key's partition (a join on the keys needs
                     // no new shuffle).
@@ -361,7 +372,10 @@ impl Planner<'_> {
                     // Every row of a group lands in the same partition: each part aggregates
                     // its groups completely.
                     (rel @ Rel::Spread { .. }, Some(names)) if !maintain_order && slice.is_none() && !names.is_empty() => {
-                        let rel = self.grouped_by(rel, &names);
+                        let rel = match grouped(&rel, &names) {
+                            true => rel,
+                            false => self.shuffled_for_group(rel, &names, node),
+                        };
                         Ok(self.map(rel, "group_by", true, build))
                     }
                     (rel, _) => Ok(Rel::Whole(build(self.gather(rel, "group_by")))),
@@ -695,6 +709,59 @@ impl Planner<'_> {
         }
     }
 
+    /// A spread relation shuffled so that each group of `keys` is within one part, for the
+    /// group_by `node`: by the ranges a join after it wants (see `range_hints`), else by hash.
+    fn shuffled_for_group(&mut self, rel: Rel, keys: &[String], node: Node) -> Rel {
+        match self.range_hints.get(&node).cloned() {
+            Some((key, lows)) => self.shuffle_by_ranges(rel, &key, lows),
+            None => self.hashed_by(rel, keys),
+        }
+    }
+
+    /// A relation shuffled by ranges `lows` of `key`.
+    fn shuffle_by_ranges(&mut self, rel: Rel, key: &str, lows: Vec<i64>) -> Rel {
+        let (parts, label) = match rel {
+            Rel::Spread { parts, label, .. } => (parts, label),
+            Rel::Whole(p) => (vec![p], "whole".into()),
+        };
+        let output = StageOutput::KeyRanges { key: key.to_string(), lows: lows.clone() };
+        let stage = self.add_stage(parts, output, format!("{label} → shuffle by ranges of {key}"));
+        Rel::Spread {
+            parts: (0..=lows.len()).map(|i| placeholder(stage, Some(i))).collect(),
+            partitioned: Some(Partitioning::Ranges { key: key.to_string(), lows }),
+            label: format!("stage {stage} partitions"),
+        }
+    }
+
+    /// One side spread by ranges of a join key and the other spread otherwise: the other is
+    /// shuffled by those ranges (the first stays where it is) rather than both by hash.
+    fn aligned_by_ranges(&mut self, l: Rel, r: Rel, pairs: &[(String, String)]) -> (Rel, Rel) {
+        if !matches!((&l, &r), (Rel::Spread { .. }, Rel::Spread { .. })) || same_ranges(&l, &r, pairs).is_some() {
+            return (l, r);
+        }
+        if let Some((key, lows)) = ranges_of(&l)
+            && let Some((_, other)) = pairs.iter().find(|(a, _)| *a == key)
+        {
+            let r = self.shuffle_by_ranges(r, other, lows);
+            return (l, r);
+        }
+        if let Some((key, lows)) = ranges_of(&r)
+            && let Some((other, _)) = pairs.iter().find(|(_, b)| *b == key)
+        {
+            let l = self.shuffle_by_ranges(l, other, lows);
+            return (l, r);
+        }
+        (l, r)
+    }
+
+    /// Under column selections and filters (which keep a relation's partitioning).
+    fn below_selections(&self, mut node: Node) -> Node {
+        while let IR::SimpleProjection { input, .. } | IR::Filter { input, .. } = self.arena().get(node) {
+            node = *input;
+        }
+        node
+    }
+
     fn shuffle(&mut self, parts: Vec<DslPlan>, keys: &[String], label: String) -> Rel {
         let partitions = self.limits.max_tasks;
         let stage = self.add_stage(
@@ -763,6 +830,29 @@ impl Planner<'_> {
                 None => plan,
             }
         };
+        // Pairs of keys that are plain columns of one type on both sides (others may be
+        // expressions: equal keys agree on these too).
+        let plain: Vec<(String, String)> = on
+            .iter()
+            .filter(|pair| self.same_key_dtypes(left, right, std::slice::from_ref(*pair)))
+            .filter_map(|(l, r)| Some((self.column_names(std::slice::from_ref(l))?.pop()?, self.column_names(std::slice::from_ref(r))?.pop()?)))
+            .collect();
+        // A group_by joined on one of its keys with a table laid out by the join key: the
+        // group_by shuffles by that table's ranges, to which the table is then cut rather than
+        // read whole by every task (PDS-H q20: lineitem's sums per part and supplier joined
+        // with partsupp).
+        for (group_side, table_side, flip) in [(left, right, false), (right, left, true)] {
+            let group = self.below_selections(group_side);
+            let IR::GroupBy { keys: group_keys, .. } = self.arena().get(group) else { continue };
+            let group_keys = self.column_names_each(group_keys);
+            let hint = plain.iter().map(|(l, r)| if flip { (r, l) } else { (l, r) }).find_map(|(mine, theirs)| {
+                let lows = group_keys.contains(mine).then(|| self.scan_ranges(table_side, theirs)).flatten()?;
+                Some((mine.clone(), lows))
+            });
+            if let Some(hint) = hint.filter(|_| !cross) {
+                self.range_hints.insert(group, hint);
+            }
+        }
         let (l, r) = (self.visit(left)?, self.visit(right)?);
         let how = args.how.clone();
         let keys = (
@@ -783,13 +873,7 @@ impl Planner<'_> {
         let keeps_left_rows = matches!(how, JoinType::Inner | JoinType::Left | JoinType::Semi | JoinType::Anti);
         // Sides spread by the same ranges of a pair of join keys, or one side spread so and the
         // other whole: joined part by part, the whole side cut to each part's range.
-        // Pairs of keys that are plain columns of one type on both sides (others may be
-        // expressions: equal keys agree on these too).
-        let plain: Vec<(String, String)> = on
-            .iter()
-            .filter(|pair| self.same_key_dtypes(left, right, std::slice::from_ref(*pair)))
-            .filter_map(|(l, r)| Some((self.column_names(std::slice::from_ref(l))?.pop()?, self.column_names(std::slice::from_ref(r))?.pop()?)))
-            .collect();
+        let (l, r) = if cross { (l, r) } else { self.aligned_by_ranges(l, r, &plain) };
         if !cross && let Some((left_key, right_key, lows)) = same_ranges(&l, &r, &plain) {
             let label = [&l, &r].into_iter().find_map(|rel| match rel {
                 Rel::Spread { label, .. } => Some(label.clone()),
@@ -926,6 +1010,34 @@ impl Planner<'_> {
         })
     }
 
+    /// How a scan of Parquet `paths` laid out by ranges of one of the `columns` it returns (all:
+    /// `None`) is split: that column and the parts.
+    fn range_split(&self, paths: &[PlRefPath], file_info: &FileInfo, columns: Option<&[PlSmallStr]>) -> Option<(String, Vec<RangePart>)> {
+        let returned: Vec<PlSmallStr> = columns.map(<[_]>::to_vec).unwrap_or_else(|| file_info.schema.iter_names().cloned().collect());
+        let clustered = crate::clustering::clustered(paths, &file_info.schema, &returned)?;
+        let by_rows = (clustered.rows() / self.limits.min_rows_per_task.max(1)) as usize;
+        let n = by_rows.max(paths.len()).clamp(1, self.limits.max_tasks);
+        Some((clustered.key.to_string(), clustered.split(n)?))
+    }
+
+    /// The ranges of `column` by which `node`, a (filtered, projected) scan of Parquet files
+    /// laid out by that column, is or can be split (see [`Self::range_split`]).
+    fn scan_ranges(&self, mut node: Node, column: &str) -> Option<Vec<i64>> {
+        loop {
+            match self.arena().get(node) {
+                IR::Filter { input, .. } | IR::SimpleProjection { input, .. } | IR::Cache { input, .. } => node = *input,
+                IR::Scan { sources: ScanSources::Paths(paths), file_info, output_schema, scan_type, .. }
+                    if matches!(**scan_type, FileScanIR::Parquet { .. }) =>
+                {
+                    let columns: Option<Vec<PlSmallStr>> = output_schema.as_ref().map(|s| s.iter_names().cloned().collect());
+                    let (key, parts) = self.range_split(paths, file_info, columns.as_deref())?;
+                    return (key == column).then(|| parts.iter().filter_map(|p| p.low).collect());
+                }
+                _ => return None,
+            }
+        }
+    }
+
     fn scan(&mut self, node: Node) -> Planned<Rel> {
         let IR::Scan { sources, file_info, predicate, output_schema, scan_type, unified_scan_args, .. } = self.arena().get(node).clone()
         else {
@@ -977,25 +1089,19 @@ impl Planner<'_> {
         };
         // Files laid out by ranges of a column the scan returns: parts cut between row groups,
         // each holding one range of that column (grouping or joining by it needs no shuffle).
-        if matches!(scan_type, FileScanDsl::Parquet { .. }) {
-            let returned: Vec<PlSmallStr> = columns.clone().unwrap_or_else(|| file_info.schema.iter_names().cloned().collect());
-            if let Some(clustered) = crate::clustering::clustered(paths, &file_info.schema, &returned) {
-                let by_rows = (clustered.rows() / self.limits.min_rows_per_task.max(1)) as usize;
-                let n = by_rows.max(paths.len()).clamp(1, self.limits.max_tasks);
-                if let Some(ranges) = clustered.split(n) {
-                    let parts = ranges
-                        .iter()
-                        .map(|part| {
-                            let files: Vec<PlRefPath> = paths[part.files.clone()].to_vec();
-                            dsl(ScanSources::Paths(files.into()), part.slice.map(|(offset, len)| (offset as i64, len as IdxSize)))
-                        })
-                        .collect();
-                    let lows = ranges.iter().filter_map(|part| part.low).collect();
-                    let key = clustered.key.to_string();
-                    let label = format!("scan {name} ({} parts by ranges of {key})", ranges.len());
-                    return Ok(Rel::Spread { parts, partitioned: Some(Partitioning::Ranges { key, lows }), label });
-                }
-            }
+        if matches!(scan_type, FileScanDsl::Parquet { .. })
+            && let Some((key, ranges)) = self.range_split(paths, &file_info, columns.as_deref())
+        {
+            let parts = ranges
+                .iter()
+                .map(|part| {
+                    let files: Vec<PlRefPath> = paths[part.files.clone()].to_vec();
+                    dsl(ScanSources::Paths(files.into()), part.slice.map(|(offset, len)| (offset as i64, len as IdxSize)))
+                })
+                .collect();
+            let lows = ranges.iter().filter_map(|part| part.low).collect();
+            let label = format!("scan {name} ({} parts by ranges of {key})", ranges.len());
+            return Ok(Rel::Spread { parts, partitioned: Some(Partitioning::Ranges { key, lows }), label });
         }
         if paths.len() >= 2 {
             // Whole files per task, in order.
@@ -1034,17 +1140,21 @@ impl Planner<'_> {
 /// part by part: a pair by whose ranges both sides are spread alike, or one side is spread and
 /// the other whole.
 fn same_ranges(l: &Rel, r: &Rel, pairs: &[(String, String)]) -> Option<(String, String, Vec<i64>)> {
-    let ranges = |rel: &Rel| match rel {
-        Rel::Spread { partitioned: Some(Partitioning::Ranges { key, lows }), .. } => Some((key.clone(), lows.clone())),
-        _ => None,
-    };
     let pairs = || pairs.iter().map(|(a, b)| (a, b));
-    match (ranges(l), ranges(r)) {
+    match (ranges_of(l), ranges_of(r)) {
         (Some((lkey, llows)), Some((rkey, rlows))) if llows == rlows && pairs().any(|(a, b)| *a == lkey && *b == rkey) => {
             Some((lkey, rkey, llows))
         }
         (Some((lkey, lows)), None) if matches!(r, Rel::Whole(_)) => pairs().find(|(a, _)| **a == lkey).map(|(a, b)| (a.clone(), b.clone(), lows)),
         (None, Some((rkey, lows))) if matches!(l, Rel::Whole(_)) => pairs().find(|(_, b)| **b == rkey).map(|(a, b)| (a.clone(), b.clone(), lows)),
+        _ => None,
+    }
+}
+
+/// The key and lows of a relation spread by ranges.
+fn ranges_of(rel: &Rel) -> Option<(String, Vec<i64>)> {
+    match rel {
+        Rel::Spread { partitioned: Some(Partitioning::Ranges { key, lows }), .. } => Some((key.clone(), lows.clone())),
         _ => None,
     }
 }
@@ -1321,6 +1431,7 @@ impl StageGraph {
                 StageOutput::Result => "result".to_string(),
                 StageOutput::Boundaries { key, partitions, .. } => format!("{} boundaries of {key}", partitions - 1),
                 StageOutput::Range { key, partitions, .. } => format!("ranges of {key} into {partitions} partitions"),
+                StageOutput::KeyRanges { key, lows } => format!("ranges of {key} into {} partitions (cut at {lows:?})", lows.len() + 1),
             };
             let inputs = if stage.inputs.is_empty() {
                 String::new()

@@ -97,6 +97,8 @@ pub enum Dealer {
     One,
     Hash { keys: Vec<String>, partitions: usize },
     Range { key: String, descending: bool, nulls_last: bool, partitions: usize, boundaries: Series },
+    /// Partition `i` from `lows[i - 1]` on, below `lows[i]`; nulls in partition 0.
+    KeyRanges { key: String, lows: Series },
 }
 
 impl Dealer {
@@ -111,6 +113,7 @@ impl Dealer {
                 partitions: *partitions,
                 boundaries: boundaries.ok_or_else(|| polars_err!(ComputeError: "a range partitioning task got no boundaries"))?.clone(),
             },
+            StageOutput::KeyRanges { key, lows } => Dealer::KeyRanges { key: key.clone(), lows: Series::new("lows".into(), lows) },
             StageOutput::Single | StageOutput::Result | StageOutput::Boundaries { .. } => Dealer::One,
         })
     }
@@ -119,6 +122,7 @@ impl Dealer {
         match self {
             Dealer::One => 1,
             Dealer::Hash { partitions, .. } | Dealer::Range { partitions, .. } => *partitions,
+            Dealer::KeyRanges { lows, .. } => lows.len() + 1,
         }
     }
 
@@ -128,8 +132,10 @@ impl Dealer {
             Dealer::One => None,
             Dealer::Hash { keys, partitions } => Some(split_by_hash(df, keys, *partitions)?),
             Dealer::Range { key, descending, nulls_last, partitions, boundaries } => {
-                Some(split_by_range(df, key, *descending, *nulls_last, *partitions, boundaries)?)
+                Some(split_by_range(df, key, *descending, *nulls_last, *partitions, boundaries, SearchSortedSide::Left)?)
             }
+            // A key equal to a low starts that low's partition.
+            Dealer::KeyRanges { key, lows } => Some(split_by_range(df, key, false, false, lows.len() + 1, lows, SearchSortedSide::Right)?),
         })
     }
 }
@@ -263,10 +269,18 @@ fn sample_boundaries(df: &DataFrame, key: &str, descending: bool, partitions: us
 /// up to boundary `i` in sort order (equal keys always in the same partition); nulls go to the
 /// first or the last partition as the sort puts them.
 /// The rows of each range partition.
-fn split_by_range(df: &DataFrame, key: &str, descending: bool, nulls_last: bool, partitions: usize, boundaries: &Series) -> PolarsResult<Vec<Vec<IdxSize>>> {
+fn split_by_range(
+    df: &DataFrame,
+    key: &str,
+    descending: bool,
+    nulls_last: bool,
+    partitions: usize,
+    boundaries: &Series,
+    side: SearchSortedSide,
+) -> PolarsResult<Vec<Vec<IdxSize>>> {
     let values = df.column(key)?.as_materialized_series().clone();
     let boundaries = boundaries.cast(values.dtype())?;
-    let positions = search_sorted(&boundaries, &values, SearchSortedSide::Left, descending)?;
+    let positions = search_sorted(&boundaries, &values, side, descending)?;
     let mut indices: Vec<Vec<IdxSize>> = vec![Vec::new(); partitions];
     let nulls = values.is_null();
     for (row, (position, null)) in positions.iter().zip(nulls.iter()).enumerate() {
