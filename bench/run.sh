@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 engine/fetch-polars.sh
 export CARGO_TARGET_DIR="${POLARS_NODE_RELEASE_TARGET:-$HOME/.cache/polars-node/target-release}"
+# The CPU level the client's Polars wheel is built for (AVX2 and friends, CPUs since 2013), so
+# both sides run the same machine code; POLARS_NODE_TARGET_CPU=x86-64 builds for any x86-64.
+export RUSTFLAGS="${RUSTFLAGS:-} -C target-cpu=${POLARS_NODE_TARGET_CPU:-x86-64-v3}"
 cargo build --release --locked
 venv="${POLARS_NODE_CACHE:-$HOME/.cache/polars-node}/venv-bench"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
