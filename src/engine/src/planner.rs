@@ -362,7 +362,7 @@ impl Planner<'_> {
                     };
                     let (partial_keys, partial) = (keys.clone(), split.partial.clone());
                     let rel = self.map(rel, "partial group_by", false, |p| group(p, partial_keys.clone(), partial.clone()));
-                    let rel = self.shuffled_for_group(rel, &key_outputs, node);
+                    let rel = self.grouped_by(rel, &key_outputs, Some(node));
                     let final_keys: Vec<Expr> = key_outputs.iter().map(|k| col(k.as_str())).collect();
                     // Each group's row stays in its key's partition (a join on the keys needs
                     // no new shuffle).
@@ -372,10 +372,7 @@ impl Planner<'_> {
                     // Every row of a group lands in the same partition: each part aggregates
                     // its groups completely.
                     (rel @ Rel::Spread { .. }, Some(names)) if !maintain_order && slice.is_none() && !names.is_empty() => {
-                        let rel = match grouped(&rel, &names) {
-                            true => rel,
-                            false => self.shuffled_for_group(rel, &names, node),
-                        };
+                        let rel = self.grouped_by(rel, &names, Some(node));
                         Ok(self.map(rel, "group_by", true, build))
                     }
                     (rel, _) => Ok(Rel::Whole(build(self.gather(rel, "group_by")))),
@@ -489,12 +486,8 @@ impl Planner<'_> {
                 match (rel, names) {
                     // Spread by some of the compared columns: duplicates are within a part.
                     (rel @ Rel::Spread { .. }, _) if by_part && grouped(&rel, &compared) => Ok(self.map(rel, "unique", true, distinct)),
-                    (rel @ Rel::Spread { .. }, Some(names))
-                        if !options.maintain_order
-                            && options.slice.is_none()
-                            && matches!(options.keep_strategy, UniqueKeepStrategy::Any | UniqueKeepStrategy::None) =>
-                    {
-                        let rel = self.grouped_by(rel, &names);
+                    (rel @ Rel::Spread { .. }, Some(names)) if by_part => {
+                        let rel = self.grouped_by(rel, &names, None);
                         Ok(self.map(rel, "unique", true, distinct))
                     }
                     (rel, _) => Ok(Rel::Whole(distinct(self.gather(rel, "unique")))),
@@ -547,7 +540,7 @@ impl Planner<'_> {
                 let rel = self.visit(input)?;
                 match self.shared_keys.get(&id).cloned() {
                     Some(key) if matches!(rel, Rel::Spread { .. }) => {
-                        let rel = self.grouped_by(rel, &[key]);
+                        let rel = self.grouped_by(rel, &[key], None);
                         self.shared.insert(id, rel.clone());
                         Ok(rel)
                     }
@@ -701,18 +694,13 @@ impl Planner<'_> {
     }
 
     /// A spread relation with each group of `keys` within one part: as it is if it already is
-    /// (spread by some of the keys), else shuffled by their hash.
-    fn grouped_by(&mut self, rel: Rel, keys: &[String]) -> Rel {
-        match grouped(&rel, keys) {
-            true => rel,
-            false => self.hashed_by(rel, keys),
+    /// (spread by some of the keys), else shuffled: by the ranges a join after the group_by
+    /// `node` wants (see `range_hints`), or by hash.
+    fn grouped_by(&mut self, rel: Rel, keys: &[String], node: Option<Node>) -> Rel {
+        if grouped(&rel, keys) {
+            return rel;
         }
-    }
-
-    /// A spread relation shuffled so that each group of `keys` is within one part, for the
-    /// group_by `node`: by the ranges a join after it wants (see `range_hints`), else by hash.
-    fn shuffled_for_group(&mut self, rel: Rel, keys: &[String], node: Node) -> Rel {
-        match self.range_hints.get(&node).cloned() {
+        match node.and_then(|n| self.range_hints.get(&n).cloned()) {
             Some((key, lows)) => self.shuffle_by_ranges(rel, &key, lows),
             None => self.hashed_by(rel, keys),
         }
