@@ -424,9 +424,17 @@ fn rows_joined_with_a_table_laid_out_by_the_key_are_shuffled_by_its_ranges() {
     // Totals per key (shuffled by the prices' ranges, the prices cut to them), and the sales
     // themselves joined with prices that are split too (only the sales are shuffled).
     let totals = sales.clone().group_by([col("key")]).agg([col("qty").sum()]).join(prices.clone(), [col("key")], [col("pkey")], JoinArgs::new(JoinType::Left)).unwrap();
-    let lines = sales.join(prices, [col("key")], [col("pkey")], JoinArgs::new(JoinType::Inner)).unwrap();
+    let lines = sales.clone().join(prices.clone(), [col("key")], [col("pkey")], JoinArgs::new(JoinType::Inner)).unwrap();
+    // All prices (whole, the side a left join keeps) with their sales (split): the sales are
+    // shuffled by the prices' ranges rather than both sides by hash.
+    let kept = prices
+        .join(sales, [col("pkey")], [col("key")], JoinArgs::new(JoinType::Left))
+        .unwrap()
+        .group_by([col("pkey")])
+        .agg([col("qty").sum(), len().alias("n")]);
     let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
-    for (lf, limits, by) in [(totals, LIMITS, vec!["key"]), (lines, Limits { broadcast_limit: 0, ..LIMITS }, vec!["key", "qty"])] {
+    let cases = [(totals, LIMITS, vec!["key"]), (lines, Limits { broadcast_limit: 0, ..LIMITS }, vec!["key", "qty"]), (kept, LIMITS, vec!["pkey"])];
+    for (lf, limits, by) in cases {
         let graph = split(&lf, limits);
         let text = graph.describe();
         assert!(graph.stages.iter().any(|s| matches!(&s.output, StageOutput::KeyRanges { key, lows } if key == "key" && lows.len() == 2)), "{text}");

@@ -742,6 +742,28 @@ impl Planner<'_> {
         (l, r)
     }
 
+    /// For a whole side `table` (a table laid out by its join key) and a spread side not in its
+    /// ranges: the spread side's key and the table's ranges to shuffle it by, when that beats the
+    /// alternative: always when the table would be shuffled too, and when it would be read
+    /// whole by every task (a broadcast), if it reads at least an eighth of the broadcast limit.
+    fn table_ranges_for(
+        &self,
+        table: Node,
+        table_is_left: bool,
+        spread: &Rel,
+        pairs: &[(String, String)],
+        broadcast: bool,
+    ) -> Option<(String, Vec<i64>)> {
+        let spread_ranges = ranges_of(spread);
+        pairs.iter().map(|(l, r)| if table_is_left { (l, r) } else { (r, l) }).find_map(|(table_key, spread_key)| {
+            if spread_ranges.as_ref().is_some_and(|(key, _)| key == spread_key) {
+                return None;
+            }
+            let (lows, read) = self.scan_ranges(table, table_key)?;
+            (!broadcast || read >= self.limits.broadcast_limit / 8).then(|| (spread_key.clone(), lows))
+        })
+    }
+
     /// Under column selections and filters (which keep a relation's partitioning).
     fn below_selections(&self, mut node: Node) -> Node {
         while let IR::SimpleProjection { input, .. } | IR::Filter { input, .. } = self.arena().get(node) {
@@ -834,7 +856,7 @@ impl Planner<'_> {
             let IR::GroupBy { keys: group_keys, .. } = self.arena().get(group) else { continue };
             let group_keys = self.column_names_each(group_keys);
             let hint = plain.iter().map(|(l, r)| if flip { (r, l) } else { (l, r) }).find_map(|(mine, theirs)| {
-                let lows = group_keys.contains(mine).then(|| self.scan_ranges(table_side, theirs)).flatten()?;
+                let (lows, _) = group_keys.contains(mine).then(|| self.scan_ranges(table_side, theirs)).flatten()?;
                 Some((mine.clone(), lows))
             });
             if let Some(hint) = hint.filter(|_| !cross) {
@@ -861,7 +883,28 @@ impl Planner<'_> {
         let keeps_left_rows = matches!(how, JoinType::Inner | JoinType::Left | JoinType::Semi | JoinType::Anti);
         // Sides spread by the same ranges of a pair of join keys, or one side spread so and the
         // other whole: joined part by part, the whole side cut to each part's range.
-        let (l, r) = if cross { (l, r) } else { self.aligned_by_ranges(l, r, &plain) };
+        // A whole side that is a table laid out by its join key, joined with a spread side that
+        // is not in its ranges: the spread side is shuffled by the table's ranges and the table
+        // cut to them, where it would otherwise be shuffled by hash too (it is kept whole, see
+        // below) or, being large, read whole by every task (PDS-H q13's customers, q10's).
+        let (l, r) = match (l, r) {
+            (l, r) if cross => (l, r),
+            (Rel::Whole(w), s @ Rel::Spread { .. }) if !matches!(how, JoinType::Semi | JoinType::Anti) => {
+                let broadcast = right_may_spread;
+                match self.table_ranges_for(left, true, &s, &plain, broadcast) {
+                    Some((key, lows)) => (Rel::Whole(w), self.shuffle_by_ranges(s, &key, lows)),
+                    None => (Rel::Whole(w), s),
+                }
+            }
+            (s @ Rel::Spread { .. }, Rel::Whole(w)) => {
+                let broadcast = left_may_spread;
+                match self.table_ranges_for(right, false, &s, &plain, broadcast) {
+                    Some((key, lows)) => (self.shuffle_by_ranges(s, &key, lows), Rel::Whole(w)),
+                    None => (s, Rel::Whole(w)),
+                }
+            }
+            (l, r) => self.aligned_by_ranges(l, r, &plain),
+        };
         if !cross && let Some((left_key, right_key, lows)) = same_ranges(&l, &r, &plain) {
             let label = [&l, &r].into_iter().find_map(|rel| match rel {
                 Rel::Spread { label, .. } => Some(label.clone()),
@@ -1009,17 +1052,19 @@ impl Planner<'_> {
     }
 
     /// The ranges of `column` by which `node`, a (filtered, projected) scan of Parquet files
-    /// laid out by that column, is or can be split (see [`Self::range_split`]).
-    fn scan_ranges(&self, mut node: Node, column: &str) -> Option<Vec<i64>> {
+    /// laid out by that column, is or can be split (see [`Self::range_split`]), and the bytes
+    /// the scan reads.
+    fn scan_ranges(&self, mut node: Node, column: &str) -> Option<(Vec<i64>, u64)> {
         loop {
             match self.arena().get(node) {
                 IR::Filter { input, .. } | IR::SimpleProjection { input, .. } | IR::Cache { input, .. } => node = *input,
-                IR::Scan { sources: ScanSources::Paths(paths), file_info, output_schema, scan_type, .. }
+                IR::Scan { sources: sources @ ScanSources::Paths(paths), file_info, output_schema, scan_type, .. }
                     if matches!(**scan_type, FileScanIR::Parquet { .. }) =>
                 {
                     let columns: Option<Vec<PlSmallStr>> = output_schema.as_ref().map(|s| s.iter_names().cloned().collect());
                     let (key, parts) = self.range_split(paths, file_info, columns.as_deref())?;
-                    return (key == column).then(|| parts.iter().filter_map(|p| p.low).collect());
+                    let read = (scan_bytes(sources) as f64 * read_share(&file_info.schema, columns.as_deref())) as u64;
+                    return (key == column).then(|| (parts.iter().filter_map(|p| p.low).collect(), read));
                 }
                 _ => return None,
             }
