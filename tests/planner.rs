@@ -363,11 +363,21 @@ fn files_laid_out_by_a_key_are_split_by_its_ranges_and_grouped_or_joined_without
     let q4 = scan(&orders)
         .join(scan(&lines).filter(col("late")).select([col("key")]).unique(None, UniqueKeepStrategy::Any), [col("okey")], [col("key")], JoinArgs::new(JoinType::Semi))
         .unwrap();
+    // Shaped like q9: a small frame joined with the lines first (broadcast, on another column),
+    // then the orders: the lines keep their ranges through the first join.
+    let small = df!("supp" => (0..26i64).collect::<Vec<_>>(), "tag" => (0..26).map(|i| i % 3).collect::<Vec<_>>()).unwrap().lazy();
+    let q9 = small
+        .join(scan(&lines), [col("supp")], [col("supp")], JoinArgs::new(JoinType::Inner))
+        .unwrap()
+        .join(scan(&orders), [col("key")], [col("okey")], JoinArgs::new(JoinType::Inner))
+        .unwrap()
+        .select([col("key"), col("supp"), col("tag"), col("status")]);
     let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
-    for (lf, by) in [(q21, vec!["supp"]), (left, vec!["okey", "supp"]), (q4, vec!["okey"])] {
+    for (lf, by) in [(q21, vec!["supp"]), (left, vec!["okey", "supp"]), (q4, vec!["okey"]), (q9, vec!["key", "supp"])] {
         let graph = split(&lf, LIMITS);
         let text = graph.describe();
         assert!(text.contains("3 parts by ranges of key") && text.contains("join by ranges of"), "{text}");
+        assert!(!graph.stages.iter().any(|s| matches!(s.output, StageOutput::KeyRanges { .. })), "{text}");
         let by_key = graph.stages.iter().filter(|s| matches!(&s.output, StageOutput::Hash { keys, .. } if keys.iter().any(|k| k.contains("key"))));
         assert_eq!(by_key.count(), 0, "{text}");
         for engine in [EngineChoice::Streaming, EngineChoice::InMemory] {
