@@ -1,21 +1,46 @@
 #!/usr/bin/env bash
 # Puts the exact Rust source of Polars 2.0.0 (the polars-runtime-64 sdist on PyPI, the source of
 # the wheel that polars-cloud 0.12.0 pins) in .engine/polars-2.0.0, checked against the sha256
-# kept here and patched with engine/patches/*.patch. Idempotent; nothing of it is committed.
+# kept here and patched with engine/patches/*.patch; and the hashbrown crate those sources build
+# with (crates.io, checked against the same sha256 as Cargo.lock's) in .engine/hashbrown-0.17.2,
+# patched with engine/hashbrown/*.patch. Idempotent; nothing of it is committed.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+cache="${POLARS_NODE_CACHE:-$HOME/.cache/polars-node}/sdist"
+
+# unpack ARCHIVE DEST PATCH_DIR: a fresh DEST from the archive with the patches applied, unless
+# DEST's stamp says it was made from the same archive and patches.
+unpack() {
+  local archive="$1" dest="$2" patches="$3"
+  local want
+  want="$(sha256sum "$archive" | cut -d' ' -f1) $(cat "$patches"/*.patch | sha256sum | cut -d' ' -f1)"
+  if [ -f "$dest/.polars-node-stamp" ] && [ "$(cat "$dest/.polars-node-stamp")" = "$want" ]; then
+    return 0
+  fi
+  rm -rf "$dest.tmp"
+  mkdir -p "$dest.tmp"
+  tar -xzf "$archive" -C "$dest.tmp" --strip-components=1
+  for p in "$patches"/*.patch; do
+    # Patched files keep the archive's timestamp, so a target directory that already built this
+    # tree sees nothing new.
+    local files ref
+    files=$(grep '^+++ b/' "$p" | sed 's|^+++ b/||; s|\t.*||')
+    ref=$(mktemp)
+    for f in $files; do touch -r "$dest.tmp/$f" "$ref"; done
+    patch -d "$dest.tmp" -p1 --quiet --forward < "$p"
+    for f in $files; do touch -r "$ref" "$dest.tmp/$f"; done
+    rm -f "$ref"
+  done
+  echo "$want" > "$dest.tmp/.polars-node-stamp"
+  rm -rf "$dest"
+  mv "$dest.tmp" "$dest"
+  echo "source ready in $dest" >&2
+}
+
+# Polars: pip fetches the sdist (a stand-in build backend stops it from building it).
 version=2.0.0
 sha256=9d0aa1ba0ed4521203c1c2aa44c279809427305577583d57715f06c708011122
-dest="$root/.engine/polars-$version"
-cache="${POLARS_NODE_CACHE:-$HOME/.cache/polars-node}/sdist"
 file="$cache/polars_runtime_64-$version.tar.gz"
-
-# The stamp records what the tree was made from: source hash + patches.
-want="$sha256 $(cat "$root"/engine/patches/*.patch | sha256sum | cut -d' ' -f1)"
-if [ -f "$dest/.polars-node-stamp" ] && [ "$(cat "$dest/.polars-node-stamp")" = "$want" ]; then
-  exit 0
-fi
-
 if ! echo "$sha256  $file" | sha256sum -c --status 2>/dev/null; then
   mkdir -p "$cache"
   rm -f "$file"
@@ -28,21 +53,21 @@ if ! echo "$sha256  $file" | sha256sum -c --status 2>/dev/null; then
     exit 1
   fi
 fi
+unpack "$file" "$root/.engine/polars-$version" "$root/engine/patches"
 
-rm -rf "$dest.tmp"
-mkdir -p "$dest.tmp"
-tar -xzf "$file" -C "$dest.tmp" --strip-components=1
-for p in "$root"/engine/patches/*.patch; do
-  # Patched files keep the archive's timestamp, so a target directory that already built this
-  # tree sees nothing new.
-  files=$(grep '^+++ b/' "$p" | sed 's|^+++ b/||')
-  ref=$(mktemp)
-  for f in $files; do touch -r "$dest.tmp/$f" "$ref"; done
-  patch -d "$dest.tmp" -p1 --quiet --forward < "$p"
-  for f in $files; do touch -r "$ref" "$dest.tmp/$f"; done
-  rm -f "$ref"
-done
-echo "$want" > "$dest.tmp/.polars-node-stamp"
-rm -rf "$dest"
-mv "$dest.tmp" "$dest"
-echo "Polars $version source ready in $dest" >&2
+# hashbrown: Polars' workspace builds it from a fork (not reachable) for its prefetch hints;
+# Cargo.toml patches crates.io's hashbrown with this copy, which adds them.
+hb_version=0.17.2
+hb_sha256=735eaa21a6a5ffb2e84362faaeb90c05ba8e19797ca30428478cb6ea3a4921bc
+hb_file="$cache/hashbrown-$hb_version.crate"
+if ! echo "$hb_sha256  $hb_file" | sha256sum -c --status 2>/dev/null; then
+  mkdir -p "$cache"
+  echo "fetching hashbrown $hb_version from crates.io" >&2
+  curl -fsSL --retry 3 -o "$hb_file.tmp" "https://static.crates.io/crates/hashbrown/hashbrown-$hb_version.crate"
+  if ! echo "$hb_sha256  $hb_file.tmp" | sha256sum -c --status; then
+    echo "error: hashbrown-$hb_version.crate does not have the expected sha256 $hb_sha256; refusing to build from it" >&2
+    exit 1
+  fi
+  mv "$hb_file.tmp" "$hb_file"
+fi
+unpack "$hb_file" "$root/.engine/hashbrown-$hb_version" "$root/engine/hashbrown"

@@ -1,0 +1,67 @@
+//! Polars' hash tables as this project builds them: crates.io's hashbrown with the prefetch
+//! hints Polars calls (engine/hashbrown/). Group-bys and joins here have enough distinct keys
+//! (tables of 2^15 buckets or more) to take the prefetching paths of the streaming engine: one
+//! integer key (single-key group and join tables) and two keys (row-encoded key tables). Their
+//! results must equal the same sums computed with std's HashMap.
+
+use std::collections::HashMap;
+
+use polars_node_engine::polars::prelude::*;
+
+const ROWS: i64 = 400_000;
+const KEYS: i64 = 150_000;
+
+fn key(i: i64) -> i64 {
+    (i * 7_919) % KEYS
+}
+
+fn facts() -> DataFrame {
+    let k: Vec<i64> = (0..ROWS).map(key).collect();
+    let k2: Vec<i64> = (0..ROWS).map(|i| i % 3).collect();
+    let v: Vec<i64> = (0..ROWS).map(|i| i % 1_000).collect();
+    df!("k" => k, "k2" => k2, "v" => v).unwrap()
+}
+
+fn streaming(lf: LazyFrame) -> DataFrame {
+    lf.collect_with_engine(Engine::Streaming).unwrap().unwrap_single()
+}
+
+/// (key columns..., value) rows of a result as a map from keys to value.
+fn as_map(df: &DataFrame, keys: &[&str], value: &str) -> HashMap<Vec<i64>, i64> {
+    let keys: Vec<_> = keys.iter().map(|k| df.column(k).unwrap().i64().unwrap().clone()).collect();
+    let value = df.column(value).unwrap().i64().unwrap();
+    (0..df.height()).map(|r| (keys.iter().map(|k| k.get(r).unwrap()).collect(), value.get(r).unwrap())).collect()
+}
+
+#[test]
+fn large_group_bys_and_joins_take_the_prefetching_paths_and_stay_exact() {
+    let mut by_key: HashMap<Vec<i64>, i64> = HashMap::new();
+    let mut by_two: HashMap<Vec<i64>, i64> = HashMap::new();
+    for i in 0..ROWS {
+        *by_key.entry(vec![key(i)]).or_default() += i % 1_000;
+        *by_two.entry(vec![key(i), i % 3]).or_default() += i % 1_000;
+    }
+    assert!(by_key.len() > 1 << 15 && by_two.len() > 1 << 15, "enough keys for the prefetching paths");
+
+    let grouped = streaming(facts().lazy().group_by([col("k")]).agg([col("v").sum()]));
+    assert_eq!(as_map(&grouped, &["k"], "v"), by_key);
+
+    let grouped = streaming(facts().lazy().group_by([col("k"), col("k2")]).agg([col("v").sum()]));
+    assert_eq!(as_map(&grouped, &["k", "k2"], "v"), by_two);
+
+    // Each key joined with its own row of a dimension table (its key times 10), then summed.
+    let dims = df!("k" => (0..KEYS).collect::<Vec<_>>(), "w" => (0..KEYS).map(|k| k * 10).collect::<Vec<_>>()).unwrap();
+    let joined = streaming(
+        facts()
+            .lazy()
+            .join(dims.lazy(), [col("k")], [col("k")], JoinArgs::new(JoinType::Inner))
+            .unwrap()
+            .group_by([col("k")])
+            .agg([(col("w") + col("v")).sum().alias("s")]),
+    );
+    let mut expected: HashMap<Vec<i64>, i64> = HashMap::new();
+    for i in 0..ROWS {
+        *expected.entry(vec![key(i)]).or_default() += key(i) * 10 + i % 1_000;
+    }
+    assert_eq!(as_map(&joined, &["k"], "s"), expected);
+}
