@@ -17,7 +17,6 @@ use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 use url::Url;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::proto::StageTask;
 
@@ -290,8 +289,9 @@ fn sanitize(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
 }
 
-/// The shuffle service's HTTP routes: `GET /v1/shuffle?path=FILE` streams a file of this
-/// worker's shuffle location in 1 MiB chunks (read by one blocking thread, bounded memory).
+/// The shuffle service's HTTP routes: `GET /v1/shuffle?path=FILE` sends a file of this
+/// worker's shuffle location straight from the page cache (a read-only memory map): no copy
+/// into buffers and no reading thread; memory stays bounded by the socket's send buffer.
 pub fn router(store: ShuffleStore) -> axum::Router {
     use axum::extract::{Query, State};
     use axum::http::{StatusCode, header};
@@ -306,45 +306,53 @@ pub fn router(store: ShuffleStore) -> axum::Router {
         let Some(path) = store.servable(&q.path) else {
             return (StatusCode::FORBIDDEN, format!("{} is not a shuffle file of this worker", q.path)).into_response();
         };
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) => return (StatusCode::NOT_FOUND, format!("{}: {e}", path.display())).into_response(),
-        };
-        let length = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
-        tokio::task::spawn_blocking(move || read_chunks(file, |chunk| tx.blocking_send(chunk.map(bytes::Bytes::from)).is_ok()));
-        let body = axum::body::Body::from_stream(ReceiverStream::new(rx));
-        ([(header::CONTENT_LENGTH, length.to_string())], body).into_response()
+        let mapped = tokio::task::spawn_blocking(move || map_file(&path).map_err(|e| format!("{}: {e}", path.display()))).await;
+        match mapped {
+            Ok(Ok(bytes)) => ([(header::CONTENT_LENGTH, bytes.len().to_string())], axum::body::Body::from(bytes)).into_response(),
+            Ok(Err(e)) => (StatusCode::NOT_FOUND, e).into_response(),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        }
     }
 
     axum::Router::new().route("/v1/shuffle", axum::routing::get(fetch)).with_state(store)
 }
 
+/// A whole shuffle file as bytes backed by a read-only memory map of it (read ahead
+/// sequentially), so that sending it copies from the page cache to the socket once.
+fn map_file(path: &Path) -> std::io::Result<bytes::Bytes> {
+    let file = std::fs::File::open(path)?;
+    if file.metadata()?.len() == 0 {
+        return Ok(bytes::Bytes::new()); // an empty file cannot be mapped
+    }
+    // SAFETY: a shuffle file is written once, by the task that produced it, before its path is
+    // reported; nothing writes or truncates it afterwards. Removing it (query release) unlinks
+    // the name only: the mapping stays valid until the last response using it is sent.
+    let map = unsafe { memmap2::Mmap::map(&file)? };
+    map.advise(memmap2::Advice::Sequential)?;
+    Ok(bytes::Bytes::from_owner(map))
+}
+
 /// Reads `file` in 1 MiB pieces on the calling (blocking) thread and hands each to `send`
 /// until it returns false; a read error is handed over and ends the read. One thread for the
 /// whole file, not a blocking call per chunk.
-pub(crate) fn read_chunks(mut file: std::fs::File, mut send: impl FnMut(std::io::Result<Vec<u8>>) -> bool) {
+pub(crate) fn read_chunks(file: std::fs::File, mut send: impl FnMut(std::io::Result<Vec<u8>>) -> bool) {
     use std::io::Read;
+    const CHUNK: u64 = 1 << 20;
+    let mut file = file;
     loop {
-        let mut buf = vec![0u8; 1 << 20];
-        let mut filled = 0;
-        // Whole chunks: fewer, larger messages.
-        while filled < buf.len() {
-            match file.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) => {
-                    send(Err(e));
+        // Whole chunks (fewer, larger messages), into a buffer that is not zeroed first.
+        let mut buf = Vec::with_capacity(CHUNK as usize);
+        match (&mut file).take(CHUNK).read_to_end(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {
+                if !send(Ok(buf)) {
                     return;
                 }
             }
-        }
-        if filled == 0 {
-            return;
-        }
-        buf.truncate(filled);
-        if !send(Ok(buf)) {
-            return;
+            Err(e) => {
+                send(Err(e));
+                return;
+            }
         }
     }
 }
