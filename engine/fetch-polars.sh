@@ -21,15 +21,17 @@ unpack() {
   mkdir -p "$dest.tmp"
   tar -xzf "$archive" -C "$dest.tmp" --strip-components=1
   for p in "$patches"/*.patch; do
-    # Patched files keep the archive's timestamp, so a target directory that already built this
-    # tree sees nothing new.
-    local files ref
+    # A patched file is dated when its patch was committed (its file's time if uncommitted):
+    # a target directory (Cargo compares times) that built it since sees nothing new, one
+    # built before the patch rebuilds it; every other file keeps the archive's time.
+    local files when
     files=$(grep '^+++ b/' "$p" | sed 's|^+++ b/||; s|\t.*||')
-    ref=$(mktemp)
-    for f in $files; do touch -r "$dest.tmp/$f" "$ref"; done
+    when=$(git -C "$root" log -1 --format=%ct -- "$p" 2>/dev/null || true)
+    if [ -z "$when" ] || [ -n "$(git -C "$root" status --porcelain -- "$p" 2>/dev/null)" ]; then
+      when=$(stat -c %Y "$p")
+    fi
     patch -d "$dest.tmp" -p1 --quiet --forward < "$p"
-    for f in $files; do touch -r "$ref" "$dest.tmp/$f"; done
-    rm -f "$ref"
+    for f in $files; do touch -d "@$when" "$dest.tmp/$f"; done
   done
   echo "$want" > "$dest.tmp/.polars-node-stamp"
   rm -rf "$dest"

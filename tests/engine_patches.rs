@@ -1,8 +1,5 @@
-//! Polars' hash tables as this project builds them: crates.io's hashbrown with the prefetch
-//! hints Polars calls (engine/hashbrown/). Group-bys and joins here have enough distinct keys
-//! (tables of 2^15 buckets or more) to take the prefetching paths of the streaming engine: one
-//! integer key (single-key group and join tables) and two keys (row-encoded key tables). Their
-//! results must equal the same sums computed with std's HashMap.
+//! What this project changes in Polars 2.0.0 as it builds it (engine/patches, engine/hashbrown),
+//! through the engine's public API.
 
 use std::collections::HashMap;
 
@@ -33,6 +30,11 @@ fn as_map(df: &DataFrame, keys: &[&str], value: &str) -> HashMap<Vec<i64>, i64> 
     (0..df.height()).map(|r| (keys.iter().map(|k| k.get(r).unwrap()).collect(), value.get(r).unwrap())).collect()
 }
 
+/// Polars' hash tables with crates.io's hashbrown and the prefetch hints Polars calls
+/// (engine/hashbrown). Group-bys and joins here have enough distinct keys (tables of 2^15
+/// buckets or more) to take the prefetching paths of the streaming engine: one integer key
+/// (single-key group and join tables) and two keys (row-encoded key tables). Their results must
+/// equal the same sums computed with std's HashMap.
 #[test]
 fn large_group_bys_and_joins_take_the_prefetching_paths_and_stay_exact() {
     let mut by_key: HashMap<Vec<i64>, i64> = HashMap::new();
@@ -64,4 +66,24 @@ fn large_group_bys_and_joins_take_the_prefetching_paths_and_stay_exact() {
         *expected.entry(vec![key(i)]).or_default() += key(i) * 10 + i % 1_000;
     }
     assert_eq!(as_map(&joined, &["k"], "s"), expected);
+}
+
+/// A group_by of an empty file joined with another table: Polars 2.0.0 panics while estimating
+/// the group count of an input estimated at no rows ("min > max"; the client's wheel does too).
+/// Empty shuffle partitions are read this way. engine/patches/0002 fixes the estimate.
+#[test]
+fn a_group_by_of_an_empty_file_can_be_joined() {
+    let dir = tempfile::tempdir().unwrap();
+    let (empty, other) = (dir.path().join("empty.parquet"), dir.path().join("other.parquet"));
+    let mut df = df!("k" => Vec::<i64>::new(), "v" => Vec::<i64>::new()).unwrap();
+    ParquetWriter::new(std::fs::File::create(&empty).unwrap()).finish(&mut df).unwrap();
+    let mut df = df!("k" => [1i64, 2], "w" => [3i64, 4]).unwrap();
+    ParquetWriter::new(std::fs::File::create(&other).unwrap()).finish(&mut df).unwrap();
+    let scan = |p: &std::path::Path| LazyFrame::scan_parquet(PlRefPath::new(p.to_str().unwrap()), Default::default()).unwrap();
+    for engine in [Engine::Streaming, Engine::InMemory] {
+        let grouped = scan(&empty).group_by([col("k")]).agg([col("v").sum()]);
+        let joined = grouped.join(scan(&other), [col("k")], [col("k")], JoinArgs::new(JoinType::Inner)).unwrap();
+        let got = joined.collect_with_engine(engine).unwrap().unwrap_single();
+        assert_eq!((got.height(), got.width()), (0, 3));
+    }
 }
