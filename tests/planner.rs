@@ -456,3 +456,29 @@ fn rows_joined_with_a_table_laid_out_by_the_key_are_shuffled_by_its_ranges() {
         }
     }
 }
+
+#[test]
+fn rows_of_groups_a_later_join_drops_are_dropped_before_the_group_by_shuffles_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (facts, dims) = tables(dir.path());
+    let some = || scan(&dims).filter(col("name").eq(lit("k1")).or(col("name").eq(lit("k5"))).or(col("name").eq(lit("k7"))));
+    let totals = || scan(&facts).group_by([col("key")]).agg([col("value").sum(), len().alias("n")]);
+    let inner = totals().join(some(), [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap();
+    let semi = totals().join(some(), [col("key")], [col("key")], JoinArgs::new(JoinType::Semi)).unwrap();
+    let kept = some().join(totals(), [col("key")], [col("key")], JoinArgs::new(JoinType::Left)).unwrap();
+    // The join keeps groups without a match, or the other side is every key: nothing to drop.
+    let all_groups = totals().join(some(), [col("key")], [col("key")], JoinArgs::new(JoinType::Left)).unwrap();
+    let all_keys = totals().join(scan(&dims), [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap();
+    let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
+    for (lf, filtered, rows) in [(inner, true, 3), (semi, true, 3), (kept, true, 3), (all_groups, false, 23), (all_keys, false, 23)] {
+        let graph = split(&lf, LIMITS);
+        let text = graph.describe();
+        assert_eq!(text.contains("semi join by key"), filtered, "{text}");
+        assert!(text.contains("shuffle by key"), "{text}");
+        for engine in [EngineChoice::Streaming, EngineChoice::InMemory] {
+            let got = sorted(run_with(&graph, dir.path(), format, engine), &["key"]);
+            assert_eq!(got.height(), rows, "{text}");
+            assert!(got.equals_missing(&sorted(lf.clone().collect().unwrap(), &["key"])), "{text}");
+        }
+    }
+}

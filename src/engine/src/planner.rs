@@ -149,6 +149,7 @@ pub fn plan_stages(query: &DslPlan, optimization_flags: Option<u32>, limits: Lim
         shared_keys: shared_keys(&ir),
         shared: HashMap::new(),
         range_hints: HashMap::new(),
+        key_filters: HashMap::new(),
     };
     if planner.largest_scan.is_none() {
         return Ok(Split::Whole("the query reads no files".into()));
@@ -234,6 +235,10 @@ struct Planner<'a> {
     /// Group_by nodes whose shuffle goes by ranges of a key (key, lows) a join after them
     /// wants, instead of by hash.
     range_hints: HashMap<Node, (String, Vec<i64>)>,
+    /// Group_by nodes whose input rows may first be semi-joined on a group key (the column)
+    /// with a small filtered scan that holds every value of it a join after the group_by can
+    /// match: the groups of other values would be dropped by that join (see `key_source`).
+    key_filters: HashMap<Node, KeyFilter>,
 }
 
 impl Planner<'_> {
@@ -346,7 +351,16 @@ impl Planner<'_> {
                     options: Arc::new(GroupbyOptions { slice, ..Default::default() }),
                     apply: None,
                 };
-                let rel = self.visit(input)?;
+                let mut rel = self.visit(input)?;
+                // Rows of groups a join after this group_by drops are dropped before they are
+                // aggregated and shuffled (not when no shuffle is needed: the join drops them
+                // where they are, without reading the filter's scan in every part).
+                if let Some(filter) = self.key_filters.remove(&node)
+                    && matches!(rel, Rel::Spread { .. })
+                    && !key_names.as_ref().is_some_and(|names| grouped(&rel, names))
+                {
+                    rel = self.map(rel, &format!("semi join by {}", filter.column), true, |p| filter.apply(p));
+                }
                 // Partial aggregates per part, shuffled by key, combined per partition.
                 if let (Rel::Spread { .. }, Some(split)) = (&rel, split)
                     && !key_names.as_ref().is_some_and(|names| grouped(&rel, names))
@@ -766,6 +780,53 @@ impl Planner<'_> {
         })
     }
 
+    /// A filtered scan, and its column, that holds every value `column` of `node` can take:
+    /// found below filters, projections, distincts and inner or semi joins (through either
+    /// side of a key pair); of two, the one that reads less. None when the values come from
+    /// a scan without a predicate (likely all values of the key: nothing to filter by).
+    fn key_source(&self, node: Node, column: &str) -> Option<(Node, String)> {
+        let follow = |input: Node| self.key_source(input, column);
+        match self.arena().get(node) {
+            IR::Scan { predicate: Some(_), .. } => self.arena().get(node).schema(self.arena()).contains(column).then(|| (node, column.to_string())),
+            IR::Filter { input, .. } | IR::Distinct { input, .. } | IR::Cache { input, .. } => follow(*input),
+            IR::SimpleProjection { input, columns } => columns.contains(column).then(|| follow(*input)).flatten(),
+            IR::Select { input, expr, .. } => {
+                let e = expr.iter().find(|e| e.output_name() == column)?;
+                let AExpr::Column(name) = self.exprs().get(e.node()) else { return None };
+                self.key_source(*input, name)
+            }
+            IR::HStack { input, exprs, .. } => (!exprs.iter().any(|e| e.output_name() == column)).then(|| follow(*input)).flatten(),
+            IR::Join { input_left, input_right, options, .. } if matches!(options.args.how, JoinType::Inner | JoinType::Semi) => {
+                let JoinTypeOptionsIR::Equi { on, .. } = &options.options else { return None };
+                let (left, right) = (*input_left, *input_right);
+                let on_left = self.arena().get(left).schema(self.arena()).contains(column);
+                let mut candidates = Vec::new();
+                if on_left {
+                    candidates.push((left, column.to_string()));
+                } else if options.args.how == JoinType::Inner {
+                    candidates.push((right, column.to_string()));
+                }
+                // The other side of a key pair of plain columns of one type holds the same values.
+                for pair in on.iter().filter(|pair| self.same_key_dtypes(left, right, std::slice::from_ref(*pair))) {
+                    let (Some(mut l), Some(mut r)) = (self.column_names(std::slice::from_ref(&pair.0)), self.column_names(std::slice::from_ref(&pair.1))) else {
+                        continue;
+                    };
+                    let (l, r) = (l.pop()?, r.pop()?);
+                    match on_left {
+                        true if l == column => candidates.push((right, r)),
+                        false if r == column && options.args.how == JoinType::Inner => candidates.push((left, l)),
+                        _ => {}
+                    }
+                }
+                candidates
+                    .into_iter()
+                    .filter_map(|(side, name)| self.key_source(side, &name))
+                    .min_by_key(|(scan, _)| self.scan_dsl(*scan).map_or(u64::MAX, |s| s.read_bytes))
+            }
+            _ => None,
+        }
+    }
+
     /// Under column selections and filters (which keep a relation's partitioning).
     fn below_selections(&self, mut node: Node) -> Node {
         while let IR::SimpleProjection { input, .. } | IR::Filter { input, .. } = self.arena().get(node) {
@@ -863,6 +924,34 @@ impl Planner<'_> {
             });
             if let Some(hint) = hint.filter(|_| !cross) {
                 self.range_hints.insert(group, hint);
+            }
+            // Joins whose result does not change when the group_by loses its groups that
+            // match nothing on the other side (PDS-H q20: lineitem's sums per part and
+            // supplier, joined with the parts of one name). The group_by is reached below
+            // projections and filters only, so this join is its one reader.
+            let drops_unmatched = match args.how {
+                JoinType::Inner | JoinType::Semi => true,
+                JoinType::Anti | JoinType::Left => flip,
+                JoinType::Right => !flip,
+                _ => false,
+            };
+            if drops_unmatched && !self.key_filters.contains_key(&group) {
+                let IR::GroupBy { input: group_input, .. } = self.arena().get(group) else { unreachable!() };
+                let group_input = *group_input;
+                let filter = plain.iter().map(|(l, r)| if flip { (r, l) } else { (l, r) }).find_map(|(mine, theirs)| {
+                    let source = self.key_source(table_side, theirs).filter(|_| group_keys.contains(mine))?;
+                    // Not when the group_by's rows come from the same filtered scan already.
+                    if self.key_source(group_input, mine).is_some_and(|own| own.0 == source.0) {
+                        return None;
+                    }
+                    let scan = self.scan_dsl(source.0).ok()?;
+                    let small = scan.read_bytes <= self.limits.broadcast_limit && Some(source.0) != self.largest_scan;
+                    let values = select_columns(scan.plan(scan.sources.clone(), None), [PlSmallStr::from(source.1.as_str())].iter());
+                    small.then(|| KeyFilter { column: mine.clone(), values, values_column: source.1, nulls_equal: args.nulls_equal })
+                });
+                if let Some(filter) = filter.filter(|_| !cross) {
+                    self.key_filters.insert(group, filter);
+                }
             }
         }
         let (l, r) = (self.visit(left)?, self.visit(right)?);
@@ -1079,7 +1168,8 @@ impl Planner<'_> {
         }
     }
 
-    fn scan(&mut self, node: Node) -> Planned<Rel> {
+    /// An IR scan as DSL: what its parts and whole copies are built from.
+    fn scan_dsl(&self, node: Node) -> Planned<ScanDsl> {
         let IR::Scan { sources, file_info, predicate, output_schema, scan_type, unified_scan_args, .. } = self.arena().get(node).clone()
         else {
             unreachable!()
@@ -1098,28 +1188,18 @@ impl Planner<'_> {
         args.source_sizes = None;
         args.projection = None;
         let columns: Option<Vec<PlSmallStr>> = output_schema.map(|s| s.iter_names().cloned().collect());
-        let dsl = |sources: ScanSources, slice: Option<(i64, IdxSize)>| {
-            let mut plan = DslPlan::Scan {
-                sources,
-                unified_scan_args: Box::new(args.clone()),
-                scan_type: Box::new(scan_type.clone()),
-                cached_ir: Arc::new(Mutex::new(None)),
-            };
-            if let Some((offset, len)) = slice {
-                plan = DslPlan::Slice { input: Arc::new(plan), offset, len };
-            }
-            if let Some(p) = &predicate {
-                plan = DslPlan::Filter { input: Arc::new(plan), predicate: p.clone() };
-            }
-            if let Some(c) = &columns {
-                plan = select_columns(plan, c.iter());
-            }
-            plan
-        };
-        let name = scan_name(&sources);
         // What the scan reads: the files' bytes in the share of the columns it reads (a join
         // side of two integer columns of a wide table is cheap to broadcast).
         let read_bytes = (scan_bytes(&sources) as f64 * read_share(&file_info.schema, columns.as_deref())) as u64;
+        Ok(ScanDsl { sources, file_info, args, scan_type, predicate, columns, read_bytes })
+    }
+
+    fn scan(&mut self, node: Node) -> Planned<Rel> {
+        let scan = self.scan_dsl(node)?;
+        let dsl = |sources: ScanSources, slice: Option<(i64, IdxSize)>| scan.plan(sources, slice);
+        let ScanDsl { sources, file_info, args, scan_type, columns, read_bytes, .. } = &scan;
+        let (sources, read_bytes) = (sources.clone(), *read_bytes);
+        let name = scan_name(&sources);
         let split = Some(node) == self.largest_scan || read_bytes > self.limits.broadcast_limit;
         let ordered = args.row_index.is_none() && args.pre_slice.is_none();
         if !split || !ordered {
@@ -1131,7 +1211,7 @@ impl Planner<'_> {
         // Files laid out by ranges of a column the scan returns: parts cut between row groups,
         // each holding one range of that column (grouping or joining by it needs no shuffle).
         if matches!(scan_type, FileScanDsl::Parquet { .. })
-            && let Some((key, ranges)) = self.range_split(paths, &file_info, columns.as_deref())
+            && let Some((key, ranges)) = self.range_split(paths, file_info, columns.as_deref())
         {
             let parts = ranges
                 .iter()
@@ -1156,7 +1236,7 @@ impl Planner<'_> {
             return Ok(Rel::Spread { parts, partitioned: None, label: format!("scan {name} ({} files in {n} parts)", paths.len()) });
         }
         // One file: row ranges (a Parquet reader skips the row groups outside its range).
-        let rows = exact_rows(&file_info);
+        let rows = exact_rows(file_info);
         let n = match rows {
             Some(rows) if matches!(scan_type, FileScanDsl::Parquet { .. } | FileScanDsl::Ipc { .. }) => {
                 (rows / self.limits.min_rows_per_task.max(1)).clamp(1, self.limits.max_tasks as u64) as usize
@@ -1174,6 +1254,65 @@ impl Planner<'_> {
             })
             .collect();
         Ok(Rel::Spread { parts, partitioned: None, label: format!("scan {name} ({rows} rows in {n} parts)") })
+    }
+}
+
+/// Rows kept only where `column` holds one of the `values` (in `values_column`): a semi join
+/// with the distinct values, read whole by every part.
+struct KeyFilter {
+    column: String,
+    values: DslPlan,
+    values_column: String,
+    nulls_equal: bool,
+}
+
+impl KeyFilter {
+    fn apply(&self, rows: DslPlan) -> DslPlan {
+        let values = DslPlan::Distinct {
+            input: Arc::new(self.values.clone()),
+            options: DistinctOptionsDSL { subset: None, maintain_order: false, keep_strategy: UniqueKeepStrategy::Any },
+        };
+        let mut args = JoinArgs::new(JoinType::Semi);
+        args.nulls_equal = self.nulls_equal;
+        DslPlan::Join {
+            input_left: Arc::new(rows),
+            input_right: Arc::new(values),
+            condition: JoinCondition::Equi { left_on: vec![col(self.column.as_str())], right_on: vec![col(self.values_column.as_str())] },
+            options: Arc::new(JoinOptions { args, ..Default::default() }),
+        }
+    }
+}
+
+/// A scan of the plan as DSL, for any of its sources (a part's files or all of them).
+struct ScanDsl {
+    sources: ScanSources,
+    file_info: FileInfo,
+    args: UnifiedScanArgs,
+    scan_type: FileScanDsl,
+    predicate: Option<Expr>,
+    columns: Option<Vec<PlSmallStr>>,
+    /// Bytes the whole scan reads (its columns' share of the files).
+    read_bytes: u64,
+}
+
+impl ScanDsl {
+    fn plan(&self, sources: ScanSources, slice: Option<(i64, IdxSize)>) -> DslPlan {
+        let mut plan = DslPlan::Scan {
+            sources,
+            unified_scan_args: Box::new(self.args.clone()),
+            scan_type: Box::new(self.scan_type.clone()),
+            cached_ir: Arc::new(Mutex::new(None)),
+        };
+        if let Some((offset, len)) = slice {
+            plan = DslPlan::Slice { input: Arc::new(plan), offset, len };
+        }
+        if let Some(p) = &self.predicate {
+            plan = DslPlan::Filter { input: Arc::new(plan), predicate: p.clone() };
+        }
+        if let Some(c) = &self.columns {
+            plan = select_columns(plan, c.iter());
+        }
+        plan
     }
 }
 
