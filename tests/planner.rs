@@ -466,11 +466,17 @@ fn rows_of_groups_a_later_join_drops_are_dropped_before_the_group_by_shuffles_th
     let inner = totals().join(some(), [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap();
     let semi = totals().join(some(), [col("key")], [col("key")], JoinArgs::new(JoinType::Semi)).unwrap();
     let kept = some().join(totals(), [col("key")], [col("key")], JoinArgs::new(JoinType::Left)).unwrap();
+    // The group_by joined with every key first, the result with the few keys after (q20's shape).
+    let below = totals()
+        .join(scan(&dims), [col("key")], [col("key")], JoinArgs::new(JoinType::Inner))
+        .unwrap()
+        .join(some().select([col("key").alias("some_key")]), [col("key")], [col("some_key")], JoinArgs::new(JoinType::Semi))
+        .unwrap();
     // The join keeps groups without a match, or the other side is every key: nothing to drop.
     let all_groups = totals().join(some(), [col("key")], [col("key")], JoinArgs::new(JoinType::Left)).unwrap();
     let all_keys = totals().join(scan(&dims), [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap();
     let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
-    for (lf, filtered, rows) in [(inner, true, 3), (semi, true, 3), (kept, true, 3), (all_groups, false, 23), (all_keys, false, 23)] {
+    for (lf, filtered, rows) in [(inner, true, 3), (semi, true, 3), (kept, true, 3), (below, true, 3), (all_groups, false, 23), (all_keys, false, 23)] {
         let graph = split(&lf, LIMITS);
         let text = graph.describe();
         assert_eq!(text.contains("semi join by key"), filtered, "{text}");

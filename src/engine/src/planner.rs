@@ -780,22 +780,37 @@ impl Planner<'_> {
         })
     }
 
-    /// A filtered scan, and its column, that holds every value `column` of `node` can take:
-    /// found below filters, projections, distincts and inner or semi joins (through either
-    /// side of a key pair); of two, the one that reads less. None when the values come from
-    /// a scan without a predicate (likely all values of the key: nothing to filter by).
-    fn key_source(&self, node: Node, column: &str) -> Option<(Node, String)> {
-        let follow = |input: Node| self.key_source(input, column);
+    /// A filtered scan that holds every value `column` of `node` can take: found below
+    /// filters, projections, caches, distincts and inner or semi joins (through either side of
+    /// a key pair); of two, the one that reads less. None when nothing filters the scan (likely
+    /// all values of the key: nothing to filter by).
+    fn key_source(&self, node: Node, column: &str) -> Option<KeySource> {
+        self.key_source_below(node, column, Vec::new())
+    }
+
+    /// `key_source` with the `filters` met on the way down that apply to the scan's rows as
+    /// they are (those above a join, a renaming selection or new columns do not; dropping a
+    /// filter only widens the values).
+    fn key_source_below(&self, node: Node, column: &str, mut filters: Vec<ExprIR>) -> Option<KeySource> {
         match self.arena().get(node) {
-            IR::Scan { predicate: Some(_), .. } => self.arena().get(node).schema(self.arena()).contains(column).then(|| (node, column.to_string())),
-            IR::Filter { input, .. } | IR::Distinct { input, .. } | IR::Cache { input, .. } => follow(*input),
-            IR::SimpleProjection { input, columns } => columns.contains(column).then(|| follow(*input)).flatten(),
+            IR::Scan { predicate, .. } => {
+                let has = self.arena().get(node).schema(self.arena()).contains(column);
+                (has && (predicate.is_some() || !filters.is_empty())).then(|| KeySource { scan: node, column: column.to_string(), filters })
+            }
+            IR::Filter { input, predicate } => {
+                filters.push(predicate.clone());
+                self.key_source_below(*input, column, filters)
+            }
+            IR::Distinct { input, .. } | IR::Cache { input, .. } => self.key_source_below(*input, column, filters),
+            IR::SimpleProjection { input, columns } => columns.contains(column).then(|| self.key_source_below(*input, column, filters)).flatten(),
             IR::Select { input, expr, .. } => {
                 let e = expr.iter().find(|e| e.output_name() == column)?;
                 let AExpr::Column(name) = self.exprs().get(e.node()) else { return None };
-                self.key_source(*input, name)
+                self.key_source_below(*input, name, Vec::new())
             }
-            IR::HStack { input, exprs, .. } => (!exprs.iter().any(|e| e.output_name() == column)).then(|| follow(*input)).flatten(),
+            IR::HStack { input, exprs, .. } => {
+                (!exprs.iter().any(|e| e.output_name() == column)).then(|| self.key_source_below(*input, column, Vec::new())).flatten()
+            }
             IR::Join { input_left, input_right, options, .. } if matches!(options.args.how, JoinType::Inner | JoinType::Semi) => {
                 let JoinTypeOptionsIR::Equi { on, .. } = &options.options else { return None };
                 let (left, right) = (*input_left, *input_right);
@@ -808,20 +823,72 @@ impl Planner<'_> {
                 }
                 // The other side of a key pair of plain columns of one type holds the same values.
                 for pair in on.iter().filter(|pair| self.same_key_dtypes(left, right, std::slice::from_ref(*pair))) {
-                    let (Some(mut l), Some(mut r)) = (self.column_names(std::slice::from_ref(&pair.0)), self.column_names(std::slice::from_ref(&pair.1))) else {
+                    let (Some(l), Some(r)) = (self.column_names(std::slice::from_ref(&pair.0)), self.column_names(std::slice::from_ref(&pair.1))) else {
                         continue;
                     };
-                    let (l, r) = (l.pop()?, r.pop()?);
-                    match on_left {
-                        true if l == column => candidates.push((right, r)),
-                        false if r == column && options.args.how == JoinType::Inner => candidates.push((left, l)),
+                    match (on_left, &l[..], &r[..]) {
+                        (true, [l], [r]) if l == column => candidates.push((right, r.clone())),
+                        (false, [l], [r]) if r == column && options.args.how == JoinType::Inner => candidates.push((left, l.clone())),
                         _ => {}
                     }
                 }
                 candidates
                     .into_iter()
-                    .filter_map(|(side, name)| self.key_source(side, &name))
-                    .min_by_key(|(scan, _)| self.scan_dsl(*scan).map_or(u64::MAX, |s| s.read_bytes))
+                    .filter_map(|(side, name)| self.key_source_below(side, &name, Vec::new()))
+                    .min_by_key(|source| self.scan_dsl(source.scan).map_or(u64::MAX, |s| s.read_bytes))
+            }
+            _ => None,
+        }
+    }
+
+    /// The distinct values a key filter reads: the source's scan, filtered, in one column.
+    fn key_values(&self, source: &KeySource) -> Option<(DslPlan, u64)> {
+        let scan = self.scan_dsl(source.scan).ok()?;
+        let mut plan = scan.plan(scan.sources.clone(), None);
+        for predicate in &source.filters {
+            plan = DslPlan::Filter { input: Arc::new(plan), predicate: self.expr(predicate) };
+        }
+        Some((select_columns(plan, [PlSmallStr::from(source.column.as_str())].iter()), scan.read_bytes))
+    }
+
+    /// The group_by below `node` whose plain key `column` of `node` comes from, and that key's
+    /// name: found below filters, projections and inner, semi or left joins (through the side
+    /// the column comes from or, from a key of the kept side, through the key it equals), so
+    /// that every row of `node` derived from a group holds that group's key in `column`. A
+    /// group_by with a slice is not (losing groups would change which it keeps).
+    fn key_target(&self, node: Node, column: &str) -> Option<(Node, String)> {
+        let follow = |input: Node| self.key_target(input, column);
+        match self.arena().get(node) {
+            IR::GroupBy { keys, options, apply: None, .. } if options.slice.is_none() && !options.is_dynamic() && !options.is_rolling() => {
+                self.column_names_each(keys).iter().any(|k| k == column).then(|| (node, column.to_string()))
+            }
+            IR::Filter { input, .. } => follow(*input),
+            IR::SimpleProjection { input, columns } => columns.contains(column).then(|| follow(*input)).flatten(),
+            IR::Select { input, expr, .. } => {
+                let e = expr.iter().find(|e| e.output_name() == column)?;
+                let AExpr::Column(name) = self.exprs().get(e.node()) else { return None };
+                self.key_target(*input, name)
+            }
+            IR::HStack { input, exprs, .. } => (!exprs.iter().any(|e| e.output_name() == column)).then(|| follow(*input)).flatten(),
+            IR::Join { input_left, input_right, options, .. } if matches!(options.args.how, JoinType::Inner | JoinType::Semi | JoinType::Left) => {
+                let JoinTypeOptionsIR::Equi { on, .. } = &options.options else { return None };
+                let (left, right) = (*input_left, *input_right);
+                let on_left = self.arena().get(left).schema(self.arena()).contains(column);
+                if !on_left && options.args.how != JoinType::Inner {
+                    return None;
+                }
+                let mut paths = vec![(if on_left { left } else { right }, column.to_string())];
+                for pair in on.iter().filter(|pair| self.same_key_dtypes(left, right, std::slice::from_ref(*pair))) {
+                    let (Some(l), Some(r)) = (self.column_names(std::slice::from_ref(&pair.0)), self.column_names(std::slice::from_ref(&pair.1))) else {
+                        continue;
+                    };
+                    match (on_left, &l[..], &r[..]) {
+                        (true, [l], [r]) if l == column => paths.push((right, r.clone())),
+                        (false, [l], [r]) if r == column => paths.push((left, l.clone())),
+                        _ => {}
+                    }
+                }
+                paths.into_iter().find_map(|(side, name)| self.key_target(side, &name))
             }
             _ => None,
         }
@@ -925,33 +992,34 @@ impl Planner<'_> {
             if let Some(hint) = hint.filter(|_| !cross) {
                 self.range_hints.insert(group, hint);
             }
-            // Joins whose result does not change when the group_by loses its groups that
-            // match nothing on the other side (PDS-H q20: lineitem's sums per part and
-            // supplier, joined with the parts of one name). The group_by is reached below
-            // projections and filters only, so this join is its one reader.
+        }
+        // A group_by below one side whose groups of key values the other side cannot hold are
+        // dropped by this join (PDS-H q20: lineitem's sums per part and supplier, joined with
+        // partsupp, then semi-joined with the parts of one name): its rows of those groups
+        // are dropped before they are aggregated (see `key_filters`).
+        for (target_side, filter_side, flip) in [(left, right, false), (right, left, true)] {
             let drops_unmatched = match args.how {
                 JoinType::Inner | JoinType::Semi => true,
                 JoinType::Anti | JoinType::Left => flip,
                 JoinType::Right => !flip,
                 _ => false,
             };
-            if drops_unmatched && !self.key_filters.contains_key(&group) {
+            if !drops_unmatched || cross {
+                continue;
+            }
+            for (mine, theirs) in plain.iter().map(|(l, r)| if flip { (r, l) } else { (l, r) }) {
+                let Some((group, key)) = self.key_target(target_side, mine) else { continue };
+                let Some(source) = self.key_source(filter_side, theirs) else { continue };
                 let IR::GroupBy { input: group_input, .. } = self.arena().get(group) else { unreachable!() };
-                let group_input = *group_input;
-                let filter = plain.iter().map(|(l, r)| if flip { (r, l) } else { (l, r) }).find_map(|(mine, theirs)| {
-                    let source = self.key_source(table_side, theirs).filter(|_| group_keys.contains(mine))?;
-                    // Not when the group_by's rows come from the same filtered scan already.
-                    if self.key_source(group_input, mine).is_some_and(|own| own.0 == source.0) {
-                        return None;
-                    }
-                    let scan = self.scan_dsl(source.0).ok()?;
-                    let small = scan.read_bytes <= self.limits.broadcast_limit && Some(source.0) != self.largest_scan;
-                    let values = select_columns(scan.plan(scan.sources.clone(), None), [PlSmallStr::from(source.1.as_str())].iter());
-                    small.then(|| KeyFilter { column: mine.clone(), values, values_column: source.1, nulls_equal: args.nulls_equal })
-                });
-                if let Some(filter) = filter.filter(|_| !cross) {
-                    self.key_filters.insert(group, filter);
+                // Not when the group_by's rows come from the same filtered scan already.
+                if self.key_filters.contains_key(&group) || self.key_source(*group_input, &key).is_some_and(|own| own.scan == source.scan) {
+                    continue;
                 }
+                let Some((values, read_bytes)) = self.key_values(&source) else { continue };
+                if read_bytes > self.limits.broadcast_limit || Some(source.scan) == self.largest_scan {
+                    continue;
+                }
+                self.key_filters.insert(group, KeyFilter { column: key, values, values_column: source.column, nulls_equal: args.nulls_equal });
             }
         }
         let (l, r) = (self.visit(left)?, self.visit(right)?);
@@ -1255,6 +1323,13 @@ impl Planner<'_> {
             .collect();
         Ok(Rel::Spread { parts, partitioned: None, label: format!("scan {name} ({rows} rows in {n} parts)") })
     }
+}
+
+/// Where the values of a key come from: a scan, the filters on its rows, the key's column.
+struct KeySource {
+    scan: Node,
+    filters: Vec<ExprIR>,
+    column: String,
 }
 
 /// Rows kept only where `column` holds one of the `values` (in `values_column`): a semi join
