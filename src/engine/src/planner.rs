@@ -811,32 +811,11 @@ impl Planner<'_> {
             IR::HStack { input, exprs, .. } => {
                 (!exprs.iter().any(|e| e.output_name() == column)).then(|| self.key_source_below(*input, column, Vec::new())).flatten()
             }
-            IR::Join { input_left, input_right, options, .. } if matches!(options.args.how, JoinType::Inner | JoinType::Semi) => {
-                let JoinTypeOptionsIR::Equi { on, .. } = &options.options else { return None };
-                let (left, right) = (*input_left, *input_right);
-                let on_left = self.arena().get(left).schema(self.arena()).contains(column);
-                let mut candidates = Vec::new();
-                if on_left {
-                    candidates.push((left, column.to_string()));
-                } else if options.args.how == JoinType::Inner {
-                    candidates.push((right, column.to_string()));
-                }
-                // The other side of a key pair of plain columns of one type holds the same values.
-                for pair in on.iter().filter(|pair| self.same_key_dtypes(left, right, std::slice::from_ref(*pair))) {
-                    let (Some(l), Some(r)) = (self.column_names(std::slice::from_ref(&pair.0)), self.column_names(std::slice::from_ref(&pair.1))) else {
-                        continue;
-                    };
-                    match (on_left, &l[..], &r[..]) {
-                        (true, [l], [r]) if l == column => candidates.push((right, r.clone())),
-                        (false, [l], [r]) if r == column && options.args.how == JoinType::Inner => candidates.push((left, l.clone())),
-                        _ => {}
-                    }
-                }
-                candidates
-                    .into_iter()
-                    .filter_map(|(side, name)| self.key_source_below(side, &name, Vec::new()))
-                    .min_by_key(|source| self.scan_dsl(source.scan).map_or(u64::MAX, |s| s.read_bytes))
-            }
+            IR::Join { input_left, input_right, options, .. } if matches!(options.args.how, JoinType::Inner | JoinType::Semi) => self
+                .join_column_origins(*input_left, *input_right, options, column)
+                .into_iter()
+                .filter_map(|(side, name)| self.key_source_below(side, &name, Vec::new()))
+                .min_by_key(|source| self.scan_dsl(source.scan).map_or(u64::MAX, |s| s.read_bytes)),
             _ => None,
         }
     }
@@ -870,28 +849,36 @@ impl Planner<'_> {
                 self.key_target(*input, name)
             }
             IR::HStack { input, exprs, .. } => (!exprs.iter().any(|e| e.output_name() == column)).then(|| follow(*input)).flatten(),
-            IR::Join { input_left, input_right, options, .. } if matches!(options.args.how, JoinType::Inner | JoinType::Semi | JoinType::Left) => {
-                let JoinTypeOptionsIR::Equi { on, .. } = &options.options else { return None };
-                let (left, right) = (*input_left, *input_right);
-                let on_left = self.arena().get(left).schema(self.arena()).contains(column);
-                if !on_left && options.args.how != JoinType::Inner {
-                    return None;
-                }
-                let mut paths = vec![(if on_left { left } else { right }, column.to_string())];
-                for pair in on.iter().filter(|pair| self.same_key_dtypes(left, right, std::slice::from_ref(*pair))) {
-                    let (Some(l), Some(r)) = (self.column_names(std::slice::from_ref(&pair.0)), self.column_names(std::slice::from_ref(&pair.1))) else {
-                        continue;
-                    };
-                    match (on_left, &l[..], &r[..]) {
-                        (true, [l], [r]) if l == column => paths.push((right, r.clone())),
-                        (false, [l], [r]) if r == column => paths.push((left, l.clone())),
-                        _ => {}
-                    }
-                }
-                paths.into_iter().find_map(|(side, name)| self.key_target(side, &name))
-            }
+            IR::Join { input_left, input_right, options, .. } if matches!(options.args.how, JoinType::Inner | JoinType::Semi | JoinType::Left) => self
+                .join_column_origins(*input_left, *input_right, options, column)
+                .into_iter()
+                .find_map(|(side, name)| self.key_target(side, &name)),
             _ => None,
         }
+    }
+
+    /// Where `column` of an equi join's output comes from (inner joins: either side; others:
+    /// the left side only): the side that has it and, through a pair of plain key columns of
+    /// one type, the other side's key it equals.
+    fn join_column_origins(&self, left: Node, right: Node, options: &JoinOptionsIR, column: &str) -> Vec<(Node, String)> {
+        let JoinTypeOptionsIR::Equi { on, .. } = &options.options else { return Vec::new() };
+        let inner = options.args.how == JoinType::Inner;
+        let on_left = self.arena().get(left).schema(self.arena()).contains(column);
+        if !on_left && !inner {
+            return Vec::new();
+        }
+        let mut origins = vec![(if on_left { left } else { right }, column.to_string())];
+        for pair in on.iter().filter(|pair| self.same_key_dtypes(left, right, std::slice::from_ref(*pair))) {
+            let (Some(l), Some(r)) = (self.column_names(std::slice::from_ref(&pair.0)), self.column_names(std::slice::from_ref(&pair.1))) else {
+                continue;
+            };
+            match (on_left, &l[..], &r[..]) {
+                (true, [l], [r]) if l == column => origins.push((right, r.clone())),
+                (false, [l], [r]) if r == column => origins.push((left, l.clone())),
+                _ => {}
+            }
+        }
+        origins
     }
 
     /// Under column selections and filters (which keep a relation's partitioning).
