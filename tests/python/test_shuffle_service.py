@@ -1,6 +1,6 @@
-"""A worker's shuffle service, as other workers (an upgraded connection whose bytes the reader
-splices into its copy) and people (a plain GET) use it. End to end it carries every shuffle of
-test_distributed.py; here its answers are checked byte for byte, and what it refuses."""
+"""A worker's shuffle service, as other workers (the fetch tasks do) and people (a plain GET)
+use it. End to end it carries every shuffle of test_distributed.py; here its answers are checked
+byte for byte, and what it refuses."""
 
 import json
 import os
