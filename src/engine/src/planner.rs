@@ -795,7 +795,8 @@ impl Planner<'_> {
         match self.arena().get(node) {
             IR::Scan { predicate, .. } => {
                 let has = self.arena().get(node).schema(self.arena()).contains(column);
-                (has && (predicate.is_some() || !filters.is_empty())).then(|| KeySource { scan: node, column: column.to_string(), filters })
+                let filtered = has && (predicate.is_some() || !filters.is_empty());
+                filtered.then(|| KeySource { scan: node, column: column.to_string(), filters, read_bytes: self.scan_read_bytes(node) })
             }
             IR::Filter { input, predicate } => {
                 filters.push(predicate.clone());
@@ -815,19 +816,19 @@ impl Planner<'_> {
                 .join_column_origins(*input_left, *input_right, options, column)
                 .into_iter()
                 .filter_map(|(side, name)| self.key_source_below(side, &name, Vec::new()))
-                .min_by_key(|source| self.scan_dsl(source.scan).map_or(u64::MAX, |s| s.read_bytes)),
+                .min_by_key(|source| source.read_bytes),
             _ => None,
         }
     }
 
     /// The distinct values a key filter reads: the source's scan, filtered, in one column.
-    fn key_values(&self, source: &KeySource) -> Option<(DslPlan, u64)> {
+    fn key_values(&self, source: &KeySource) -> Option<DslPlan> {
         let scan = self.scan_dsl(source.scan).ok()?;
         let mut plan = scan.plan(scan.sources.clone(), None);
         for predicate in &source.filters {
             plan = DslPlan::Filter { input: Arc::new(plan), predicate: self.expr(predicate) };
         }
-        Some((select_columns(plan, [PlSmallStr::from(source.column.as_str())].iter()), scan.read_bytes))
+        Some(select_columns(plan, [PlSmallStr::from(source.column.as_str())].iter()))
     }
 
     /// The group_by below `node` whose plain key `column` of `node` comes from, and that key's
@@ -1002,10 +1003,10 @@ impl Planner<'_> {
                 if self.key_filters.contains_key(&group) || self.key_source(*group_input, &key).is_some_and(|own| own.scan == source.scan) {
                     continue;
                 }
-                let Some((values, read_bytes)) = self.key_values(&source) else { continue };
-                if read_bytes > self.limits.broadcast_limit || Some(source.scan) == self.largest_scan {
+                if source.read_bytes > self.limits.broadcast_limit || Some(source.scan) == self.largest_scan {
                     continue;
                 }
+                let Some(values) = self.key_values(&source) else { continue };
                 self.key_filters.insert(group, KeyFilter { column: key, values, values_column: source.column, nulls_equal: args.nulls_equal });
             }
         }
@@ -1243,17 +1244,22 @@ impl Planner<'_> {
         args.source_sizes = None;
         args.projection = None;
         let columns: Option<Vec<PlSmallStr>> = output_schema.map(|s| s.iter_names().cloned().collect());
-        // What the scan reads: the files' bytes in the share of the columns it reads (a join
-        // side of two integer columns of a wide table is cheap to broadcast).
-        let read_bytes = (scan_bytes(&sources) as f64 * read_share(&file_info.schema, columns.as_deref())) as u64;
-        Ok(ScanDsl { sources, file_info, args, scan_type, predicate, columns, read_bytes })
+        Ok(ScanDsl { sources, file_info, args, scan_type, predicate, columns })
+    }
+
+    /// What a scan reads: its files' bytes in the share of the columns it reads (a join side of
+    /// two integer columns of a wide table is cheap to broadcast). A stat per file.
+    fn scan_read_bytes(&self, node: Node) -> u64 {
+        let IR::Scan { sources, file_info, output_schema, .. } = self.arena().get(node) else { unreachable!() };
+        let columns: Option<Vec<PlSmallStr>> = output_schema.as_ref().map(|s| s.iter_names().cloned().collect());
+        (scan_bytes(sources) as f64 * read_share(&file_info.schema, columns.as_deref())) as u64
     }
 
     fn scan(&mut self, node: Node) -> Planned<Rel> {
         let scan = self.scan_dsl(node)?;
         let dsl = |sources: ScanSources, slice: Option<(i64, IdxSize)>| scan.plan(sources, slice);
-        let ScanDsl { sources, file_info, args, scan_type, columns, read_bytes, .. } = &scan;
-        let (sources, read_bytes) = (sources.clone(), *read_bytes);
+        let ScanDsl { sources, file_info, args, scan_type, columns, .. } = &scan;
+        let (sources, read_bytes) = (sources.clone(), self.scan_read_bytes(node));
         let name = scan_name(&sources);
         let split = Some(node) == self.largest_scan || read_bytes > self.limits.broadcast_limit;
         let ordered = args.row_index.is_none() && args.pre_slice.is_none();
@@ -1317,6 +1323,8 @@ struct KeySource {
     scan: Node,
     filters: Vec<ExprIR>,
     column: String,
+    /// What the whole scan reads (`scan_read_bytes`).
+    read_bytes: u64,
 }
 
 /// Rows kept only where `column` holds one of the `values` (in `values_column`): a semi join
@@ -1353,8 +1361,6 @@ struct ScanDsl {
     scan_type: FileScanDsl,
     predicate: Option<Expr>,
     columns: Option<Vec<PlSmallStr>>,
-    /// Bytes the whole scan reads (its columns' share of the files).
-    read_bytes: u64,
 }
 
 impl ScanDsl {
