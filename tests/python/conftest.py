@@ -51,8 +51,9 @@ anonymous_result_location.local.path = "{self.results}"
 """,
         )
 
-    def start_worker(self, name: str, ip: str, tables: str = "", leader: str = "") -> None:
-        """`tables`: further TOML tables; `leader`: further keys of [static_leader]."""
+    def start_worker(self, name: str, ip: str, tables: str = "", leader: str = "", shuffle_port: int | None = None) -> None:
+        """`tables`: further TOML tables; `leader`: further keys of [static_leader]; its shuffle
+        service on `shuffle_port` (default: a free one), its files under <root>/<name>/shuffle."""
         self.start(
             name,
             f"""instance_id = "{name}"
@@ -60,7 +61,7 @@ anonymous_result_location.local.path = "{self.results}"
 enabled = true
 heartbeat_period = "300ms"
 task_service.bind_addr = "{ip}:{free_port(ip)}"
-shuffle_service.bind_addr = "{ip}:{free_port(ip)}"
+shuffle_service.bind_addr = "{ip}:{shuffle_port or free_port(ip)}"
 shuffle_location.local.path = "{self.root / name / 'shuffle'}"
 {tables}
 [static_leader]

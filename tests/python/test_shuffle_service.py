@@ -22,20 +22,9 @@ def shuffle_worker(tmp_path_factory):
     root = tmp_path_factory.mktemp("shuffle-service")
     cluster = Cluster(root)
     port = free_port("127.0.0.1")
-    location = root / "shuffle"
+    location = root / "worker" / "shuffle"
     cluster.start_scheduler()
-    cluster.start(
-        "worker",
-        f"""instance_id = "worker"
-[worker]
-enabled = true
-task_service.bind_addr = "127.0.0.1:{free_port('127.0.0.1')}"
-shuffle_service.bind_addr = "127.0.0.1:{port}"
-shuffle_location.local.path = "{location}"
-[static_leader]
-scheduler_service.public_addr = "127.0.0.1:{cluster.worker_port}"
-""",
-    )
+    cluster.start_worker("worker", "127.0.0.1", shuffle_port=port)
     deadline = time.time() + 20
     while True:
         try:
