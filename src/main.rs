@@ -66,6 +66,9 @@ enum Command {
         /// Bytes sent over raw TCP for comparison.
         #[arg(long, default_value_t = 1 << 30)]
         tcp_bytes: u64,
+        /// Leave the fetched copy at this path (removed otherwise).
+        #[arg(long)]
+        copy_to: Option<std::path::PathBuf>,
     },
     /// List the workers a scheduler knows, live or lost.
     Workers {
@@ -82,9 +85,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let env = || std::env::vars().collect::<Vec<_>>();
     let result = match cli.command {
-        Command::BenchShuffle { peer, path, tcp_bytes } => tokio::runtime::Runtime::new()
+        Command::BenchShuffle { peer, path, tcp_bytes, copy_to } => tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
-            .and_then(|rt| rt.block_on(polars_node::shuffle::measure(&peer, &path, tcp_bytes)))
+            .and_then(|rt| rt.block_on(polars_node::shuffle::measure(&peer, &path, tcp_bytes, copy_to.as_deref())))
             .map(|((fb, fs), (tb, ts))| {
                 println!("{}", serde_json::json!({ "shuffle_bytes": fb, "shuffle_secs": fs, "tcp_bytes": tb, "tcp_secs": ts }))
             }),

@@ -361,14 +361,15 @@ fn serve(
         });
     }
     if kind == ServiceKind::Shuffle {
-        // Shuffle files travel over plain HTTP (hyper streams bulk bodies far faster than
-        // gRPC messages); gRPC health checks are answered on the same port.
+        // Shuffle files travel over upgraded HTTP/1 connections (src/shuffle/transfer.rs: far
+        // faster than gRPC messages); gRPC health checks are answered on the same port.
         let store = roles.shuffle.expect("a worker has shuffle storage");
         let (reporter, health) = tonic_health::server::health_reporter();
         let app = tonic::service::Routes::new(health).into_axum_router().merge(crate::shuffle::router(store));
         return Ok(Box::pin(async move {
             reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-            axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("shuffle service")
+            crate::shuffle::serve(listener, app, shutdown).await;
+            Ok(())
         }));
     }
     // Tonic does not apply these to a listener it did not bind (socket activation).

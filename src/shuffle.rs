@@ -1,5 +1,5 @@
 //! Shuffle storage on a worker: where stage tasks write their output partitions, the shuffle
-//! service (default port 5053: `GET /v1/shuffle?path=...` over HTTP, streamed) that lets other
+//! service (default port 5053: `GET /v1/shuffle?path=...`, see `transfer`) that lets other
 //! workers fetch them, and the fetching of a task's inputs before it runs.
 //!
 //! Layout: `<shuffle_location>/<query id>/<worker instance id>/<stage>-<task>/<partition>.<ext>`
@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
@@ -19,6 +18,9 @@ use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 use url::Url;
 
 use crate::proto::StageTask;
+
+mod transfer;
+pub use transfer::{router, serve};
 
 /// Concurrent fetches of one task's inputs.
 const PARALLEL_FETCHES: usize = 4;
@@ -36,8 +38,6 @@ struct Inner {
     /// Shuffle files live in an object store (its URL, the store, the path of that URL).
     remote: Option<Remote>,
     instance_id: String,
-    /// HTTP client for peers' shuffle services (keeps connections alive per peer).
-    http: reqwest::Client,
 }
 
 struct Remote {
@@ -48,7 +48,7 @@ struct Remote {
 
 impl ShuffleStore {
     pub fn new(root: PathBuf, shared: bool, instance_id: String) -> Self {
-        ShuffleStore { inner: Arc::new(Inner { root, shared, remote: None, instance_id, http: http_client() }) }
+        ShuffleStore { inner: Arc::new(Inner { root, shared, remote: None, instance_id }) }
     }
 
     /// Shuffle files in an object store at `url` (`s3://bucket/prefix`, ...), configured by
@@ -59,7 +59,7 @@ impl ShuffleStore {
         let (store, prefix) = object_store::parse_url_opts(&parsed, options)
             .map_err(|e| format!("worker.shuffle_location: cannot use the object store at {url}: {e}"))?;
         let remote = Remote { url: url.trim_end_matches('/').to_string(), store, prefix };
-        Ok(ShuffleStore { inner: Arc::new(Inner { root: staging, shared: false, remote: Some(remote), instance_id, http: http_client() }) })
+        Ok(ShuffleStore { inner: Arc::new(Inner { root: staging, shared: false, remote: Some(remote), instance_id }) })
     }
 
     /// The object path (below the store's prefix) of a query's files written by this worker.
@@ -171,48 +171,7 @@ impl ShuffleStore {
     }
 
     async fn fetch(&self, addr: &str, remote: &str, local: &Path) -> Result<(), String> {
-        let url = Url::parse_with_params(&format!("http://{addr}/v1/shuffle"), [("path", remote)]).map_err(|e| e.to_string())?;
-        let mut response = self.inner.http.get(url).send().await.map_err(|e| e.to_string())?;
-        if !response.status().is_success() {
-            let status = response.status();
-            return Err(format!("{status}: {}", response.text().await.unwrap_or_default()));
-        }
-        // One blocking writer for the whole file, fed through a bounded channel. The body
-        // arrives in socket-sized pieces: the writer gets them in batches of about 1 MiB (no
-        // copy), so that it wakes once per batch rather than once per piece.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(4);
-        let path = local.to_path_buf();
-        let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut file = std::fs::File::create(&path)?;
-            while let Some(batch) = rx.blocking_recv() {
-                for piece in batch {
-                    file.write_all(&piece)?;
-                }
-            }
-            file.flush()
-        });
-        let received = async {
-            let (mut batch, mut batched) = (Vec::new(), 0);
-            while let Some(piece) = response.chunk().await.map_err(|e| e.to_string())? {
-                batched += piece.len();
-                batch.push(piece);
-                if batched >= WRITE_BATCH {
-                    batched = 0;
-                    if tx.send(std::mem::take(&mut batch)).await.is_err() {
-                        return Ok(()); // the writer failed: its error is reported below
-                    }
-                }
-            }
-            if !batch.is_empty() {
-                let _ = tx.send(batch).await;
-            }
-            Ok::<(), String>(())
-        }
-        .await;
-        drop(tx);
-        let written = writer.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string());
-        received.and(written)
+        transfer::fetch(addr, remote, local).await
     }
 
     /// Removes this worker's shuffle files of a query (and the query's directory once empty).
@@ -246,15 +205,21 @@ impl ShuffleStore {
 
 /// Throughput figures for the benchmark harness (`polars-node bench-shuffle`): fetching one
 /// shuffle file from a worker's shuffle service, the way tasks fetch their inputs, and raw TCP
-/// over loopback in the same process, for comparison. Returns (bytes, seconds) of each.
-pub async fn measure(peer: &str, path: &str, tcp_bytes: u64) -> Result<((u64, f64), (u64, f64)), String> {
+/// over loopback in the same process, for comparison. Returns (bytes, seconds) of each. The
+/// fetched copy is left at `copy_to` when given (tests compare it), removed otherwise.
+pub async fn measure(peer: &str, path: &str, tcp_bytes: u64, copy_to: Option<&Path>) -> Result<((u64, f64), (u64, f64)), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let store = ShuffleStore::new(std::env::temp_dir(), false, "bench".into());
-    let dest = std::env::temp_dir().join(format!("polars-node-bench-{}", std::process::id()));
+    let dest = match copy_to {
+        Some(path) => path.to_path_buf(),
+        None => std::env::temp_dir().join(format!("polars-node-bench-{}", std::process::id())),
+    };
     let started = std::time::Instant::now();
     store.fetch(peer, path, &dest).await?;
     let fetch = (tokio::fs::metadata(&dest).await.map_err(|e| e.to_string())?.len(), started.elapsed().as_secs_f64());
-    let _ = tokio::fs::remove_file(&dest).await;
+    if copy_to.is_none() {
+        let _ = tokio::fs::remove_file(&dest).await;
+    }
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -289,49 +254,6 @@ fn sanitize(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
 }
 
-/// The shuffle service's HTTP routes: `GET /v1/shuffle?path=FILE` sends a file of this
-/// worker's shuffle location straight from the page cache (a read-only memory map): no copy
-/// into buffers and no reading thread; memory stays bounded by the socket's send buffer.
-pub fn router(store: ShuffleStore) -> axum::Router {
-    use axum::extract::{Query, State};
-    use axum::http::{StatusCode, header};
-    use axum::response::IntoResponse;
-
-    #[derive(serde::Deserialize)]
-    struct Fetch {
-        path: String,
-    }
-
-    async fn fetch(State(store): State<ShuffleStore>, Query(q): Query<Fetch>) -> axum::response::Response {
-        let Some(path) = store.servable(&q.path) else {
-            return (StatusCode::FORBIDDEN, format!("{} is not a shuffle file of this worker", q.path)).into_response();
-        };
-        let mapped = tokio::task::spawn_blocking(move || map_file(&path).map_err(|e| format!("{}: {e}", path.display()))).await;
-        match mapped {
-            Ok(Ok(bytes)) => ([(header::CONTENT_LENGTH, bytes.len().to_string())], axum::body::Body::from(bytes)).into_response(),
-            Ok(Err(e)) => (StatusCode::NOT_FOUND, e).into_response(),
-            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-        }
-    }
-
-    axum::Router::new().route("/v1/shuffle", axum::routing::get(fetch)).with_state(store)
-}
-
-/// A whole shuffle file as bytes backed by a read-only memory map of it (read ahead
-/// sequentially), so that sending it copies from the page cache to the socket once.
-fn map_file(path: &Path) -> std::io::Result<bytes::Bytes> {
-    let file = std::fs::File::open(path)?;
-    if file.metadata()?.len() == 0 {
-        return Ok(bytes::Bytes::new()); // an empty file cannot be mapped
-    }
-    // SAFETY: a shuffle file is written once, by the task that produced it, before its path is
-    // reported; nothing writes or truncates it afterwards. Removing it (query release) unlinks
-    // the name only: the mapping stays valid until the last response using it is sent.
-    let map = unsafe { memmap2::Mmap::map(&file)? };
-    map.advise(memmap2::Advice::Sequential)?;
-    Ok(bytes::Bytes::from_owner(map))
-}
-
 /// Reads `file` in 1 MiB pieces on the calling (blocking) thread and hands each to `send`
 /// until it returns false; a read error is handed over and ends the read. One thread for the
 /// whole file, not a blocking call per chunk.
@@ -355,15 +277,4 @@ pub(crate) fn read_chunks(file: std::fs::File, mut send: impl FnMut(std::io::Res
             }
         }
     }
-}
-
-/// Bytes of a fetched file handed to its writer at once.
-const WRITE_BATCH: usize = 1 << 20;
-
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .build()
-        .expect("an HTTP client without TLS settings builds")
 }

@@ -1,11 +1,13 @@
 """A worker's shuffle service, as other workers (the fetch tasks do) and people (a plain GET)
 use it. End to end it carries every shuffle of test_distributed.py; here its answers are checked
-byte for byte, and what it refuses."""
+byte for byte, what it refuses, how a fetch fails when the peer stops short, and the gRPC health
+check it answers on the same port."""
 
 import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -46,9 +48,10 @@ def get(addr, path):
         return response.read()
 
 
-def fetch(addr, path):
+def fetch(addr, path, copy_to=None):
     """The fetch tasks do (`bench-shuffle` copies the file the same way), with the bytes it got."""
-    out = subprocess.run([BIN, "bench-shuffle", "--peer", addr, "--path", str(path), "--tcp-bytes", "1"],
+    keep = ["--copy-to", str(copy_to)] if copy_to else []
+    out = subprocess.run([BIN, "bench-shuffle", "--peer", addr, "--path", str(path), "--tcp-bytes", "1", *keep],
                          capture_output=True, text=True, timeout=60)
     return out.returncode, (json.loads(out.stdout)["shuffle_bytes"] if out.returncode == 0 else out.stderr)
 
@@ -61,7 +64,9 @@ def test_files_of_the_shuffle_location_are_sent_whole(shuffle_worker, size):
     data = os.urandom(size)
     path.write_bytes(data)
     assert get(addr, path) == data
-    assert fetch(addr, path) == (0, size)
+    copy = location.parent / f"copy-{size}"
+    assert fetch(addr, path, copy) == (0, size)
+    assert copy.read_bytes() == data
 
 
 def test_other_files_are_refused_and_missing_ones_named(shuffle_worker):
@@ -75,3 +80,38 @@ def test_other_files_are_refused_and_missing_ones_named(shuffle_worker):
     missing = location / "query" / "gone.ipc"
     code, error = fetch(addr, missing)
     assert code != 0 and "404" in error and str(missing) in error, error
+
+
+def test_a_fetch_from_a_peer_that_stops_short_fails_naming_what_is_missing(tmp_path):
+    """A peer that dies mid-file: the fetch must fail (the task reruns), not leave a short copy
+    taken as whole."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    addr = "127.0.0.1:%d" % listener.getsockname()[1]
+
+    def peer():
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            assert b"upgrade: polars-node-shuffle" in request.lower()
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n"
+                         b"upgrade: polars-node-shuffle\r\npolars-node-shuffle-length: 1000000\r\n\r\n")
+            conn.sendall(os.urandom(300000))
+
+    server = threading.Thread(target=peer, daemon=True)
+    server.start()
+    code, error = fetch(addr, "/shuffle/query/part.ipc", tmp_path / "copy")
+    server.join(timeout=10)
+    listener.close()
+    assert code != 0 and "closed 700000 bytes before the end of the file" in error, error
+
+
+def test_the_shuffle_port_answers_grpc_health_checks(shuffle_worker):
+    import grpc
+
+    addr, _ = shuffle_worker
+    with grpc.insecure_channel(addr) as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        # HealthCheckRequest{service: ""} is empty; HealthCheckResponse{status: SERVING} is 08 01.
+        assert check(b"", timeout=10) == b"\x08\x01"
