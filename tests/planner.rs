@@ -83,6 +83,17 @@ fn sorted(df: DataFrame, by: &[&str]) -> DataFrame {
     df.sort(by.iter().map(|s| PlSmallStr::from(*s)).collect::<Vec<_>>(), Default::default()).unwrap()
 }
 
+/// Runs `graph` with its stage tasks on each engine and checks that both give the rows of `lf`
+/// run whole (compared sorted by `by`). Returns how many rows that is.
+fn assert_both_engines_equal_the_whole_query(graph: &StageGraph, lf: &LazyFrame, dir: &Path, format: ShuffleFormat, by: &[&str]) -> usize {
+    let expected = sorted(lf.clone().collect().unwrap(), by);
+    for engine in [EngineChoice::Streaming, EngineChoice::InMemory] {
+        let got = sorted(run_with(graph, dir, format, engine), by);
+        assert!(got.equals_missing(&expected), "{engine:?}:\n{got}\nexpected:\n{expected}\n{}", graph.describe());
+    }
+    expected.height()
+}
+
 #[test]
 fn pre_aggregated_group_by_equals_the_whole_query() {
     let dir = tempfile::tempdir().unwrap();
@@ -145,10 +156,7 @@ fn joins_broadcast_small_sides_and_hash_large_ones() {
     assert!(hashed.describe().contains("hash join on key"), "{}", hashed.describe());
     let format = ShuffleFormat::new(false, Codec::Uncompressed, None).unwrap();
     for (lf, graph, by) in [(&joined, &broadcast, vec!["key", "value"]), (&self_join, &hashed, vec!["key"])] {
-        for engine in [EngineChoice::Streaming, EngineChoice::InMemory] {
-            let got = sorted(run_with(graph, dir.path(), format, engine), &by);
-            assert!(got.equals_missing(&sorted(lf.clone().collect().unwrap(), &by)), "{}", graph.describe());
-        }
+        assert_both_engines_equal_the_whole_query(graph, lf, dir.path(), format, &by);
     }
 }
 
@@ -380,10 +388,7 @@ fn files_laid_out_by_a_key_are_split_by_its_ranges_and_grouped_or_joined_without
         assert!(!graph.stages.iter().any(|s| matches!(s.output, StageOutput::KeyRanges { .. })), "{text}");
         let by_key = graph.stages.iter().filter(|s| matches!(&s.output, StageOutput::Hash { keys, .. } if keys.iter().any(|k| k.contains("key"))));
         assert_eq!(by_key.count(), 0, "{text}");
-        for engine in [EngineChoice::Streaming, EngineChoice::InMemory] {
-            let got = sorted(run_with(&graph, dir.path(), format, engine), &by);
-            assert!(got.equals_missing(&sorted(lf.clone().collect().unwrap(), &by)), "{text}");
-        }
+        assert_both_engines_equal_the_whole_query(&graph, &lf, dir.path(), format, &by);
     }
 }
 
@@ -450,10 +455,7 @@ fn rows_joined_with_a_table_laid_out_by_the_key_are_shuffled_by_its_ranges() {
         assert!(graph.stages.iter().any(|s| matches!(&s.output, StageOutput::KeyRanges { key, lows } if key == "key" && lows.len() == 2)), "{text}");
         assert!(!graph.stages.iter().any(|s| matches!(&s.output, StageOutput::Hash { .. })), "{text}");
         assert!(text.contains("join by ranges of"), "{text}");
-        for engine in [EngineChoice::Streaming, EngineChoice::InMemory] {
-            let got = sorted(run_with(&graph, dir.path(), format, engine), &by);
-            assert!(got.equals_missing(&sorted(lf.clone().collect().unwrap(), &by)), "{text}");
-        }
+        assert_both_engines_equal_the_whole_query(&graph, &lf, dir.path(), format, &by);
     }
 }
 
@@ -481,10 +483,6 @@ fn rows_of_groups_a_later_join_drops_are_dropped_before_the_group_by_shuffles_th
         let text = graph.describe();
         assert_eq!(text.contains("semi join by key"), filtered, "{text}");
         assert!(text.contains("shuffle by key"), "{text}");
-        for engine in [EngineChoice::Streaming, EngineChoice::InMemory] {
-            let got = sorted(run_with(&graph, dir.path(), format, engine), &["key"]);
-            assert_eq!(got.height(), rows, "{text}");
-            assert!(got.equals_missing(&sorted(lf.clone().collect().unwrap(), &["key"])), "{text}");
-        }
+        assert_eq!(assert_both_engines_equal_the_whole_query(&graph, &lf, dir.path(), format, &["key"]), rows, "{text}");
     }
 }
