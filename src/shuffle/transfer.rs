@@ -91,7 +91,9 @@ async fn connection(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     socket.set_nodelay(true)?;
     let io = TokioIo::new(socket);
-    if speaks_http2(io.inner()).await? {
+    // A client that sends nothing, or half a preface, is let go rather than polled forever.
+    let http2 = tokio::time::timeout(CONNECT_TIMEOUT, speaks_http2(io.inner())).await.map_err(|_| "no request within the connect timeout")??;
+    if http2 {
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
         tokio::pin!(connection);
         tokio::select! {
