@@ -389,8 +389,8 @@ pub struct AuthConfig {
 pub struct JwksConfig {
     /// URL of the key set.
     pub url: String,
-    /// Accepted token issuers.
-    #[serde(default)]
+    /// Accepted token issuers: one issuer as a string (as Polars' own tooling writes it) or a list.
+    #[serde(default, deserialize_with = "one_or_many")]
     pub issuers: Vec<String>,
     /// Required token audience.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -463,6 +463,20 @@ impl<'de> Deserialize<'de> for ConfigDuration {
         let text = String::deserialize(d)?;
         ConfigDuration::parse(&text).map_err(serde::de::Error::custom)
     }
+}
+
+/// A key that takes one string or a list of strings; both become a list.
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "a string or a list of strings")]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -948,6 +962,28 @@ observatory_service.public_addr = "192.168.1.2:5049"
         assert_eq!(c.worker.task_service.bind_addr, Address::any(4005));
         assert_eq!(c.worker.shuffle_service.public_addr, Some(Address::parse("192.168.1.1:4006").unwrap()));
         assert_eq!(c.static_leader.leader_instance_id.as_deref(), Some("scheduler"));
+    }
+
+    #[test]
+    fn jwks_issuers_are_one_string_or_a_list_on_every_service_with_auth() {
+        let jwks = |issuers: &str| format!("jwks.url = \"https://idp.example/jwks.json\"\njwks.issuers = {issuers}\n");
+        for section in ["scheduler.client_service.auth", "observatory.rest_api.service.auth"] {
+            let pick = |c: Config| match section.starts_with("scheduler") {
+                true => c.scheduler.client_service.auth,
+                false => c.observatory.rest_api.service.auth,
+            };
+            for (issuers, expected) in [
+                ("\"https://idp.example\"", vec!["https://idp.example"]),
+                ("[\"https://a.example\", \"https://b.example\"]", vec!["https://a.example", "https://b.example"]),
+                ("[]", Vec::<&str>::new()),
+            ] {
+                let text = format!("[{section}]\n{}", jwks(issuers));
+                let c = load(&text).unwrap_or_else(|e| panic!("{text}: {e:?}")).config;
+                assert_eq!(pick(c).unwrap().jwks.issuers, expected, "{text}");
+            }
+            let errors = load(&format!("[{section}]\n{}", jwks("5"))).err().unwrap();
+            assert!(errors.iter().any(|e| e.contains("a string or a list of strings")), "{errors:?}");
+        }
     }
 
     #[test]
