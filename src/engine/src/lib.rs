@@ -262,7 +262,7 @@ impl Plan {
             }
             _ => {
                 let path = result_dir.join("0.arrows");
-                IpcStreamWriter::new(create(&path)?).finish(&mut df)?;
+                write_flight_stream(&df, create(&path)?)?;
                 flight_schema = first_ipc_message(&path)?;
                 path
             }
@@ -272,6 +272,64 @@ impl Plan {
         IpcWriter::new(&mut head_ipc).finish(&mut head)?;
         Ok(Executed { n_rows: df.height() as u64, files: vec![path], head_ipc, flight_schema })
     }
+}
+
+/// The official client reads Flight with gRPC's default 4 MiB message limit: a record batch whose
+/// encoded message is larger cannot be read. The stream is written in pieces of about
+/// `FLIGHT_PIECE_BYTES`, and a piece still over `FLIGHT_MESSAGE_BYTES` once encoded (rows of
+/// uneven size) is halved until it fits, leaving room for the Flight envelope.
+pub const FLIGHT_MESSAGE_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
+const FLIGHT_PIECE_BYTES: usize = 2 * 1024 * 1024;
+
+/// Writes `df` as an Arrow IPC stream whose every message fits one Flight data message.
+/// Dictionaries (Categorical, Enum) are written before the batches that use them and again
+/// when they change, as the stream format allows.
+pub fn write_flight_stream(df: &DataFrame, mut out: impl std::io::Write) -> PolarsResult<()> {
+    use polars_arrow::io::ipc::write::common_sync::{write_continuation, write_message};
+    use polars_arrow::io::ipc::write::{
+        DictionaryTracker, EncodedData, WriteOptions, default_ipc_fields, encode_new_dictionaries, encode_record_batch,
+        schema_to_bytes,
+    };
+    type Batch = polars_arrow::record_batch::RecordBatchT<Box<dyn polars_arrow::array::Array>>;
+
+    fn write_pieces(batch: &Batch, options: &WriteOptions, encoded: &mut EncodedData, out: &mut impl std::io::Write) -> PolarsResult<()> {
+        encode_record_batch(batch, options, encoded);
+        let rows = batch.len();
+        if encoded.ipc_message.len() + encoded.arrow_data.len() <= FLIGHT_MESSAGE_BYTES || rows <= 1 {
+            write_message(out, encoded)?;
+            return Ok(());
+        }
+        let schema = Arc::new(batch.schema().clone());
+        for (offset, len) in [(0, rows / 2), (rows / 2, rows - rows / 2)] {
+            let arrays = batch.arrays().iter().map(|a| a.sliced(offset, len)).collect();
+            write_pieces(&Batch::new(len, schema.clone(), arrays), options, encoded, out)?;
+        }
+        Ok(())
+    }
+
+    let compat = CompatLevel::oldest();
+    let schema = df.schema().to_arrow(compat);
+    let fields = default_ipc_fields(schema.iter_values());
+    let options = WriteOptions::default();
+    write_message(&mut out, &EncodedData { ipc_message: schema_to_bytes(&schema, &fields, None), arrow_data: Vec::new() })?;
+    let mut dictionaries = DictionaryTracker { dictionaries: Default::default(), cannot_replace: false };
+    let mut encoded = EncodedData::default();
+    let rows_per_piece = (df.height() * FLIGHT_PIECE_BYTES / df.estimated_size(true).max(1)).max(1);
+    for offset in (0..df.height()).step_by(rows_per_piece) {
+        let piece = df.slice(offset as i64, rows_per_piece);
+        for batch in piece.iter_chunks(compat, true) {
+            let mut new_dictionaries = Vec::new();
+            for (field, array) in fields.iter().zip(batch.arrays()) {
+                encode_new_dictionaries(field, array.as_ref(), &options, &mut dictionaries, &mut new_dictionaries)?;
+            }
+            for dictionary in &new_dictionaries {
+                write_message(&mut out, dictionary)?;
+            }
+            write_pieces(&batch, &options, &mut encoded, &mut out)?;
+        }
+    }
+    write_continuation(&mut out, 0)?;
+    Ok(())
 }
 
 /// The first encapsulated message of an Arrow IPC stream (its schema), as Flight's
