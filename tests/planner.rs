@@ -486,3 +486,181 @@ fn rows_of_groups_a_later_join_drops_are_dropped_before_the_group_by_shuffles_th
         assert_eq!(assert_both_engines_equal_the_whole_query(&graph, &lf, dir.path(), format, &["key"]), rows, "{text}");
     }
 }
+
+/// Facts in four Parquet files with a column of every common kind (nulls in `value`, a unique
+/// `id` in file order), and a small dimension table.
+fn typed_tables(dir: &Path) -> (String, String) {
+    for part in 0..4i64 {
+        let n = 400i64;
+        let rows = 0..n;
+        let id: Vec<i64> = rows.clone().map(|i| part * n + i).collect();
+        let key: Vec<i64> = rows.clone().map(|i| (i * 7 + part) % 23).collect();
+        let grp: Vec<&str> = rows.clone().map(|i| ["a", "b", "c", "d", "e"][((i + part) % 5) as usize]).collect();
+        let value: Vec<Option<f64>> = rows.clone().map(|i| (i % 13 != 0).then_some((i * 31 % 97) as f64 * 0.25 + part as f64)).collect();
+        let amount: Vec<i32> = rows.clone().map(|i| ((i * 3 + part) % 11) as i32).collect();
+        let day: Vec<i32> = rows.clone().map(|i| 19000 + ((i * 5 + part) % 40) as i32).collect();
+        let mut df = df!("id" => id, "key" => key, "grp" => grp, "value" => value, "amount" => amount, "day" => day).unwrap();
+        df.with_column(df.column("day").unwrap().cast(&DataType::Date).unwrap()).unwrap();
+        let file = std::fs::File::create(dir.join(format!("typed-{part}.parquet"))).unwrap();
+        ParquetWriter::new(file).finish(&mut df).unwrap();
+    }
+    let keys = 0..20i64; // keys 20..22 have no dimension row
+    let mut dims = df!("key" => keys.clone().collect::<Vec<_>>(), "name" => keys.map(|i| format!("k{i}")).collect::<Vec<_>>()).unwrap();
+    ParquetWriter::new(std::fs::File::create(dir.join("dimensions.parquet")).unwrap()).finish(&mut dims).unwrap();
+    (format!("{}/typed-*.parquet", dir.display()), format!("{}/dimensions.parquet", dir.display()))
+}
+
+/// Whether two results hold the same rows (in order when `ordered`), floats to 1e-9.
+fn same_rows(got: &DataFrame, expected: &DataFrame, ordered: bool) -> Result<(), String> {
+    if got.schema() != expected.schema() {
+        return Err(format!("schema {:?} != {:?}", got.schema(), expected.schema()));
+    }
+    let (got, expected) = match ordered {
+        true => (got.clone(), expected.clone()),
+        false => {
+            let by: Vec<PlSmallStr> =
+                got.schema().iter().filter(|(_, dt)| !dt.is_nested()).map(|(name, _)| name.clone()).collect();
+            let options = SortMultipleOptions::default().with_maintain_order(true);
+            (got.sort(by.clone(), options.clone()).unwrap(), expected.sort(by, options).unwrap())
+        }
+    };
+    if got.height() != expected.height() {
+        return Err(format!("{} rows != {}", got.height(), expected.height()));
+    }
+    for (a, b) in got.columns().iter().zip(expected.columns()) {
+        let same = match a.dtype() {
+            DataType::Float64 | DataType::Float32 => {
+                let (a, b) = (a.cast(&DataType::Float64).unwrap(), b.cast(&DataType::Float64).unwrap());
+                a.f64().unwrap().iter().zip(b.f64().unwrap().iter()).all(|(x, y)| match (x, y) {
+                    (Some(x), Some(y)) => (x - y).abs() <= 1e-9 * y.abs().max(1.0) || (x.is_nan() && y.is_nan()),
+                    (x, y) => x.is_none() && y.is_none(),
+                })
+            }
+            _ => a.equals_missing(b),
+        };
+        if !same {
+            return Err(format!("column {} differs", a.name()));
+        }
+    }
+    Ok(())
+}
+
+/// The planner's guard: a generated set of queries (aggregations of every kind, group_bys,
+/// joins of every kind, sorts with slices, windows, order-sensitive operators) over multi-file
+/// inputs, each split and run stage by stage, must give the rows of the query run whole, in
+/// order where Polars defines the order. A rewrite the planner cannot prove must not split.
+#[test]
+fn generated_queries_give_the_same_rows_split_and_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (facts, dims) = typed_tables(dir.path());
+    let facts = || scan(&facts);
+    let dims = || scan(&dims);
+    let join = |how: JoinType, order: MaintainOrderJoin| {
+        facts().join(dims(), [col("key")], [col("key")], JoinArgs::new(how).with_maintain_order(order)).unwrap()
+    };
+    let by_id = || SortMultipleOptions::default();
+    // Row-wise steps before the main operator: nothing, a filter, new columns.
+    let before: Vec<(&str, Box<dyn Fn(LazyFrame) -> LazyFrame>)> = vec![
+        ("", Box::new(|lf| lf)),
+        ("filter", Box::new(|lf: LazyFrame| lf.filter(col("amount").gt(lit(3))))),
+        ("with_columns", Box::new(|lf: LazyFrame| lf.with_columns([(col("value") * lit(2.0)).alias("value"), (col("amount") + col("key")).alias("amount")]))),
+    ];
+    // (name, query of the prepared facts, whether Polars defines its row order)
+    type Query = Box<dyn Fn(LazyFrame) -> LazyFrame>;
+    let aggregates = || {
+        vec![
+            col("value").sum().alias("sum"),
+            (col("value").sum() + lit(1.0)).alias("sum1"),
+            col("value").mean().alias("mean"),
+            col("amount").min().alias("min"),
+            col("day").max().alias("max_day"),
+            col("day").mean().alias("mean_day"),
+            len().alias("len"),
+            col("value").count().alias("count"),
+            col("grp").n_unique().alias("n_unique"),
+            col("amount").median().alias("median"),
+            col("value").std(1).alias("std"),
+        ]
+    };
+    let main: Vec<(&str, Query, bool)> = vec![
+        ("select aggregates", Box::new(move |lf: LazyFrame| lf.select(aggregates())), true),
+        ("select len", Box::new(|lf: LazyFrame| lf.select([len()])), true),
+        ("select first/last", Box::new(|lf: LazyFrame| lf.select([col("id").first().alias("f"), col("id").last().alias("l")])), true),
+        ("group_by aggregates", Box::new(move |lf: LazyFrame| lf.group_by([col("key")]).agg(aggregates())), false),
+        ("group_by two keys", Box::new(|lf: LazyFrame| lf.group_by([col("grp"), col("amount")]).agg([col("value").sum(), len()])), false),
+        (
+            "group_by order-sensitive",
+            Box::new(|lf: LazyFrame| {
+                lf.group_by([col("grp")]).agg([col("id").first().alias("f"), col("id").last().alias("l"), col("id").implode(true).alias("ids")])
+            }),
+            false,
+        ),
+        (
+            "sort then group_by",
+            Box::new(|lf: LazyFrame| {
+                lf.sort(["amount", "id"], SortMultipleOptions::default().with_order_descending_multi([true, false]))
+                    .group_by([col("grp")])
+                    .agg([col("id").implode(true).alias("ids"), col("amount").cum_sum(false).sum().alias("cum")])
+            }),
+            false,
+        ),
+        ("group_by stable", Box::new(|lf: LazyFrame| lf.group_by_stable([col("key")]).agg([col("value").sum(), col("id").first()])), true),
+        ("unique", Box::new(|lf: LazyFrame| lf.select([col("key"), col("grp")]).unique(None, UniqueKeepStrategy::Any)), false),
+        ("unique stable", Box::new(|lf: LazyFrame| lf.select([col("key"), col("id")]).unique_stable(None, UniqueKeepStrategy::First)), true),
+        ("sort", Box::new(move |lf: LazyFrame| lf.sort(["id"], by_id())), true),
+        ("sort desc nulls last", Box::new(|lf: LazyFrame| lf.sort(["value", "id"], SortMultipleOptions::default().with_order_descending(true).with_nulls_last(true))), true),
+        ("sort head", Box::new(move |lf: LazyFrame| lf.sort(["id"], by_id()).limit(5)), true),
+        ("sort slice", Box::new(move |lf: LazyFrame| lf.sort(["id"], by_id()).slice(10, 7)), true),
+        ("head", Box::new(|lf: LazyFrame| lf.limit(7)), true),
+        ("slice", Box::new(|lf: LazyFrame| lf.slice(395, 10)), true),
+        ("window", Box::new(|lf: LazyFrame| lf.with_columns([col("value").sum().over([col("key")]).unwrap().alias("per_key")])), true),
+        ("cum_sum", Box::new(|lf: LazyFrame| lf.with_columns([col("amount").cum_sum(false).alias("running")])), true),
+        ("concat", Box::new(|lf: LazyFrame| concat([lf.clone(), lf], Default::default()).unwrap()), true),
+    ];
+    let joins: Vec<(&str, LazyFrame, bool)> = vec![
+        ("inner join", join(JoinType::Inner, MaintainOrderJoin::None), false),
+        ("left join", join(JoinType::Left, MaintainOrderJoin::None), false),
+        ("left join keeping order", join(JoinType::Left, MaintainOrderJoin::Left), true),
+        ("left join keeping order, sliced", join(JoinType::Left, MaintainOrderJoin::Left).slice(3, 9), true),
+        ("right join", join(JoinType::Right, MaintainOrderJoin::None), false),
+        ("full join", join(JoinType::Full, MaintainOrderJoin::None), false),
+        ("semi join", join(JoinType::Semi, MaintainOrderJoin::None), false),
+        ("anti join", join(JoinType::Anti, MaintainOrderJoin::None), false),
+        ("cross join", facts().filter(col("id").lt(lit(10))).cross_join(dims(), None), false),
+        (
+            "left join_where",
+            dims().join_builder().with(facts().filter(col("id").lt(lit(50)))).how(JoinType::Left).join_where(vec![col("key").lt(col("amount"))]),
+            false,
+        ),
+        (
+            "join then group_by",
+            join(JoinType::Inner, MaintainOrderJoin::None).group_by([col("name")]).agg([col("value").sum(), col("day").mean()]),
+            false,
+        ),
+    ];
+    let mut queries: Vec<(String, LazyFrame, bool)> = Vec::new();
+    for (step, prepare) in &before {
+        for (name, query, ordered) in &main {
+            queries.push((format!("{step} {name}"), query(prepare(facts())), *ordered));
+        }
+    }
+    queries.extend(joins.into_iter().map(|(name, lf, ordered)| (name.to_string(), lf, ordered)));
+
+    let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
+    let (mut split_count, mut failures) = (0, Vec::new());
+    for (i, (name, lf, ordered)) in queries.iter().enumerate() {
+        let expected = lf.clone().collect().unwrap();
+        let graph = match plan_stages(&lf.logical_plan, None, LIMITS).unwrap() {
+            Split::Stages(graph) => graph,
+            Split::Whole(_) => continue,
+        };
+        split_count += 1;
+        let got = run_with(&graph, &dir.path().join(format!("q{i}")), format, EngineChoice::Auto);
+        if let Err(why) = same_rows(&got, &expected, *ordered) {
+            failures.push(format!("{name}: {why}\n{}", graph.describe()));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} split queries differ:\n{}", failures.len(), split_count, failures.join("\n"));
+    // Most of them must really have been split, or this test proves nothing.
+    assert!(split_count * 3 >= queries.len() * 2, "only {split_count} of {} queries were split", queries.len());
+}

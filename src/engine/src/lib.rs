@@ -316,7 +316,8 @@ pub fn write_flight_stream(df: &DataFrame, mut out: impl std::io::Write) -> Pola
     let mut encoded = EncodedData::default();
     let rows_per_piece = (df.height() * FLIGHT_PIECE_BYTES / df.estimated_size(true).max(1)).max(1);
     for offset in (0..df.height()).step_by(rows_per_piece) {
-        let piece = df.slice(offset as i64, rows_per_piece);
+        let mut piece = df.slice(offset as i64, rows_per_piece);
+        piece.align_chunks(); // batches are cut where every column's chunks end
         for batch in piece.iter_chunks(compat, true) {
             let mut new_dictionaries = Vec::new();
             for (field, array) in fields.iter().zip(batch.arrays()) {

@@ -19,8 +19,8 @@ use std::sync::Mutex;
 
 use polars::prelude::*;
 use polars_plan::plans::expr_ir::ExprIR;
-use polars_plan::plans::options::JoinOptionsIR;
-use polars_plan::plans::{AExpr, Card, DslFunction, FileInfo, IR, IRAggExpr, IRPlan, is_elementwise_rec, node_to_expr};
+use polars_plan::plans::options::{JoinOptionsIR, ProjectionOptions};
+use polars_plan::plans::{AExpr, Card, DslFunction, FileInfo, IR, IRAggExpr, IRPlan, ToFieldContext, is_elementwise_rec, node_to_expr};
 use polars_plan::prelude::{FileScanDsl, FileScanIR, JoinTypeOptionsIR};
 use polars_defs::join::{IEJoinOptions, InequalityOperator};
 use polars_utils::arena::{Arena, Node};
@@ -140,7 +140,9 @@ pub fn plan_stages(query: &DslPlan, optimization_flags: Option<u32>, limits: Lim
     if let Some(bits) = optimization_flags {
         lf = lf.with_optimizations(OptFlags::from_bits_truncate(bits));
     }
-    let ir = lf.to_alp_optimized()?;
+    // Common subexpressions become hidden columns (`__POLARS_CSER_*`) whose broadcasting only
+    // Polars' own executor knows how to undo; every task re-optimizes its fragment with them.
+    let ir = lf.with_comm_subexpr_elim(false).to_alp_optimized()?;
     let mut planner = Planner {
         ir: &ir,
         limits,
@@ -150,6 +152,7 @@ pub fn plan_stages(query: &DslPlan, optimization_flags: Option<u32>, limits: Lim
         shared: HashMap::new(),
         range_hints: HashMap::new(),
         key_filters: HashMap::new(),
+        inexpressible: Default::default(),
     };
     if planner.largest_scan.is_none() {
         return Ok(Split::Whole("the query reads no files".into()));
@@ -158,6 +161,9 @@ pub fn plan_stages(query: &DslPlan, optimization_flags: Option<u32>, limits: Lim
         Ok(rel) => rel,
         Err(Unsupported(what)) => return Ok(Split::Whole(format!("the distributed planner does not split {what} yet"))),
     };
+    if let Some(what) = planner.inexpressible.take() {
+        return Ok(Split::Whole(format!("the distributed planner cannot express `{what}` in a task")));
+    }
     if planner.graph.stages.is_empty() && matches!(root, Rel::Whole(_)) {
         return Ok(Split::Whole("its scans are too small to split".into()));
     }
@@ -239,6 +245,8 @@ struct Planner<'a> {
     /// with a small filtered scan that holds every value of it a join after the group_by can
     /// match: the groups of other values would be dropped by that join (see `key_source`).
     key_filters: HashMap<Node, KeyFilter>,
+    /// The first IR expression met that has no DSL form (see [`Self::expr`]).
+    inexpressible: std::cell::RefCell<Option<String>>,
 }
 
 impl Planner<'_> {
@@ -250,8 +258,19 @@ impl Planner<'_> {
         &self.ir.expr_arena
     }
 
+    /// An IR expression as DSL. Dynamic predicates (runtime filters Polars attaches to scans
+    /// for a top-k or a join) are dropped: each task's optimizer attaches its own. Other IR
+    /// that has no DSL form reads back as a display-only expression no task could run: noted
+    /// in `inexpressible`, and the query is not split.
     fn expr(&self, e: &ExprIR) -> Expr {
-        node_to_expr(e.node(), self.exprs())
+        node_to_expr(e.node(), self.exprs()).map_expr(|e| match e {
+            Expr::Display { fmt_str, .. } if fmt_str.starts_with("dynamic_pred") => lit(true),
+            Expr::Display { fmt_str, inputs } => {
+                self.inexpressible.borrow_mut().get_or_insert_with(|| fmt_str.to_string());
+                Expr::Display { fmt_str, inputs }
+            }
+            e => e,
+        })
     }
 
     /// An expression that keeps its IR output name.
@@ -302,7 +321,7 @@ impl Planner<'_> {
                 // Aggregates over all rows: each part aggregates its rows, one task combines.
                 if !rowwise
                     && matches!(rel, Rel::Spread { .. })
-                    && let Some(split) = self.decompose(&expr, &schema)
+                    && let Some(split) = self.decompose(&expr, input, &schema)
                 {
                     let Rel::Spread { parts, label, .. } = rel else { unreachable!() };
                     let partial = split.partial.clone();
@@ -335,9 +354,10 @@ impl Planner<'_> {
                 let key_names = self.column_names(&keys);
                 let split = match maintain_order || options.slice.is_some() || keys.is_empty() {
                     true => None,
-                    false => self.decompose(&aggs, &schema),
+                    false => self.decompose(&aggs, input, &schema),
                 };
                 let key_outputs: Vec<String> = keys.iter().map(|k| k.output_name().to_string()).collect();
+                let order_free_aggs = aggs.iter().all(|a| order_free(a.node(), self.exprs()));
                 let keys: Vec<Expr> = keys.iter().map(|e| self.named(e)).collect();
                 let aggs: Vec<Expr> = aggs.iter().map(|e| self.named(e)).collect();
                 let slice = options.slice;
@@ -385,7 +405,7 @@ impl Planner<'_> {
                 match (rel, key_names) {
                     // Every row of a group lands in the same partition: each part aggregates
                     // its groups completely.
-                    (rel @ Rel::Spread { .. }, Some(names)) if !maintain_order && slice.is_none() && !names.is_empty() => {
+                    (rel @ Rel::Spread { .. }, Some(names)) if !maintain_order && slice.is_none() && !names.is_empty() && order_free_aggs => {
                         let rel = self.grouped_by(rel, &names, Some(node));
                         Ok(self.map(rel, "group_by", true, build))
                     }
@@ -580,16 +600,17 @@ impl Planner<'_> {
     /// Splits aggregations into partial aggregates (computed per part) and final expressions
     /// that combine them, cast to the dtypes the whole aggregation has (`schema`). `None` when
     /// an aggregation cannot be split this way (medians, distinct counts, first/last, ...).
-    fn decompose(&self, aggs: &[ExprIR], schema: &Schema) -> Option<PreAggregation> {
+    fn decompose(&self, aggs: &[ExprIR], input: Node, schema: &Schema) -> Option<PreAggregation> {
         if !self.limits.pre_aggregate {
             return None;
         }
+        let input_schema = self.arena().get(input).schema(self.arena()).into_owned();
         let mut arena = self.exprs().clone();
         let mut partial: Vec<Expr> = Vec::new();
         let mut finals = Vec::new();
         for agg in aggs {
             let mut leaves = Vec::new();
-            collect_aggregates(agg.node(), &arena, &mut leaves)?;
+            collect_aggregates(agg.node(), &arena, &input_schema, &mut leaves)?;
             for leaf in leaves {
                 let mut column = |expr: Expr, arena: &mut Arena<AExpr>| {
                     let name = format!("__polars_node_partial_{}", partial.len());
@@ -925,6 +946,13 @@ impl Planner<'_> {
             JoinTypeOptionsIR::Equi { on, fused_predicate } => (on.clone(), fused_predicate.as_ref().map(|p| self.expr(p))),
             // Inequality joins and fused cross-join filters: a cross join filtered by the same
             // condition (the worker's optimizer fuses them again).
+            // Only for inner joins: a filter after a cross join drops the unmatched rows that a
+            // left join keeps.
+            JoinTypeOptionsIR::CrossAndFilter { .. } | JoinTypeOptionsIR::IEJoin { .. }
+                if !matches!(args.how, JoinType::Inner | JoinType::Cross | JoinType::IEJoin | JoinType::Range) =>
+            {
+                return unsupported(format!("a {} join on inequalities", <&'static str>::from(&args.how)));
+            }
             JoinTypeOptionsIR::CrossAndFilter { predicate } => {
                 args.how = JoinType::Cross;
                 (Vec::new(), Some(self.expr(predicate)))
@@ -936,6 +964,16 @@ impl Planner<'_> {
             }
             other => return unsupported(format!("{} join", <&'static str>::from(other))),
         };
+        // Rows in the order of a side: the parts of a split side are not in it.
+        if args.maintain_order != MaintainOrderJoin::None {
+            return unsupported("a join that maintains the order of its rows");
+        }
+        // Keys of different types are cast to a common one by Polars, and the casts read back
+        // as key expressions would keep both key columns in the output.
+        let (ls, rs) = (self.arena().get(left).schema(self.arena()), self.arena().get(right).schema(self.arena()));
+        if on.iter().any(|(l, r)| matches!((ls.get(l.output_name()), rs.get(r.output_name())), (Some(a), Some(b)) if a != b)) {
+            return unsupported("a join on keys of different types");
+        }
         // Join keys may not carry an alias.
         let left_on: Vec<Expr> = on.iter().map(|(l, _)| self.expr(l)).collect();
         let right_on: Vec<Expr> = on.iter().map(|(_, r)| self.expr(r)).collect();
@@ -1415,13 +1453,48 @@ struct PreAggregation {
 
 /// The aggregation nodes of an aggregation expression (`sum(a) / sum(b)` has two), or `None`
 /// when one cannot be combined from partial results or reads non-row-wise inputs.
-fn collect_aggregates(node: Node, arena: &Arena<AExpr>, out: &mut Vec<Node>) -> Option<()> {
+/// Whether an aggregation expression reads its group's values as a set: its result does not
+/// depend on the order of the rows (`first`, `implode`, `cum_sum().sum()` do). A shuffle does
+/// not keep the rows' order, so only such aggregations may run after one.
+fn order_free(node: Node, arena: &Arena<AExpr>) -> bool {
+    match arena.get(node) {
+        AExpr::Len | AExpr::Literal(_) | AExpr::Column(_) => true,
+        AExpr::Agg(agg) => match agg {
+            IRAggExpr::Min { input, .. }
+            | IRAggExpr::Max { input, .. }
+            | IRAggExpr::Sum { input, .. }
+            | IRAggExpr::Count { input, .. }
+            | IRAggExpr::Mean(input)
+            | IRAggExpr::Median(input)
+            | IRAggExpr::NUnique(input)
+            | IRAggExpr::Std(input, _)
+            | IRAggExpr::Var(input, _) => is_elementwise_rec(*input, arena),
+            _ => false,
+        },
+        AExpr::BinaryExpr { left, right, .. } => order_free(*left, arena) && order_free(*right, arena),
+        AExpr::Cast { expr, .. } => order_free(*expr, arena),
+        AExpr::Ternary { predicate, truthy, falsy } => [predicate, truthy, falsy].iter().all(|n| order_free(**n, arena)),
+        AExpr::Function { input, options, .. } if options.is_elementwise() => input.iter().all(|i| order_free(i.node(), arena)),
+        _ => false,
+    }
+}
+
+/// `schema` is the aggregation's input schema.
+fn collect_aggregates(node: Node, arena: &Arena<AExpr>, schema: &Schema, out: &mut Vec<Node>) -> Option<()> {
     match arena.get(node) {
         AExpr::Len => out.push(node),
         AExpr::Agg(agg) => {
             let input = match agg {
                 IRAggExpr::Sum { input, .. } | IRAggExpr::Count { input, .. } | IRAggExpr::Min { input, .. } | IRAggExpr::Max { input, .. } => *input,
-                IRAggExpr::Mean(input) => *input,
+                // Combined as sum / count: numbers only (the mean of a date is a date, and
+                // dates have no sum).
+                IRAggExpr::Mean(input) => {
+                    let dtype = arena.get(*input).to_dtype(&ToFieldContext::new(arena, schema)).ok()?;
+                    if !(dtype.is_primitive_numeric() || dtype.is_bool()) {
+                        return None;
+                    }
+                    *input
+                }
                 _ => return None,
             };
             if !is_elementwise_rec(input, arena) {
@@ -1432,19 +1505,19 @@ fn collect_aggregates(node: Node, arena: &Arena<AExpr>, out: &mut Vec<Node>) -> 
         AExpr::Column(_) => return None, // a bare column outside an aggregation
         AExpr::Literal(_) => {}
         AExpr::BinaryExpr { left, right, .. } => {
-            collect_aggregates(*left, arena, out)?;
-            collect_aggregates(*right, arena, out)?;
+            collect_aggregates(*left, arena, schema, out)?;
+            collect_aggregates(*right, arena, schema, out)?;
         }
-        AExpr::Cast { expr, .. } => collect_aggregates(*expr, arena, out)?,
+        AExpr::Cast { expr, .. } => collect_aggregates(*expr, arena, schema, out)?,
         AExpr::Ternary { predicate, truthy, falsy } => {
-            collect_aggregates(*predicate, arena, out)?;
-            collect_aggregates(*truthy, arena, out)?;
-            collect_aggregates(*falsy, arena, out)?;
+            collect_aggregates(*predicate, arena, schema, out)?;
+            collect_aggregates(*truthy, arena, schema, out)?;
+            collect_aggregates(*falsy, arena, schema, out)?;
         }
         // Row-wise functions of aggregates (`round`, `abs`, ...).
         AExpr::Function { input, options, .. } if options.is_elementwise() => {
             for i in input {
-                collect_aggregates(i.node(), arena, out)?;
+                collect_aggregates(i.node(), arena, schema, out)?;
             }
         }
         _ => return None,
@@ -1590,8 +1663,11 @@ fn scan_name(sources: &ScanSources) -> String {
     }
 }
 
+/// A selection of columns keeps the height of its input, even of none (`select(pl.len())` of a
+/// scan reads no column but counts its rows).
 fn select_columns<'a>(plan: DslPlan, names: impl Iterator<Item = &'a PlSmallStr>) -> DslPlan {
-    DslPlan::Select { expr: names.map(|n| col(n.clone())).collect(), input: Arc::new(plan), options: Default::default() }
+    let options = ProjectionOptions { maintain_dataframe_height: true, ..Default::default() };
+    DslPlan::Select { expr: names.map(|n| col(n.clone())).collect(), input: Arc::new(plan), options }
 }
 
 /// The placeholder scan for another stage's output.
