@@ -298,7 +298,7 @@ fn run_stage(request: &RunTaskRequest, stage: &crate::proto::StageTask, choice: 
         .collect();
     let is_result = request.target != ResultTarget::Shuffle as i32;
     let outcome = engine::Plan::fragment(&request.plan, target).and_then(|mut plan| {
-        plan.with_inputs(&inputs, format)?;
+        plan.with_inputs(&inputs)?;
         if is_result {
             // The scheduler reports the whole query's plan of a split query.
             let ir_plan = String::new();
@@ -320,7 +320,7 @@ fn run_stage(request: &RunTaskRequest, stage: &crate::proto::StageTask, choice: 
             Some(r) if !r.lows.is_empty() => (StageOutput::KeyRanges { key: r.key.clone(), lows: r.lows.clone() }, None),
             Some(r) => {
                 let files = inputs.get(&r.boundaries_input).cloned().unwrap_or_default();
-                let boundaries = engine::shuffle::read_boundaries(&files, format)?;
+                let boundaries = engine::shuffle::read_boundaries(&files)?;
                 let output = StageOutput::Range {
                     key: r.key.clone(),
                     descending: r.descending,

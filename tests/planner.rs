@@ -52,9 +52,9 @@ fn run_with(graph: &StageGraph, dir: &Path, format: ShuffleFormat, engine: Engin
             }
             let target = if stage.output == StageOutput::Result { Target::Flight } else { Target::User };
             let mut plan = Plan::fragment(bytes, target).unwrap();
-            plan.with_inputs(&inputs, format).unwrap();
+            plan.with_inputs(&inputs).unwrap();
             let boundaries = match &stage.output {
-                StageOutput::Range { boundaries, .. } => Some(read_boundaries(&[outputs[*boundaries][0][0].clone()], format).unwrap()),
+                StageOutput::Range { boundaries, .. } => Some(read_boundaries(&[outputs[*boundaries][0][0].clone()]).unwrap()),
                 _ => None,
             };
             if stage.output == StageOutput::Result {

@@ -160,8 +160,8 @@ impl Plan {
     }
 
     /// Points the fragment's input placeholders at the local shuffle files fetched for them.
-    pub fn with_inputs(&mut self, inputs: &std::collections::HashMap<String, Vec<PathBuf>>, format: shuffle::ShuffleFormat) -> PolarsResult<()> {
-        shuffle::substitute_inputs(&mut self.query, inputs, format)
+    pub fn with_inputs(&mut self, inputs: &std::collections::HashMap<String, Vec<PathBuf>>) -> PolarsResult<()> {
+        shuffle::substitute_inputs(&mut self.query, inputs)
     }
 
     /// Runs a stage fragment and writes its output partitions under `dir` (`boundaries`: those
@@ -267,7 +267,10 @@ impl Plan {
                 path
             }
         };
+        // One chunk, so one record batch: the IPC file format allows one dictionary per
+        // Categorical/Enum column, and each chunk would carry its own.
         let mut head = df.head(Some(head_rows));
+        head.rechunk_mut();
         let mut head_ipc = Vec::new();
         IpcWriter::new(&mut head_ipc).finish(&mut head)?;
         Ok(Executed { n_rows: df.height() as u64, files: vec![path], head_ipc, flight_schema })

@@ -46,6 +46,23 @@ impl ShuffleFormat {
         })
     }
 
+    /// The format files of `schema` are written in. The IPC file format allows one dictionary
+    /// per column, and every batch of a Categorical column carries the categories it uses: such
+    /// outputs are written as Parquet (with the same codec), which keeps them per row group.
+    /// Readers tell the formats apart by the files' extensions.
+    pub fn for_schema(self, schema: &Schema) -> ShuffleFormat {
+        match self {
+            ShuffleFormat::Ipc(codec) if schema.iter_values().any(|dtype| dtype.contains_categoricals()) => {
+                ShuffleFormat::Parquet(match codec {
+                    Some(IpcCompression::LZ4) => ParquetCompression::Lz4Raw,
+                    Some(IpcCompression::ZSTD(_)) => ParquetCompression::Zstd(None),
+                    None => ParquetCompression::Uncompressed,
+                })
+            }
+            format => format,
+        }
+    }
+
     pub fn extension(self) -> &'static str {
         match self {
             ShuffleFormat::Ipc(_) => "arrow",
@@ -158,6 +175,7 @@ enum BatchWriter {
 impl PartitionWriters {
     pub fn create(dir: &Path, schema: &Schema, dealer: Dealer, format: ShuffleFormat) -> PolarsResult<PartitionWriters> {
         std::fs::create_dir_all(dir).map_err(|e| polars_err!(ComputeError: "cannot create shuffle directory {}: {e}", dir.display()))?;
+        let format = format.for_schema(schema);
         let paths: Vec<PathBuf> = (0..dealer.partitions()).map(|i| partition_path(dir, i, format)).collect();
         let writers = paths
             .iter()
@@ -295,15 +313,15 @@ fn split_by_range(
 }
 
 /// Reads the boundaries a sample stage wrote (one column).
-pub fn read_boundaries(files: &[PathBuf], format: ShuffleFormat) -> PolarsResult<Series> {
-    let df = LazyFrame::from(input_scan(files, format)?).collect()?;
+pub fn read_boundaries(files: &[PathBuf]) -> PolarsResult<Series> {
+    let df = LazyFrame::from(input_scan(files)?).collect()?;
     let column = df.columns().first().ok_or_else(|| polars_err!(ComputeError: "the boundaries file has no column"))?;
     Ok(column.as_materialized_series().clone())
 }
 
 /// Replaces every input placeholder of `plan` by a scan of the local files given for it
 /// (keyed by placeholder path). A placeholder without files is an error naming it.
-pub fn substitute_inputs(plan: &mut DslPlan, inputs: &HashMap<String, Vec<PathBuf>>, format: ShuffleFormat) -> PolarsResult<()> {
+pub fn substitute_inputs(plan: &mut DslPlan, inputs: &HashMap<String, Vec<PathBuf>>) -> PolarsResult<()> {
     let mut missing = None;
     rewrite(plan, &mut |node| {
         if let DslPlan::Scan { sources: ScanSources::Paths(paths), .. } = node
@@ -312,7 +330,7 @@ pub fn substitute_inputs(plan: &mut DslPlan, inputs: &HashMap<String, Vec<PathBu
         {
             let key = paths[0].as_str().to_string();
             match inputs.get(&key) {
-                Some(files) => match input_scan(files, format) {
+                Some(files) => match input_scan(files) {
                     Ok(scan) => *node = scan,
                     Err(e) => missing = Some(e.to_string()),
                 },
@@ -326,11 +344,14 @@ pub fn substitute_inputs(plan: &mut DslPlan, inputs: &HashMap<String, Vec<PathBu
     }
 }
 
-fn input_scan(files: &[PathBuf], format: ShuffleFormat) -> PolarsResult<DslPlan> {
+/// A scan of one input's files, in the format their extension names (see
+/// [`ShuffleFormat::for_schema`]; all files of an input come from one stage and share it).
+fn input_scan(files: &[PathBuf]) -> PolarsResult<DslPlan> {
+    let parquet = files.first().is_some_and(|f| f.extension().is_some_and(|e| e == "parquet"));
     let sources = ScanSources::Paths(files.iter().map(|p| PlRefPath::new(p.display().to_string())).collect());
-    let lf = match format {
-        ShuffleFormat::Ipc(_) => LazyFrame::scan_ipc_sources(sources, Default::default(), Default::default())?,
-        ShuffleFormat::Parquet(_) => LazyFrame::scan_parquet_sources(sources, Default::default())?,
+    let lf = match parquet {
+        false => LazyFrame::scan_ipc_sources(sources, Default::default(), Default::default())?,
+        true => LazyFrame::scan_parquet_sources(sources, Default::default())?,
     };
     Ok(lf.logical_plan)
 }
