@@ -87,3 +87,24 @@ fn a_group_by_of_an_empty_file_can_be_joined() {
         assert_eq!((got.height(), got.width()), (0, 3));
     }
 }
+
+/// engine/patches/0003: `to_titlecase` (the client's wheel is a nightly build, so its plans may
+/// hold it) and `erf`/`erfc` on stable Rust, with the titlecase of characters whose titlecase is
+/// not their uppercase.
+#[test]
+fn titlecase_and_erf_work_on_stable() {
+    let df = df!("s" => ["hello wORLD", "ǆemal ǉubljana", "straße ﬁsh", "ᾳ ᾀ", "ა"], "x" => [0.0f64, 0.5, -1.0, 3.0, 1e-3]).unwrap();
+    let out = df
+        .lazy()
+        .select([col("s").str().to_titlecase().alias("t"), col("x").erf().alias("erf"), col("x").erfc().alias("erfc")])
+        .collect()
+        .unwrap();
+    let titles: Vec<&str> = out.column("t").unwrap().str().unwrap().iter().map(Option::unwrap).collect();
+    assert_eq!(titles, ["Hello World", "ǅemal ǈubljana", "Straße Fish", "ᾼ ᾈ", "ა"]);
+    let erf: Vec<f64> = out.column("erf").unwrap().f64().unwrap().into_no_null_iter().collect();
+    let erfc: Vec<f64> = out.column("erfc").unwrap().f64().unwrap().into_no_null_iter().collect();
+    for ((e, c), want) in erf.iter().zip(&erfc).zip([0.0, 0.520_499_877_813_046_5, -0.842_700_792_949_714_9, 0.999_977_909_503_001_4, 0.001_128_378_790_969_9]) {
+        assert!((e - want).abs() < 1e-12, "erf {e} != {want}");
+        assert!((c - (1.0 - want)).abs() < 1e-12, "erfc {c} != {}", 1.0 - want);
+    }
+}
