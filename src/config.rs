@@ -118,6 +118,9 @@ pub struct SchedulerConfig {
     pub default_partitions_per_worker: Option<u32>,
     /// Where results of `execute()` without a sink are written (one directory per query).
     pub anonymous_result_location: StorageLocation,
+    /// How long a stored result is kept after it was written; older ones are removed (also
+    /// those a previous run of the scheduler left). `delete()` removes one at once.
+    pub result_retention: ConfigDuration,
     /// Periodic checkpoints of the scheduler's state.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointConfig>,
@@ -139,6 +142,7 @@ impl Default for SchedulerConfig {
             max_workers_per_query: None,
             default_partitions_per_worker: None,
             anonymous_result_location: StorageLocation::Local(LocalPath { path: "/tmp/polars/anonymous-results".into() }),
+            result_retention: ConfigDuration(Duration::from_secs(24 * 3600)),
             checkpoint: None,
             lost_after_missed_heartbeats: 3,
         }

@@ -192,6 +192,9 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
     if let Some(registry) = &registry {
         background.spawn(registry.clone().watch_heartbeats());
     }
+    if let Some(queries) = roles.queries.clone() {
+        background.spawn(queries.expire_results(config.scheduler.result_retention.0));
+    }
     background.spawn(notify::watchdog());
 
     let mut servers = JoinSet::new();

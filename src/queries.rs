@@ -501,7 +501,7 @@ impl Queries {
         );
         let split = tokio::task::spawn_blocking(move || {
             engine::init();
-            engine::Plan::read(&plan).and_then(|p| p.plan_stages(flags, limits))
+            engine::guard_panics(|| engine::Plan::read(&plan).and_then(|p| p.plan_stages(flags, limits)))
         })
         .await
         .map_err(|e| format!("ComputeError: the planner failed: {e}"))
@@ -621,6 +621,21 @@ impl Queries {
             engine::Target::InMemory => ResultTarget::Stored,
             engine::Target::Flight => ResultTarget::Flight,
             engine::Target::User => ResultTarget::User,
+        }
+    }
+
+    /// Keeps removing stored results older than `retention` (those of earlier runs of the
+    /// scheduler too), at start and then every tenth of the retention (at most hourly).
+    pub async fn expire_results(self, retention: Duration) {
+        let mut tick = tokio::time::interval((retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600)));
+        loop {
+            tick.tick().await;
+            let root = self.inner.result_root.clone();
+            match tokio::task::spawn_blocking(move || remove_older_than(&root, retention)).await {
+                Ok(Ok(0)) | Err(_) => {}
+                Ok(Ok(n)) => tracing::info!(removed = n, retention = ?retention, "stored results expired"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot sweep the stored results"),
+            }
         }
     }
 
@@ -769,3 +784,27 @@ fn check_version(client_polars: Option<&str>, plan: &[u8]) -> Result<(), String>
     }
 }
 
+
+/// Removes the entries of `root` last modified more than `age` ago; how many.
+fn remove_older_than(root: &std::path::Path, age: Duration) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        entries => entries?,
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let old = entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|e| e > age));
+        if !old {
+            continue;
+        }
+        let path = entry.path();
+        let gone = match entry.file_type().is_ok_and(|t| t.is_dir()) {
+            true => std::fs::remove_dir_all(&path),
+            false => std::fs::remove_file(&path),
+        };
+        if gone.is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

@@ -257,7 +257,7 @@ fn sanitize(s: &str) -> String {
 /// Reads `file` in 1 MiB pieces on the calling (blocking) thread and hands each to `send`
 /// until it returns false; a read error is handed over and ends the read. One thread for the
 /// whole file, not a blocking call per chunk.
-pub(crate) fn read_chunks(file: std::fs::File, mut send: impl FnMut(std::io::Result<Vec<u8>>) -> bool) {
+pub(crate) fn read_chunks(file: std::fs::File, mut send: impl FnMut(std::io::Result<Vec<u8>>) -> bool) -> bool {
     use std::io::Read;
     const CHUNK: u64 = 1 << 20;
     let mut file = file;
@@ -265,15 +265,15 @@ pub(crate) fn read_chunks(file: std::fs::File, mut send: impl FnMut(std::io::Res
         // Whole chunks (fewer, larger messages), into a buffer that is not zeroed first.
         let mut buf = Vec::with_capacity(CHUNK as usize);
         match (&mut file).take(CHUNK).read_to_end(&mut buf) {
-            Ok(0) => return,
+            Ok(0) => return true,
             Ok(_) => {
                 if !send(Ok(buf)) {
-                    return;
+                    return false;
                 }
             }
             Err(e) => {
                 send(Err(e));
-                return;
+                return false;
             }
         }
     }

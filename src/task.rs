@@ -192,23 +192,35 @@ impl Task for TaskService {
             return Err(Status::not_found(format!("{} is not a result of this worker", path.display())));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(stream_file(path, tx));
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            // A Flight result is read once: streamed whole, it is removed with its directory.
+            if stream_file(path.clone(), tx).await {
+                inner.written.lock().unwrap().remove(&path);
+                let _ = tokio::fs::remove_file(&path).await;
+                if let Some(dir) = path.parent() {
+                    let _ = tokio::fs::remove_dir(dir).await; // only when nothing else is in it
+                }
+            }
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
-/// Streams a file in 1 MiB chunks; the bounded channel keeps memory bounded.
-async fn stream_file(path: PathBuf, tx: tokio::sync::mpsc::Sender<Result<ResultChunk, Status>>) {
+/// Streams a file in 1 MiB chunks; the bounded channel keeps memory bounded. True when the
+/// whole file went out.
+async fn stream_file(path: PathBuf, tx: tokio::sync::mpsc::Sender<Result<ResultChunk, Status>>) -> bool {
     tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
         Ok(file) => crate::shuffle::read_chunks(file, |chunk| {
             tx.blocking_send(chunk.map(|data| ResultChunk { data }).map_err(|e| Status::internal(e.to_string()))).is_ok()
         }),
         Err(e) => {
             let _ = tx.blocking_send(Err(Status::not_found(format!("{}: {e}", path.display()))));
+            false
         }
     })
     .await
-    .ok();
+    .unwrap_or(false)
 }
 
 /// The execution process: runs each RunTaskRequest it reads on stdin with the engine and
@@ -218,7 +230,9 @@ pub fn exec_task() -> Result<(), String> {
     engine::init();
     engine::warm_up();
     crate::executor::serve(|input| match RunTaskRequest::decode(input) {
-        Ok(request) => run_task_here(&request).encode_to_vec(),
+        Ok(request) => engine::guard_panics(|| Ok(run_task_here(&request)))
+            .unwrap_or_else(|e| failure(&engine::describe_error(&e), false))
+            .encode_to_vec(),
         Err(e) => failure(&format!("ComputeError: unreadable task: {e}"), false).encode_to_vec(),
     })
 }

@@ -191,6 +191,27 @@ def test_collect_over_flight(ctx):
     assert_frame_equal(df, expected)
 
 
+def test_python_functions_fail_with_a_clear_error_not_a_lost_worker(ctx, cluster, tmp_path):
+    """Workers run Polars without Python: a Python function in a plan is the user's query
+    failing, named and not retried, never a machine lost; the workers keep serving."""
+    path = tmp_path / "a.parquet"
+    pl.DataFrame({"a": [1, 2, 3]}).write_parquet(path)
+    queries = {
+        "map_elements": lambda lf: lf.select(pl.col("a").map_elements(lambda x: x + 1, return_dtype=pl.Int64)),
+        "map_batches": lambda lf: lf.select(pl.col("a").map_batches(lambda s: s * 2, return_dtype=pl.Int64)),
+        "LazyFrame.map_batches": lambda lf: lf.map_batches(lambda df: df),
+        "name.map": lambda lf: lf.select(pl.col("a").name.map(str.upper)),
+    }
+    for name, query in queries.items():
+        for lf in (pl.LazyFrame({"a": [1, 2, 3]}), pl.scan_parquet(path)):
+            for spec in (query(lf).remote(ctx), query(lf).remote(ctx).single_node()):
+                with pytest.raises(pl.exceptions.InvalidOperationError, match="calls a Python function") as raised:
+                    spec.execute().lazy().collect()
+                assert "lost" not in str(raised.value), name
+    assert cluster.live_workers() == ["worker-1", "worker-2"]
+    assert_frame_equal(revenue().remote(ctx).execute().lazy().collect(), revenue().collect())
+
+
 def test_collect_of_a_failing_query_raises(ctx):
     with pytest.raises(pl.exceptions.ColumnNotFoundError):
         df = sales().select("no_such_column").remote(ctx).collect()

@@ -2,8 +2,14 @@
 `collect()` (Arrow Flight, read by the client with gRPC's 4 MiB message limit) and
 `execute()` (`head` and the stored files). Each is compared with local Polars 2.0.0."""
 
+import os
+import time
+
 import polars as pl
+import polars_cloud as pc
 from polars.testing import assert_frame_equal
+
+from conftest import running_cluster
 
 
 def flight(lf: pl.LazyFrame, ctx) -> pl.DataFrame:
@@ -40,3 +46,34 @@ def test_collect_of_a_one_gigabyte_result(ctx):
     df = flight(lf, ctx)
     assert df.estimated_size() >= 1 << 30
     assert_frame_equal(df, lf.collect())
+
+
+def test_a_streamed_result_leaves_no_files_behind(ctx, cluster):
+    before = set(cluster.results.iterdir()) if cluster.results.exists() else set()
+    lf = pl.LazyFrame({"a": range(1000)}).with_columns(b=pl.col("a") * 2)
+    for _ in range(3):
+        assert_frame_equal(flight(lf, ctx), lf.collect())
+    deadline = time.time() + 10
+    while (left := set(cluster.results.iterdir()) - before) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not left, left
+
+
+def test_stored_results_expire_after_the_retention(tmp_path):
+    root = tmp_path / "c"
+    root.mkdir()
+    orphan = root / "results" / "00000000-0000-0000-0000-000000000000"
+    orphan.mkdir(parents=True)
+    (orphan / "0.parquet").write_bytes(b"left by an earlier run")
+    hour_ago = time.time() - 3600
+    os.utime(orphan, (hour_ago, hour_ago))
+    with running_cluster(root, {"worker-x": "127.0.0.9"}, 'result_retention = "3s"') as c:
+        ctx = pc.ClusterContext(uri=c.uri)
+        result = pl.LazyFrame({"a": [1, 2, 3]}).remote(ctx).execute()
+        assert result.lazy().collect()["a"].to_list() == [1, 2, 3]
+        stored = [p for p in c.results.iterdir() if p.name != orphan.name]
+        assert len(stored) == 1 and not orphan.exists(), list(c.results.iterdir())
+        deadline = time.time() + 15
+        while stored[0].exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not stored[0].exists(), "a stored result outlived its retention"

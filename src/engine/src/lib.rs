@@ -101,7 +101,7 @@ impl Plan {
     /// Reads a serialized plan. A plan of another Polars version fails here with Polars'
     /// own message naming both schema hashes.
     pub fn read(bytes: &[u8]) -> PolarsResult<Plan> {
-        let dsl = DslPlan::deserialize_versioned(bytes)?;
+        let dsl = deserialize(bytes)?;
         let placeholder = |payload: &SinkType| match payload {
             SinkType::File(FileSinkOptions { target: SinkTarget::Path(p), .. }) => match p.as_str() {
                 "<in-memory>" => Some(Target::InMemory),
@@ -121,7 +121,7 @@ impl Plan {
     /// Reads a stage fragment the scheduler planned (a plan without a result sink) that
     /// delivers to `target`.
     pub fn fragment(bytes: &[u8], target: Target) -> PolarsResult<Plan> {
-        Ok(Plan { query: DslPlan::deserialize_versioned(bytes)?, target })
+        Ok(Plan { query: deserialize(bytes)?, target })
     }
 
     /// The query without its result sink.
@@ -334,6 +334,43 @@ pub fn write_flight_stream(df: &DataFrame, mut out: impl std::io::Write) -> Pola
     }
     write_continuation(&mut out, 0)?;
     Ok(())
+}
+
+/// Why a plan that calls Python does not run here, in the words the client shows.
+const PYTHON_FUNCTION: &str = "the query calls a Python function (`map_elements`, `map_batches`, \
+     `LazyFrame.map_batches`, `pipe_with_schema`, a `name` function with a Python callback, or a \
+     Python scan), and the workers of this cluster run Polars without a Python interpreter: \
+     express it with Polars expressions, or run it locally";
+
+/// Whether an error or panic of the engine says the plan needs Python: Python nodes are not
+/// compiled in (unknown `OpaquePython`, `PlanCallback`), or Python UDFs inside expressions,
+/// which are read as bytes and only fail when the plan is converted ("activate 'serde, python'").
+fn needs_python(message: &str) -> bool {
+    message.contains("OpaquePython") || message.contains("PlanCallback") || message.contains("python' feature") || message.contains("python, ' feature")
+}
+
+fn deserialize(bytes: &[u8]) -> PolarsResult<DslPlan> {
+    DslPlan::deserialize_versioned(bytes).map_err(|e| match needs_python(&e.to_string()) {
+        true => polars_err!(InvalidOperation: "{PYTHON_FUNCTION}"),
+        false => e,
+    })
+}
+
+/// Runs `f`, turning a panic of the engine into an error of the query: a query that trips a
+/// Polars assertion fails with the panic's message (deterministically, so not worth a retry)
+/// instead of taking down the execution process as if the machine had died.
+pub fn guard_panics<T>(f: impl FnOnce() -> PolarsResult<T>) -> PolarsResult<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|m| m.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        match needs_python(&message) {
+            true => Err(polars_err!(InvalidOperation: "{PYTHON_FUNCTION}")),
+            false => Err(polars_err!(ComputeError: "the Polars engine panicked on this query: {message}")),
+        }
+    })
 }
 
 /// The first encapsulated message of an Arrow IPC stream (its schema), as Flight's
