@@ -126,6 +126,10 @@ pub struct SchedulerConfig {
     pub checkpoint: Option<CheckpointConfig>,
     /// A worker is marked lost after this many heartbeat periods without a heartbeat.
     pub lost_after_missed_heartbeats: u32,
+    /// How many times a task may run before its query fails: a task whose worker is lost, or
+    /// whose execution process dies, runs again elsewhere (as Spark's `spark.task.maxFailures`).
+    /// A query's `n_retries` adds to it.
+    pub max_task_attempts: u32,
 }
 
 impl Default for SchedulerConfig {
@@ -145,6 +149,7 @@ impl Default for SchedulerConfig {
             result_retention: ConfigDuration(Duration::from_secs(24 * 3600)),
             checkpoint: None,
             lost_after_missed_heartbeats: 3,
+            max_task_attempts: 4,
         }
     }
 }

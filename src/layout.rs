@@ -270,6 +270,9 @@ pub fn plan_with(config: &Config, resolution: Resolution) -> Result<Layout, Vec<
     if w.enabled && w.heartbeat_period.0.is_zero() {
         problems.push("`worker.heartbeat_period` must be longer than zero".to_string());
     }
+    if s.max_task_attempts == 0 {
+        problems.push("`scheduler.max_task_attempts` must be at least 1".to_string());
+    }
     if s.lost_after_missed_heartbeats == 0 {
         problems.push("`scheduler.lost_after_missed_heartbeats` must be at least 1".to_string());
     }

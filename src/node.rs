@@ -77,6 +77,7 @@ impl Roles {
                 _ => std::env::temp_dir().join("polars/anonymous-results"),
             };
             let policy = Policy {
+                max_task_attempts: scheduler.max_task_attempts,
                 allow_local_scans: scheduler.allow_local_scans,
                 allow_local_sinks: scheduler.allow_local_sinks,
                 bounds: WorkerBounds {

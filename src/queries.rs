@@ -175,6 +175,8 @@ impl Query {
 /// What the scheduler allows queries to do (`[scheduler]` keys of the same names).
 #[derive(Debug, Clone, Copy)]
 pub struct Policy {
+    /// `scheduler.max_task_attempts`.
+    pub max_task_attempts: u32,
     pub allow_local_scans: bool,
     pub allow_local_sinks: bool,
     pub bounds: WorkerBounds,
@@ -308,11 +310,16 @@ impl Queries {
         span.end();
     }
 
-    /// Runs a query on one worker, moving to another when its worker is lost, up to the
-    /// query's `n_retries`.
+    /// The failed runs one task of `query` may have before the query fails.
+    pub(crate) fn attempts_for(&self, query: &Query, task: String) -> Attempts {
+        Attempts { task, allowed: self.inner.policy.max_task_attempts.saturating_add(query.submission.n_retries), failed: Vec::new() }
+    }
+
+    /// Runs a query on one worker, moving to another when its worker is lost or its execution
+    /// process dies, up to the task attempts allowed.
     async fn run_attempts(&self, query: &Arc<Query>) {
         let query = query.clone();
-        let mut attempts = 0;
+        let mut attempts = self.attempts_for(&query, "the query's task".into());
         let mut lost_workers: Vec<String> = Vec::new();
         loop {
             let Some(worker) = self.pick_worker(&lost_workers).await else {
@@ -373,30 +380,24 @@ impl Queries {
                     query.fail(f.message);
                     return;
                 }
-                Ok(Outcome::Failure(f)) => self.lost(&query, &worker, &f.message, &mut attempts),
+                Ok(Outcome::Failure(f)) => {
+                    warn!(query = %query.id, worker = %worker.instance_id, "the query's task failed on its worker: {}", f.message);
+                    if let Some(message) = attempts.failed(&worker.instance_id, &f.message, true) {
+                        query.fail(message);
+                    }
+                }
                 Err(status) => {
+                    warn!(query = %query.id, worker = %worker.instance_id, "worker lost during the query: {}", status.message());
                     self.inner.registry.suspect(&worker.instance_id);
-                    self.lost(&query, &worker, status.message(), &mut attempts)
+                    if let Some(message) = attempts.failed(&worker.instance_id, status.message(), false) {
+                        query.fail(message);
+                    }
                 }
             }
             lost_workers.push(worker.instance_id.clone());
             if query.status().is_terminal() {
                 return;
             }
-        }
-    }
-
-    /// A worker stopped answering mid-task: retry elsewhere or fail naming it.
-    fn lost(&self, query: &Query, worker: &WorkerInfo, why: &str, attempts: &mut u32) {
-        *attempts += 1;
-        warn!(query = %query.id, worker = %worker.instance_id, attempt = *attempts, "worker lost during the query: {why}");
-        if *attempts > query.submission.n_retries {
-            query.fail(format!(
-                "ComputeError: worker `{}` ({}) was lost while running the query ({why}); retried {} time(s), as n_retries allows",
-                worker.instance_id,
-                worker.task_addr,
-                *attempts - 1
-            ));
         }
     }
 
@@ -807,4 +808,34 @@ fn remove_older_than(root: &std::path::Path, age: Duration) -> std::io::Result<u
         }
     }
     Ok(removed)
+}
+
+/// The failed runs of one task: a lost worker or a dead execution process means another run
+/// elsewhere, until the task has failed `allowed` times, or its execution process died twice
+/// with the same error (an engine crash that a rerun would only repeat).
+pub(crate) struct Attempts {
+    task: String,
+    allowed: u32,
+    /// (worker, why, whether the worker answered: its execution process died).
+    failed: Vec<(String, String, bool)>,
+}
+
+impl Attempts {
+    /// Records a failed run; the query's error when the task may not run again.
+    pub(crate) fn failed(&mut self, worker: &str, why: &str, crashed: bool) -> Option<String> {
+        let same_crash = crashed && self.failed.iter().any(|(_, w, c)| *c && w == why);
+        self.failed.push((worker.to_string(), why.to_string(), crashed));
+        let runs = || self.failed.iter().map(|(w, why, _)| format!("on `{w}`: {why}")).collect::<Vec<_>>().join("; ");
+        if same_crash {
+            return Some(format!("ComputeError: {} crashed its execution process twice with the same error ({})", self.task, runs()));
+        }
+        (self.failed.len() as u32 >= self.allowed).then(|| {
+            format!(
+                "ComputeError: {} failed {} time(s), as many as scheduler.max_task_attempts (plus the query's n_retries) allows ({})",
+                self.task,
+                self.failed.len(),
+                runs()
+            )
+        })
+    }
 }

@@ -3,10 +3,10 @@
 //!
 //! Faults: a task whose worker stops answering reruns on another live worker; when a worker
 //! is lost, the stage outputs it held are recomputed before any task that reads them runs
-//! (the shuffle files lived on that worker). Every rerun counts against the query's
-//! `n_retries`.
+//! (the shuffle files lived on that worker). Each task may fail `scheduler.max_task_attempts`
+//! times (plus the query's `n_retries`) before its query fails, whatever the client's settings.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::proto::{
     RangeOutput, ResultTarget, RunTaskRequest, ShuffleFile, StageInput, StageTask, TaskSuccess, WorkerInfo, run_task_response::Outcome,
 };
-use crate::queries::{Distribution, Queries, Query, StageStats};
+use crate::queries::{Attempts, Distribution, Queries, Query, StageStats};
 
 /// What a finished task left behind.
 #[derive(Clone)]
@@ -38,7 +38,8 @@ pub(crate) struct StageRun<'a> {
     /// Per stage, per task: the output of the task's last successful run.
     outputs: Vec<Vec<Option<Done>>>,
     stats: Vec<StageStats>,
-    reruns: u32,
+    /// Failed runs per (stage, task).
+    attempts: HashMap<(usize, usize), Attempts>,
     next: usize,
     /// The result task, once gather stages were fused into it (see [`StageRun::fuse_small_gathers`]).
     result_task: Option<Vec<u8>>,
@@ -58,7 +59,8 @@ enum TaskError {
     Fatal(String),
     /// The task may run again: its worker was lost (`worker`), or it could not read the
     /// shuffle files of `lost_input`.
-    Retry { worker: String, lost_input: Option<String>, why: String },
+    /// `crashed`: the worker answered (its execution process died), it was not lost.
+    Retry { worker: String, lost_input: Option<String>, crashed: bool, why: String },
 }
 
 impl<'a> StageRun<'a> {
@@ -71,7 +73,7 @@ impl<'a> StageRun<'a> {
             workers,
             outputs: graph.stages.iter().map(|s| vec![None; s.tasks.len()]).collect(),
             stats: graph.stages.iter().map(|s| StageStats { tasks: s.tasks.len() as u32, label: s.label.clone(), ..Default::default() }).collect(),
-            reruns: 0,
+            attempts: HashMap::new(),
             next: 0,
             result_task: None,
             inputs: graph.stages.iter().map(|s| s.inputs.clone()).collect(),
@@ -204,7 +206,6 @@ impl<'a> StageRun<'a> {
                 (stage, task, worker, result)
             });
             let results = join_all(runs).await;
-            let mut first_error = None;
             for (stage, task, worker, result) in results {
                 match result {
                     Ok(success) => {
@@ -217,21 +218,15 @@ impl<'a> StageRun<'a> {
                         self.outputs[stage][task] = Some(Done { worker, success });
                     }
                     Err(TaskError::Fatal(message)) => return Err(message),
-                    Err(TaskError::Retry { worker, lost_input, why }) => {
-                        let lost = lost_input.unwrap_or(worker.clone());
-                        warn!(query = %self.query.id, stage, task, worker = %worker, "task must run again: {why}");
-                        self.queries.registry().suspect(&lost);
-                        first_error.get_or_insert((lost, why));
+                    Err(TaskError::Retry { worker: ran_on, lost_input, crashed, why }) => {
+                        warn!(query = %self.query.id, stage, task, worker = %ran_on, "task must run again: {why}");
+                        self.queries.registry().suspect(lost_input.as_deref().unwrap_or(&ran_on));
+                        let label = format!("task {task} of stage {stage} ({})", self.graph.stages[stage].label);
+                        let attempts = self.attempts.entry((stage, task)).or_insert_with(|| self.queries.attempts_for(self.query, label));
+                        if let Some(message) = attempts.failed(&ran_on, &why, crashed && lost_input.is_none()) {
+                            return Err(message);
+                        }
                     }
-                }
-            }
-            if let Some((lost, why)) = first_error {
-                self.reruns += 1;
-                if self.reruns > self.query.submission.n_retries {
-                    return Err(format!(
-                        "ComputeError: worker `{lost}` was lost while running the query ({why}); retried {} time(s), as n_retries allows",
-                        self.reruns - 1
-                    ));
                 }
             }
         }
@@ -394,10 +389,15 @@ impl<'a> StageRun<'a> {
             Ok(Some(Outcome::Failure(f))) => Err(TaskError::Retry {
                 worker: worker.instance_id.clone(),
                 lost_input: Some(f.lost_worker).filter(|w| !w.is_empty()),
+                crashed: true,
                 why: f.message,
             }),
-            Ok(None) => Err(TaskError::Retry { worker: worker.instance_id.clone(), lost_input: None, why: "the worker sent no outcome".into() }),
-            Err(status) => Err(TaskError::Retry { worker: worker.instance_id.clone(), lost_input: None, why: status.message().to_string() }),
+            Ok(None) => {
+                Err(TaskError::Retry { worker: worker.instance_id.clone(), lost_input: None, crashed: false, why: "the worker sent no outcome".into() })
+            }
+            Err(status) => {
+                Err(TaskError::Retry { worker: worker.instance_id.clone(), lost_input: None, crashed: false, why: status.message().to_string() })
+            }
         };
         if result.is_err() {
             span.set_status(opentelemetry::trace::Status::error("the task did not succeed"));

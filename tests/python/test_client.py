@@ -256,12 +256,27 @@ def test_a_worker_killed_mid_query_is_replaced(two_worker_cluster):
     assert killed not in two_worker_cluster.live_workers()
 
 
-def test_without_retries_a_lost_worker_fails_the_query_naming_it(two_worker_cluster):
+def test_with_the_clients_defaults_a_lost_worker_is_replaced(two_worker_cluster):
+    """The client's default is n_retries=0: a machine dying is still not the user's problem."""
     ctx = pc.ClusterContext(uri=two_worker_cluster.uri)
-    query = long_query().remote(ctx, n_retries=0).execute(blocking=False)
+    query = long_query().remote(ctx).execute(blocking=False)
     killed = kill_the_busy_worker(two_worker_cluster, query)
-    with pytest.raises(pl.exceptions.ComputeError, match=f"worker `{killed}` .* was lost while running the query"):
-        query.await_result()
+    result = query.await_result()
+    assert_frame_equal(result.lazy().collect(), long_query().collect())
+    assert killed not in two_worker_cluster.live_workers()
+
+
+def test_a_task_that_failed_max_task_attempts_times_fails_its_query_naming_the_workers(tmp_path):
+    from conftest import running_cluster
+
+    with running_cluster(tmp_path, {"worker-a": "127.0.0.5", "worker-b": "127.0.0.6"}, "max_task_attempts = 2") as c:
+        ctx = pc.ClusterContext(uri=c.uri)
+        query = long_query().remote(ctx).execute(blocking=False)
+        first = kill_the_busy_worker(c, query)
+        second = kill_the_busy_worker(c, query)
+        with pytest.raises(pl.exceptions.ComputeError, match="failed 2 time\\(s\\), as many as scheduler.max_task_attempts") as raised:
+            query.await_result()
+        assert f"on `{first}`" in str(raised.value) and f"on `{second}`" in str(raised.value), raised.value
 
 
 def test_explain_plans_without_executing(ctx, cluster):

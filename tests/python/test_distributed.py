@@ -197,7 +197,8 @@ def test_worker_killed_during_a_stage(tpch, tmp_path):
         t = pdsh.tables(tpch)
         q = pdsh.q18(t)
         expected = q.collect()
-        query = q.remote(ctx, n_retries=3).distributed(equi_join_broadcast_limit=0).execute(blocking=False)
+        # The client's defaults (n_retries=0): task attempts are the scheduler's business.
+        query = q.remote(ctx).distributed(equi_join_broadcast_limit=0).execute(blocking=False)
         deadline = time.time() + 60
         killed = None
         # Kill a worker while it runs a task (outputs of earlier stages may live on it too).
