@@ -245,11 +245,20 @@ impl Queries {
                 let queries = self.clone();
                 let query = query.clone();
                 tokio::spawn(async move {
-                    if query.submission.plan_only == Some(PLAN) && query.submission.distribution.is_some()
-                        && let Err(message) = queries.plan(&query).await
-                    {
-                        query.fail(message);
-                        return;
+                    if query.submission.plan_only == Some(PLAN) {
+                        let split = match query.submission.distribution.is_some() {
+                            true => queries.plan(&query).await,
+                            false => Ok(None),
+                        };
+                        let planned = match split {
+                            Ok(Some(_)) => Ok(()),
+                            Ok(None) => queries.note_whole_plan(&query).await,
+                            Err(message) => Err(message),
+                        };
+                        if let Err(message) = planned {
+                            query.fail(message);
+                            return;
+                        }
                     }
                     query.advance(Status::Success);
                 });
@@ -531,6 +540,32 @@ impl Queries {
                 Ok(None)
             }
         }
+    }
+
+    /// The stage graph of a query that runs whole: one stage, the optimized plan, so that
+    /// `explain()` shows what will run for every query.
+    async fn note_whole_plan(&self, query: &Arc<Query>) -> Result<(), String> {
+        let plan = query.submission.plan.clone();
+        let flags = query.submission.optimization_flags;
+        let ir = tokio::task::spawn_blocking(move || engine::guard_panics(|| engine::Plan::read(&plan)?.explain(flags)))
+            .await
+            .map_err(|e| format!("ComputeError: the planner failed: {e}"))?
+            .map_err(|e| engine::describe_error(&e))?;
+        let graph = StageGraph {
+            stages: vec![engine::planner::StagePlan {
+                tasks: vec![Vec::new()],
+                output: engine::planner::StageOutput::Result,
+                inputs: Vec::new(),
+                label: format!("the whole query on one worker\n{ir}"),
+            }],
+            logical_plan: ir,
+        };
+        let mut outcome = query.outcome.lock().unwrap();
+        outcome.stage_graph = graph.describe();
+        outcome.stage_graph_json = stage_graph_json(&graph);
+        outcome.stage_graph_msgpack = stage_graph_msgpack(&graph, &query.id.to_string());
+        outcome.logical_plan = graph.logical_plan;
+        Ok(())
     }
 
     async fn run_split(&self, query: &Arc<Query>, graph: &StageGraph, workers: Vec<String>) {

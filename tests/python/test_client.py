@@ -279,6 +279,17 @@ def test_a_task_that_failed_max_task_attempts_times_fails_its_query_naming_the_w
         assert f"on `{first}`" in str(raised.value) and f"on `{second}`" in str(raised.value), raised.value
 
 
+def test_explain_of_a_query_that_is_not_split_shows_the_plan_that_will_run(ctx, cluster, tmp_path):
+    path = tmp_path / "small.parquet"
+    sales().collect().write_parquet(path)
+    for q in (revenue(), pl.scan_parquet(path).filter(pl.col("units") > 3).select("region")):
+        for spec in (q.remote(ctx), q.remote(ctx).single_node()):
+            text = spec.explain()
+            assert "the whole query on one worker" in text, text
+            # The optimized plan, as Polars prints it.
+            assert q.explain().splitlines()[0].strip() in text, text
+
+
 def test_explain_plans_without_executing(ctx, cluster):
     q = revenue().filter(pl.col("region") != "west")
     tasks_before = sum(p.read_text().count("task started") for p in cluster.root.glob("worker-*.log"))
