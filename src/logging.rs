@@ -1,5 +1,12 @@
 //! Logs through `tracing` to stderr: level from `PLC_LOG_LEVEL` (info, debug, trace or any
 //! `tracing` filter), JSON lines with `--log-format json` or `PLC_LOG_FORMAT=json`.
+//!
+//! Text is coloured only on a terminal, and never with `NO_COLOR` set (no escapes in
+//! `docker logs`, files or pipes). Under systemd (`JOURNAL_STREAM` names stderr) lines carry
+//! no timestamp: the journal stamps each line itself.
+
+use std::io::IsTerminal;
+use std::os::fd::AsFd;
 
 use tracing_subscriber::EnvFilter;
 
@@ -11,9 +18,21 @@ pub enum LogFormat {
 
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_env("PLC_LOG_LEVEL").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
+    match (format, stderr_is_journal()) {
+        (LogFormat::Json, _) => builder.json().flatten_event(true).init(),
+        (LogFormat::Text, true) => builder.without_time().init(),
+        (LogFormat::Text, false) => builder.init(),
+    }
+}
+
+/// Whether stderr is the journal's stream: `JOURNAL_STREAM` is `DEVICE:INODE` of it.
+fn stderr_is_journal() -> bool {
+    let Some(stream) = std::env::var("JOURNAL_STREAM").ok() else { return false };
+    let Some((dev, ino)) = stream.split_once(':') else { return false };
+    match nix::sys::stat::fstat(std::io::stderr().as_fd()) {
+        Ok(st) => dev.parse() == Ok(st.st_dev) && ino.parse() == Ok(st.st_ino),
+        Err(_) => false,
     }
 }

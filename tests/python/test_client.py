@@ -342,3 +342,38 @@ def test_the_local_cluster_of_the_readme(tmp_path):
     finally:
         node.terminate()
         assert node.wait(timeout=20) == 0, (tmp_path / "local.log").read_text()
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["file", "journald"])
+def test_logs_carry_no_colour_escapes_and_no_timestamps_under_journald(tmp_path, journal):
+    """Logs going to a file, a pipe or `docker logs` have no ANSI escapes; under systemd
+    (JOURNAL_STREAM names stderr) they have no timestamps either: the journal adds its own."""
+    from conftest import BIN
+    from ports import free_port
+
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[scheduler]\nenabled = true\nclient_service.bind_addr = "127.0.0.1:{free_port()}"\n'
+        f'worker_service.bind_addr = "127.0.0.1:{free_port()}"\nanonymous_result_location.local.path = "{tmp_path}/r"\n'
+    )
+    log_path = tmp_path / "node.log"
+    with open(log_path, "w") as log:
+        env = dict(os.environ, PLC_LOG_LEVEL="info")
+        env.pop("JOURNAL_STREAM", None)
+        if journal:
+            st = os.fstat(log.fileno())
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        proc = subprocess.Popen([BIN, "service", "--config-path", str(config)], stderr=log, stdout=log, env=env)
+        try:
+            deadline = time.time() + 30
+            while "listening" not in log_path.read_text() and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            proc.kill()
+            proc.wait()
+    text = log_path.read_text()
+    assert "listening" in text, text
+    assert "\x1b[" not in text, text
+    first = text.splitlines()[0]
+    starts_with_time = re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", first) is not None
+    assert starts_with_time != journal, first
