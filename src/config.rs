@@ -868,14 +868,61 @@ fn not_yet_implemented(c: &Config) -> Vec<String> {
 
 /// A complete, commented TOML document of the defaults. Keys without a default are shown
 /// commented out.
-pub fn default_config_toml() -> String {
+/// A role `default-config --role` turns on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    Scheduler,
+    Worker,
+    Observatory,
+    /// Scheduler, worker and observatory in one node.
+    All,
+}
+
+/// Every key with its default, documented; with `roles`, a node that runs as printed: those
+/// roles on, their services on loopback (one machine), monitoring on where the observatory is.
+pub fn default_config_toml(roles: &[Role]) -> String {
     // The real default is the host name, which differs per machine.
-    let defaults = Config { instance_id: "polars-node".into(), ..Config::default() };
-    let doc = toml_edit::ser::to_document(&defaults).expect("defaults serialize");
-    let mut out = String::from(
-        "# polars-node configuration: every key with its default.\n\
-         # Any key can be overridden by an environment variable PC_CUBLET__section__key.\n",
-    );
+    let mut config = Config { instance_id: "polars-node".into(), ..Config::default() };
+    let on = |role| roles.iter().any(|r| *r == role || *r == Role::All);
+    let loopback = |a: &Address| Address::ip(std::net::Ipv4Addr::LOCALHOST.into(), a.port);
+    if on(Role::Scheduler) {
+        let s = &mut config.scheduler;
+        s.enabled = true;
+        s.client_service.bind_addr = loopback(&s.client_service.bind_addr);
+        s.worker_service.bind_addr = loopback(&s.worker_service.bind_addr);
+    }
+    if on(Role::Worker) {
+        let w = &mut config.worker;
+        w.enabled = true;
+        w.task_service.bind_addr = loopback(&w.task_service.bind_addr);
+        w.shuffle_service.bind_addr = loopback(&w.shuffle_service.bind_addr);
+    }
+    // Every node without the scheduler must know where it is (here: on this machine).
+    if !roles.is_empty() && !on(Role::Scheduler) {
+        config.static_leader.scheduler_service.public_addr = Some(loopback(&SchedulerConfig::default().worker_service.bind_addr));
+    }
+    if on(Role::Observatory) {
+        let o = &mut config.observatory;
+        o.enabled = true;
+        o.service.bind_addr = loopback(&o.service.bind_addr);
+        o.rest_api.service.bind_addr = loopback(&o.rest_api.service.bind_addr);
+        config.monitoring.enabled = true;
+    }
+    let doc = toml_edit::ser::to_document(&config).expect("defaults serialize");
+    let mut out = String::from(match roles.is_empty() {
+        true => {
+            "# polars-node configuration: every key with its default.\n\
+             # No role is on: `polars-node default-config --role all` prints a node that runs as is.\n\
+             # Any key can be overridden by an environment variable PC_CUBLET__section__key.\n"
+        }
+        false => {
+            "# polars-node configuration: every key with its default, and the chosen roles on,\n\
+             # their services on loopback. For a cluster of several machines, bind to the\n\
+             # machine's address (or 0.0.0.0 with a public_addr) and point static_leader at the\n\
+             # scheduler and the observatory.\n\
+             # Any key can be overridden by an environment variable PC_CUBLET__section__key.\n"
+        }
+    });
     render_section(&mut out, "", schema(), Some(doc.as_table()));
     out
 }
@@ -1107,7 +1154,7 @@ observatory_service.public_addr = "192.168.1.2:5049"
 
     #[test]
     fn default_config_is_complete_and_reads_back() {
-        let text = default_config_toml();
+        let text = default_config_toml(&[]);
         let c = load(&text).unwrap().config;
         assert_eq!(c.instance_id, "polars-node");
         assert_eq!(c.worker.heartbeat_period.0, Duration::from_secs(5));

@@ -42,8 +42,13 @@ enum Command {
         #[arg(long)]
         no_resolve: bool,
     },
-    /// Print a complete, commented configuration with every default.
-    DefaultConfig,
+    /// Print a complete, commented configuration with every default; with `--role`, one that
+    /// runs as printed (those roles on, on loopback).
+    DefaultConfig {
+        /// Turn a role on (repeatable): scheduler, worker, observatory or all.
+        #[arg(long = "role", value_enum)]
+        roles: Vec<config::Role>,
+    },
     /// Run a whole cluster in this process on loopback: scheduler, one worker, observatory.
     Local {
         /// Directory for results, shuffle data and the observatory database.
@@ -91,8 +96,8 @@ fn main() -> ExitCode {
             .map(|((fb, fs), (tb, ts))| {
                 println!("{}", serde_json::json!({ "shuffle_bytes": fb, "shuffle_secs": fs, "tcp_bytes": tb, "tcp_secs": ts }))
             }),
-        Command::DefaultConfig => {
-            print!("{}", config::default_config_toml());
+        Command::DefaultConfig { roles } => {
+            print!("{}", config::default_config_toml(&roles));
             Ok(())
         }
         Command::CheckConfig { config_path, no_resolve } => check_config(&config_path, no_resolve, env()),
@@ -185,6 +190,9 @@ enabled = true
 service.bind_addr = "127.0.0.1:5049"
 rest_api.service.bind_addr = "127.0.0.1:3001"
 database_path = "{d}/observatory/data.db"
+# Queries, stages and host metrics of this node show on the dashboard.
+[monitoring]
+enabled = true
 "#
     )
 }

@@ -124,6 +124,31 @@ fn check_config_prints_resolved_addresses() {
     assert!(stderr(&out).contains("invalid configuration (3 problems)"));
 }
 
+/// The documented starting point runs as printed: `default-config --role ...` passes
+/// `check-config` for every role and for all of them, and a node started with `--role all`'s
+/// output serves (its scheduler registers its own worker).
+#[test]
+fn default_config_with_roles_checks_clean_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    for roles in [&["all"][..], &["scheduler"], &["worker"], &["observatory"], &["scheduler", "observatory"]] {
+        let args: Vec<&str> = std::iter::once("default-config").chain(roles.iter().flat_map(|r| ["--role", r])).collect();
+        let out = run(&args, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let path = dir.path().join(format!("{}.toml", roles.join("-")));
+        std::fs::write(&path, &out.stdout).unwrap();
+        let checked = run(&["check-config", path.to_str().unwrap()], &[]);
+        assert!(checked.status.success(), "{roles:?}: {}", stderr(&checked));
+    }
+    // The whole node, moved off the default ports (other tests may hold them) and data paths.
+    let text = std::fs::read_to_string(dir.path().join("all.toml")).unwrap();
+    let mut text = text.replace("/tmp/polars", &dir.path().join("data").display().to_string());
+    for port in [5049, 5050, 5051, 5052, 5053, 3001] {
+        text = text.replace(&format!("127.0.0.1:{port}\""), &format!("127.0.0.1:{}\"", free_port("127.0.0.1")));
+    }
+    let node = Node::start("all", dir.path(), &text);
+    node.wait_log("worker registered", Duration::from_secs(20));
+}
+
 #[test]
 fn default_config_with_a_role_enabled_checks_clean() {
     let out = run(&["default-config"], &[]);

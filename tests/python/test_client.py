@@ -1,6 +1,7 @@
 """The official client (polars-cloud 0.12.0, polars 2.0.0) against a real cluster. Every
 result is compared with the same query collected by local Polars."""
 
+import json
 import os
 import re
 import subprocess
@@ -339,6 +340,16 @@ def test_the_local_cluster_of_the_readme(tmp_path):
         assert_frame_equal(revenue().remote(ctx).execute().lazy().collect(), revenue().collect())
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['rest']}/", timeout=10) as page:
             assert page.status == 200
+        # [monitoring] is on: the query and this node's host metrics reach the dashboard.
+        api = f"http://127.0.0.1:{ports['rest']}/api/v1"
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            queries = json.loads(urllib.request.urlopen(f"{api}/queries", timeout=10).read())["queries"]
+            nodes = json.loads(urllib.request.urlopen(f"{api}/nodes", timeout=10).read())["nodes"]
+            if queries and nodes:
+                break
+            time.sleep(0.5)
+        assert queries and nodes, (queries, nodes)
     finally:
         node.terminate()
         assert node.wait(timeout=20) == 0, (tmp_path / "local.log").read_text()
