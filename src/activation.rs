@@ -23,7 +23,11 @@ impl Activated {
     pub unsafe fn take_from_env() -> Result<Activated, String> {
         // SAFETY: the caller guarantees the process is still single-threaded.
         let fds: Vec<(RawFd, String)> = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }
-            .map_err(|e| format!("socket activation: {e} (LISTEN_FDS and LISTEN_FDNAMES must list the same number of descriptors)"))?
+            .map_err(|e| {
+                format!(
+                    "socket activation: {e} (LISTEN_FDS and LISTEN_FDNAMES must list the same number of descriptors)"
+                )
+            })?
             .collect();
         let mut by_name = BTreeMap::new();
         let mut problems = Vec::new();
@@ -97,13 +101,26 @@ pub fn acquire(endpoints: &[Endpoint], mut activated: Activated) -> Result<Liste
 }
 
 fn bind_error(endpoint: &Endpoint, e: &std::io::Error) -> String {
-    let what = format!("cannot listen on {} for the {} (`{}.bind_addr`)", endpoint.bind, endpoint.kind.title(), endpoint.kind.key());
+    let what = format!(
+        "cannot listen on {} for the {} (`{}.bind_addr`)",
+        endpoint.bind,
+        endpoint.kind.title(),
+        endpoint.kind.key()
+    );
     let hint = match e.kind() {
-        std::io::ErrorKind::AddrInUse => "the port is in use by another process: stop it or choose another port".to_string(),
-        std::io::ErrorKind::AddrNotAvailable => {
-            format!("{} is not an address of this host: bind to one of its addresses, an interface, or \":{}\"", endpoint.bind.ip(), endpoint.bind.port())
+        std::io::ErrorKind::AddrInUse => {
+            "the port is in use by another process: stop it or choose another port".to_string()
         }
-        std::io::ErrorKind::PermissionDenied => "permission denied: ports below 1024 need CAP_NET_BIND_SERVICE".to_string(),
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!(
+                "{} is not an address of this host: bind to one of its addresses, an interface, or \":{}\"",
+                endpoint.bind.ip(),
+                endpoint.bind.port()
+            )
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "permission denied: ports below 1024 need CAP_NET_BIND_SERVICE".to_string()
+        }
         _ => e.to_string(),
     };
     format!("{what}: {hint}")

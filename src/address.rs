@@ -26,7 +26,10 @@ pub enum Host {
     /// Resolved through the system resolver once, at start.
     Name(String),
     /// The address of a network interface, read at start (getifaddrs).
-    Interface { name: String, family: Family },
+    Interface {
+        name: String,
+        family: Family,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,10 +112,7 @@ impl Address {
                 match pick {
                     Some(addr) => addr.ip(),
                     None => {
-                        return Err(AddressError::Unresolvable {
-                            host: name.clone(),
-                            reason: "no addresses".into(),
-                        });
+                        return Err(AddressError::Unresolvable { host: name.clone(), reason: "no addresses".into() });
                     }
                 }
             }
@@ -275,7 +275,10 @@ mod tests {
     #[test]
     fn table_forms() {
         assert_eq!(from_toml("{ port = 4005 }").unwrap(), Address::any(4005));
-        assert_eq!(from_toml("{ ip = \"10.0.0.5\", port = 4005 }").unwrap(), Address::ip("10.0.0.5".parse().unwrap(), 4005));
+        assert_eq!(
+            from_toml("{ ip = \"10.0.0.5\", port = 4005 }").unwrap(),
+            Address::ip("10.0.0.5".parse().unwrap(), 4005)
+        );
         assert_eq!(
             from_toml("{ hostname = \"localhost\", port = 1 }").unwrap(),
             Address { host: Host::Name("localhost".into()), port: 1 }
@@ -302,7 +305,10 @@ mod tests {
             from_toml("{ ip = \"10.0.0.5\", interface = \"eth0\", port = 1 }").unwrap_err(),
             "give only one of `ip`, `hostname` and `interface`"
         );
-        assert_eq!(from_toml("{ ip = \"10.0.0.5\", port = 1, family = \"ipv6\" }").unwrap_err(), "`family` applies only with `interface`");
+        assert_eq!(
+            from_toml("{ ip = \"10.0.0.5\", port = 1, family = \"ipv6\" }").unwrap_err(),
+            "`family` applies only with `interface`"
+        );
         assert!(from_toml("{ ip = \"10.0.0.5\", prot = 1 }").unwrap_err().contains("unknown field `prot`"));
         assert!(from_toml("5051").unwrap_err().contains("invalid type: integer `5051`, expected an address"));
     }

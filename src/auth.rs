@@ -40,7 +40,12 @@ struct Claims {
 impl JwksAuth {
     pub fn new(config: JwksConfig) -> Self {
         JwksAuth {
-            inner: Arc::new(Inner { config, keys: RwLock::new(None), fetch_error: RwLock::new(None), refetch: Notify::new() }),
+            inner: Arc::new(Inner {
+                config,
+                keys: RwLock::new(None),
+                fetch_error: RwLock::new(None),
+                refetch: Notify::new(),
+            }),
         }
     }
 
@@ -115,7 +120,11 @@ impl JwksAuth {
         };
         let Some(jwk) = jwk else {
             self.inner.refetch.notify_one();
-            return Err(refused(format!("no key `{}` in the key set at {}", header.kid.unwrap_or_default(), self.inner.config.url)));
+            return Err(refused(format!(
+                "no key `{}` in the key set at {}",
+                header.kid.unwrap_or_default(),
+                self.inner.config.url
+            )));
         };
         let key = DecodingKey::from_jwk(jwk).map_err(|e| refused(e.to_string()))?;
         let mut validation = Validation::new(header.alg);

@@ -32,7 +32,9 @@ impl MemoryCgroup {
             }
         }
         // cgroup v1: the memory controller's hierarchy.
-        if let (Some(mount), Some(own)) = (mount_of(&mountinfo, "cgroup", Some("memory")), own_path(&membership, "memory")) {
+        if let (Some(mount), Some(own)) =
+            (mount_of(&mountinfo, "cgroup", Some("memory")), own_path(&membership, "memory"))
+        {
             let dir = mount.join(own.trim_start_matches('/'));
             match enter_v1(&dir, &name, limit) {
                 Ok(cg) => return Ok(cg),
@@ -78,7 +80,11 @@ fn own_path(membership: &str, controller: &str) -> Option<String> {
     membership.lines().find_map(|line| {
         let mut parts = line.splitn(3, ':');
         let (_id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let matches = if controller.is_empty() { controllers.is_empty() } else { controllers.split(',').any(|c| c == controller) };
+        let matches = if controller.is_empty() {
+            controllers.is_empty()
+        } else {
+            controllers.split(',').any(|c| c == controller)
+        };
         matches.then(|| path.to_string())
     })
 }
@@ -98,7 +104,8 @@ fn enter_v2(dir: &Path, name: &str, limit: u64) -> Result<MemoryCgroup, String> 
     };
     let pid = std::process::id().to_string();
     // Other processes may share our cgroup (e.g. a shell); only ours moves.
-    fs::write(leaf.join("cgroup.procs"), &pid).map_err(|e| undo(format!("cannot move into {}: {e}", leaf.display())))?;
+    fs::write(leaf.join("cgroup.procs"), &pid)
+        .map_err(|e| undo(format!("cannot move into {}: {e}", leaf.display())))?;
     let back = || {
         let _ = fs::write(dir.join("cgroup.procs"), &pid);
     };

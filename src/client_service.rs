@@ -7,16 +7,18 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::proto::EngineChoice;
 use crate::proto::client::client_service_server::ClientService;
 use crate::proto::client::{
     CancelQueryRequest, CancelQueryResponse, ClientQueryPlans, ComputeQueryInfo, DeleteQueryResultRequest,
     DeleteQueryResultResponse, Engine, ExecuteUntil, GetComputeVersionsRequest, GetComputeVersionsResponse,
     GetQueryPlansRequest, GetQueryPlansResponse, GetQueryResultRequest, GetQueryResultResponse, GetQueryStatusRequest,
-    GetQueryStatusResponse, QueryStageStatistics, QueryStatus, StageStatistics, SubmitQueryRequest, SubmitQueryResponse,
-    compute_query_info,
+    GetQueryStatusResponse, QueryStageStatistics, QueryStatus, StageStatistics, SubmitQueryRequest,
+    SubmitQueryResponse, compute_query_info,
 };
-use crate::proto::common::{self, ComputeVersions, Destination, FileType, PlanFormat, QueryId, QueryOutput, QueryPlans};
-use crate::proto::EngineChoice;
+use crate::proto::common::{
+    self, ComputeVersions, Destination, FileType, PlanFormat, QueryId, QueryOutput, QueryPlans,
+};
 use crate::queries::{Distribution, Queries, Query, ShuffleSettings, Status as QState, Submission};
 use polars_node_engine as engine;
 
@@ -33,7 +35,8 @@ impl ClientApi {
 
     fn query(&self, id: Option<QueryId>) -> Result<std::sync::Arc<Query>, Status> {
         let text = id.map(|q| q.query_id).unwrap_or_default();
-        let uuid = Uuid::parse_str(&text).map_err(|_| Status::invalid_argument(format!("`{text}` is not a query id")))?;
+        let uuid =
+            Uuid::parse_str(&text).map_err(|_| Status::invalid_argument(format!("`{text}` is not a query id")))?;
         self.queries.get(&uuid).ok_or_else(|| Status::not_found(format!("no query {uuid} on this cluster")))
     }
 }
@@ -61,7 +64,10 @@ type StatusStream = Pin<Box<dyn Stream<Item = Result<GetQueryStatusResponse, Sta
 
 #[tonic::async_trait]
 impl ClientService for ClientApi {
-    async fn submit_query(&self, request: Request<SubmitQueryRequest>) -> Result<Response<SubmitQueryResponse>, Status> {
+    async fn submit_query(
+        &self,
+        request: Request<SubmitQueryRequest>,
+    ) -> Result<Response<SubmitQueryResponse>, Status> {
         let client_polars = header(&request, "x-polars-version").map(str::to_string);
         let user = header(&request, "x-polars-user").filter(|u| !u.trim().is_empty()).map(str::to_string);
         if self.deny_anonymous_users && user.is_none() {
@@ -96,7 +102,10 @@ impl ClientService for ClientApi {
         Ok(Response::new(SubmitQueryResponse { query_id: Some(QueryId { query_id: query.id.to_string() }) }))
     }
 
-    async fn get_query_result(&self, request: Request<GetQueryResultRequest>) -> Result<Response<GetQueryResultResponse>, Status> {
+    async fn get_query_result(
+        &self,
+        request: Request<GetQueryResultRequest>,
+    ) -> Result<Response<GetQueryResultResponse>, Status> {
         let query = self.query(request.into_inner().query_id)?;
         // Long poll: the client holds the call open until the query is terminal.
         let mut watch = query.watch();
@@ -112,10 +121,16 @@ impl ClientService for ClientApi {
             QState::Success if query.submission.plan_only.is_none() => {
                 result.finished_stages = stages;
                 let destination = match query.target {
-                    engine::Target::InMemory => outcome.files.iter().map(|f| Destination { destination: f.clone() }).collect(),
+                    engine::Target::InMemory => {
+                        outcome.files.iter().map(|f| Destination { destination: f.clone() }).collect()
+                    }
                     _ => Vec::new(),
                 };
-                result.output = Some(QueryOutput { destination, file_type: FileType::Parquet as i32, n_rows_result: outcome.n_rows });
+                result.output = Some(QueryOutput {
+                    destination,
+                    file_type: FileType::Parquet as i32,
+                    n_rows_result: outcome.n_rows,
+                });
                 if !outcome.head_ipc.is_empty() {
                     info.head = Some(compute_query_info::Head::Data(outcome.head_ipc));
                 }
@@ -144,7 +159,10 @@ impl ClientService for ClientApi {
 
     type GetQueryStatusStream = StatusStream;
 
-    async fn get_query_status(&self, request: Request<GetQueryStatusRequest>) -> Result<Response<StatusStream>, Status> {
+    async fn get_query_status(
+        &self,
+        request: Request<GetQueryStatusRequest>,
+    ) -> Result<Response<StatusStream>, Status> {
         let query = self.query(request.into_inner().query_id)?;
         tracing::debug!(query = %query.id, status = ?query.status(), "GetQueryStatus");
         // A `.collect()` client reads this stream until RUNNING or SUCCESS, then asks Flight for
@@ -156,7 +174,10 @@ impl ClientService for ClientApi {
         Ok(Response::new(stream))
     }
 
-    async fn get_query_plans(&self, request: Request<GetQueryPlansRequest>) -> Result<Response<GetQueryPlansResponse>, Status> {
+    async fn get_query_plans(
+        &self,
+        request: Request<GetQueryPlansRequest>,
+    ) -> Result<Response<GetQueryPlansResponse>, Status> {
         let query = self.query(request.into_inner().query_id)?;
         let outcome = query.outcome();
         // A split query's optimized plan is already known from planning; otherwise the plan is
@@ -183,13 +204,19 @@ impl ClientService for ClientApi {
         }))
     }
 
-    async fn cancel_query(&self, request: Request<CancelQueryRequest>) -> Result<Response<CancelQueryResponse>, Status> {
+    async fn cancel_query(
+        &self,
+        request: Request<CancelQueryRequest>,
+    ) -> Result<Response<CancelQueryResponse>, Status> {
         let query = self.query(request.into_inner().query_id)?;
         self.queries.cancel(&query).await;
         Ok(Response::new(CancelQueryResponse {}))
     }
 
-    async fn delete_query_result(&self, request: Request<DeleteQueryResultRequest>) -> Result<Response<DeleteQueryResultResponse>, Status> {
+    async fn delete_query_result(
+        &self,
+        request: Request<DeleteQueryResultRequest>,
+    ) -> Result<Response<DeleteQueryResultResponse>, Status> {
         let query = self.query(request.into_inner().query_id)?;
         self.queries
             .delete_result(&query)
@@ -198,12 +225,19 @@ impl ClientService for ClientApi {
         Ok(Response::new(DeleteQueryResultResponse {}))
     }
 
-    async fn get_compute_versions(&self, _: Request<GetComputeVersionsRequest>) -> Result<Response<GetComputeVersionsResponse>, Status> {
+    async fn get_compute_versions(
+        &self,
+        _: Request<GetComputeVersionsRequest>,
+    ) -> Result<Response<GetComputeVersionsResponse>, Status> {
         Ok(Response::new(GetComputeVersionsResponse {
             versions: Some(ComputeVersions {
                 compute_plane_version: format!("polars-node {}", env!("CARGO_PKG_VERSION")),
                 polars_python_version: engine::POLARS_VERSION.into(),
-                polars_rust_revision: format!("polars-runtime-64 {} source (DSL schema {})", engine::POLARS_VERSION, engine::own_schema_hash()),
+                polars_rust_revision: format!(
+                    "polars-runtime-64 {} source (DSL schema {})",
+                    engine::POLARS_VERSION,
+                    engine::own_schema_hash()
+                ),
             }),
         }))
     }
@@ -240,7 +274,7 @@ fn distribution_of(settings: &crate::proto::client::QuerySettings) -> Option<Dis
     let Some(QueryType::Distributed(opts)) = &settings.query_type else {
         return None;
     };
-    let shuffle = opts.shuffle_opts.clone().unwrap_or_default();
+    let shuffle = opts.shuffle_opts.unwrap_or_default();
     let format = match WireFormat::try_from(shuffle.format).unwrap_or(WireFormat::Auto) {
         WireFormat::Parquet => ShuffleFormat::Parquet,
         _ => ShuffleFormat::Ipc,

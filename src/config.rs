@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::ops::Range;
 use std::marker::PhantomData;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -145,7 +145,9 @@ impl Default for SchedulerConfig {
             default_workers_per_query: None,
             max_workers_per_query: None,
             default_partitions_per_worker: None,
-            anonymous_result_location: StorageLocation::Local(LocalPath { path: "/tmp/polars/anonymous-results".into() }),
+            anonymous_result_location: StorageLocation::Local(LocalPath {
+                path: "/tmp/polars/anonymous-results".into(),
+            }),
             result_retention: ConfigDuration(Duration::from_secs(24 * 3600)),
             checkpoint: None,
             lost_after_missed_heartbeats: 3,
@@ -303,7 +305,14 @@ macro_rules! default_ports {
     )*};
 }
 
-default_ports!(ClientPort = 5051, WorkerServicePort = 5050, TaskPort = 5052, ShufflePort = 5053, OtlpPort = 5049, RestPort = 3001);
+default_ports!(
+    ClientPort = 5051,
+    WorkerServicePort = 5050,
+    TaskPort = 5052,
+    ShufflePort = 5053,
+    OtlpPort = 5049,
+    RestPort = 3001
+);
 
 /// A network service of this node; `P` gives its default port.
 /// Field docs are in `SERVICE_DOCS` (the docs derive does not take generics).
@@ -365,7 +374,13 @@ pub struct SecuredServiceConfig<P: DefaultPort> {
 
 impl<P: DefaultPort> Default for SecuredServiceConfig<P> {
     fn default() -> Self {
-        SecuredServiceConfig { bind_addr: Address::any(P::PORT), public_addr: None, connection: None, auth: None, port: PhantomData }
+        SecuredServiceConfig {
+            bind_addr: Address::any(P::PORT),
+            public_addr: None,
+            connection: None,
+            auth: None,
+            port: PhantomData,
+        }
     }
 }
 
@@ -664,8 +679,13 @@ pub fn load_file(path: &Path, env: impl IntoIterator<Item = (String, String)>) -
     load_str(&text, &name, env)
 }
 
-pub fn load_str(text: &str, file: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Loaded, ConfigErrors> {
-    let original = toml_edit::Document::parse(text.to_string()).map_err(|e| ConfigErrors(vec![syntax_error(file, text, &e)]))?;
+pub fn load_str(
+    text: &str,
+    file: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, ConfigErrors> {
+    let original =
+        toml_edit::Document::parse(text.to_string()).map_err(|e| ConfigErrors(vec![syntax_error(file, text, &e)]))?;
     let original_spans = key_spans(&original);
     let mut doc = original.clone().into_mut();
 
@@ -835,11 +855,7 @@ fn suggestion(path: &[String], unknown: &str) -> String {
     if let Some(elsewhere) = all_key_paths().into_iter().find(|p| p.rsplit('.').next() == Some(unknown)) {
         return format!("; `{unknown}` belongs at `{elsewhere}`");
     }
-    if siblings.is_empty() {
-        String::new()
-    } else {
-        format!("; valid keys here: {}", siblings.join(", "))
-    }
+    if siblings.is_empty() { String::new() } else { format!("; valid keys here: {}", siblings.join(", ")) }
 }
 
 /// Real Polars on-premises keys that are set in this configuration but have no effect yet.
@@ -899,7 +915,8 @@ pub fn default_config_toml(roles: &[Role]) -> String {
     }
     // Every node without the scheduler must know where it is (here: on this machine).
     if !roles.is_empty() && !on(Role::Scheduler) {
-        config.static_leader.scheduler_service.public_addr = Some(loopback(&SchedulerConfig::default().worker_service.bind_addr));
+        config.static_leader.scheduler_service.public_addr =
+            Some(loopback(&SchedulerConfig::default().worker_service.bind_addr));
     }
     if on(Role::Observatory) {
         let o = &mut config.observatory;
@@ -1044,7 +1061,8 @@ observatory_service.public_addr = "192.168.1.2:5049"
 
     #[test]
     fn durations_in_iso_and_friendly_forms() {
-        for (text, secs) in [("PT5S", 5), ("5s", 5), ("5 secs", 5), ("1m 30s", 90), ("PT1M30S", 90), ("2 minutes", 120)] {
+        for (text, secs) in [("PT5S", 5), ("5s", 5), ("5 secs", 5), ("1m 30s", 90), ("PT1M30S", 90), ("2 minutes", 120)]
+        {
             assert_eq!(ConfigDuration::parse(text).unwrap().0, Duration::from_secs(secs), "{text}");
         }
         let errors = load("[worker]\nheartbeat_period = \"soon\"\n").err().unwrap();
@@ -1060,12 +1078,16 @@ observatory_service.public_addr = "192.168.1.2:5049"
     #[test]
     fn unknown_keys_name_the_key_its_line_and_the_nearest_valid_key() {
         let errors = load("[scheduler]\nenabled = true\nclient_sevice.bind_addr = \":1\"\n").err().unwrap();
-        assert_eq!(errors, vec!["node.toml:3: unknown key `scheduler.client_sevice`; did you mean `scheduler.client_service`?"]);
+        assert_eq!(
+            errors,
+            vec!["node.toml:3: unknown key `scheduler.client_sevice`; did you mean `scheduler.client_service`?"]
+        );
 
         // Every unknown key is reported in one run, each with its own line.
-        let errors = load("instanc_id = \"a\"\n[worker]\nenabled = true\nheartbeat_perod = \"5s\"\n[observatory]\nbogus = 1\n")
-            .err()
-            .unwrap();
+        let errors =
+            load("instanc_id = \"a\"\n[worker]\nenabled = true\nheartbeat_perod = \"5s\"\n[observatory]\nbogus = 1\n")
+                .err()
+                .unwrap();
         assert_eq!(
             errors,
             vec![
@@ -1077,7 +1099,12 @@ observatory_service.public_addr = "192.168.1.2:5049"
 
         // A real key in the wrong section.
         let errors = load("[scheduler]\nheartbeat_period = \"5s\"\n").err().unwrap();
-        assert_eq!(errors, vec!["node.toml:2: unknown key `scheduler.heartbeat_period`; `heartbeat_period` belongs at `worker.heartbeat_period`"]);
+        assert_eq!(
+            errors,
+            vec![
+                "node.toml:2: unknown key `scheduler.heartbeat_period`; `heartbeat_period` belongs at `worker.heartbeat_period`"
+            ]
+        );
     }
 
     #[test]
@@ -1085,7 +1112,13 @@ observatory_service.public_addr = "192.168.1.2:5049"
         let errors = load("[scheduler]\nenabled = \"yes\"\n\n[worker.task_service]\nbind_addr = 5052\n").err().unwrap();
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert_eq!(errors[0], "node.toml:2: `scheduler.enabled`: invalid type: string \"yes\", expected a boolean");
-        assert!(errors[1].starts_with("node.toml:5: `worker.task_service.bind_addr`: invalid type: integer `5052`, expected an address"), "{}", errors[1]);
+        assert!(
+            errors[1].starts_with(
+                "node.toml:5: `worker.task_service.bind_addr`: invalid type: integer `5052`, expected an address"
+            ),
+            "{}",
+            errors[1]
+        );
     }
 
     #[test]
@@ -1119,7 +1152,9 @@ observatory_service.public_addr = "192.168.1.2:5049"
         let errors = load_env("", &[("PC_CUBLET__worker__heartbeat_perod", "10s")]).err().unwrap();
         assert_eq!(
             errors,
-            vec!["environment variable PC_CUBLET__worker__heartbeat_perod: unknown key `worker.heartbeat_perod`; did you mean `worker.heartbeat_period`?"]
+            vec![
+                "environment variable PC_CUBLET__worker__heartbeat_perod: unknown key `worker.heartbeat_perod`; did you mean `worker.heartbeat_period`?"
+            ]
         );
     }
 
@@ -1161,9 +1196,20 @@ observatory_service.public_addr = "192.168.1.2:5049"
         // Every key of the schema appears, set or commented out, with its documentation.
         for path in all_key_paths() {
             let leaf = path.rsplit('.').next().unwrap();
-            assert!(text.contains(&format!("{leaf} =")) || text.contains(&format!("[{path}]")) || text.contains(&format!("# [{path}]")), "{path} missing from:\n{text}");
+            assert!(
+                text.contains(&format!("{leaf} ="))
+                    || text.contains(&format!("[{path}]"))
+                    || text.contains(&format!("# [{path}]")),
+                "{path} missing from:\n{text}"
+            );
         }
-        assert!(text.contains("# How often the worker tells the scheduler it is alive.\nheartbeat_period = \"5s\""), "{text}");
-        assert!(text.contains("[scheduler.client_service]\n# Address the service listens on.\nbind_addr = \":5051\""), "{text}");
+        assert!(
+            text.contains("# How often the worker tells the scheduler it is alive.\nheartbeat_period = \"5s\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("[scheduler.client_service]\n# Address the service listens on.\nbind_addr = \":5051\""),
+            "{text}"
+        );
     }
 }

@@ -35,7 +35,8 @@ impl FlightApi {
 
     fn query(&self, id: &[u8]) -> Result<std::sync::Arc<Query>, Status> {
         let text = String::from_utf8_lossy(id);
-        let uuid = Uuid::parse_str(&text).map_err(|_| Status::invalid_argument(format!("`{text}` is not a query id")))?;
+        let uuid =
+            Uuid::parse_str(&text).map_err(|_| Status::invalid_argument(format!("`{text}` is not a query id")))?;
         self.queries.get(&uuid).ok_or_else(|| Status::not_found(format!("no query {uuid} on this cluster")))
     }
 }
@@ -43,7 +44,9 @@ impl FlightApi {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn unsupported<T>(what: &str) -> Result<T, Status> {
-    Err(Status::unimplemented(format!("{what} is not offered by this cluster; results are read with PollFlightInfo and DoGet")))
+    Err(Status::unimplemented(format!(
+        "{what} is not offered by this cluster; results are read with PollFlightInfo and DoGet"
+    )))
 }
 
 #[tonic::async_trait]
@@ -62,7 +65,11 @@ impl FlightService for FlightApi {
         let query = self.query(&id)?;
         tracing::debug!(query = %query.id, status = ?query.status(), "PollFlightInfo");
         let mut watch = query.watch();
-        let status = tokio::time::timeout(POLL_WAIT, watch.wait_for(|s| s.is_terminal())).await.ok().and_then(|r| r.ok()).map(|s| *s);
+        let status = tokio::time::timeout(POLL_WAIT, watch.wait_for(|s| s.is_terminal()))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|s| *s);
         match status {
             // Still running: the descriptor tells the client to poll again.
             None => Ok(Response::new(PollInfo {
@@ -87,10 +94,17 @@ impl FlightService for FlightApi {
                     ordered: true,
                     app_metadata: Bytes::new(),
                 };
-                Ok(Response::new(PollInfo { info: Some(info), flight_descriptor: None, progress: Some(1.0), expiration_time: None }))
+                Ok(Response::new(PollInfo {
+                    info: Some(info),
+                    flight_descriptor: None,
+                    progress: Some(1.0),
+                    expiration_time: None,
+                }))
             }
             Some(QState::Canceled) => Err(Status::cancelled("the query was canceled")),
-            Some(_) => Err(Status::failed_precondition(query.outcome().error.unwrap_or_else(|| "the query failed".into()))),
+            Some(_) => {
+                Err(Status::failed_precondition(query.outcome().error.unwrap_or_else(|| "the query failed".into())))
+            }
         }
     }
 
@@ -100,12 +114,17 @@ impl FlightService for FlightApi {
             return Err(Status::failed_precondition("the query has no result to read"));
         }
         let worker = self.queries.worker_of(&query).ok_or_else(|| Status::internal("no worker ran this query"))?;
-        let path = query.outcome().files.first().cloned().ok_or_else(|| Status::internal("the query wrote no result"))?;
-        let chunks = self.queries.task_client(&worker.task_addr)?.fetch_result(FetchResultRequest { path }).await?.into_inner();
+        let path =
+            query.outcome().files.first().cloned().ok_or_else(|| Status::internal("the query wrote no result"))?;
+        let chunks =
+            self.queries.task_client(&worker.task_addr)?.fetch_result(FetchResultRequest { path }).await?.into_inner();
         Ok(Response::new(Box::pin(ipc_messages(chunks))))
     }
 
-    async fn handshake(&self, _: Request<Streaming<HandshakeRequest>>) -> Result<Response<Self::HandshakeStream>, Status> {
+    async fn handshake(
+        &self,
+        _: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
         unsupported("Handshake")
     }
     async fn list_flights(&self, _: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
@@ -182,13 +201,19 @@ fn next_message(buf: &mut BytesMut) -> Result<Option<FlightData>, Status> {
         }
         let message = arrow_ipc::root_as_message(&buf[prefix..prefix + len])
             .map_err(|e| Status::data_loss(format!("unreadable IPC message: {e}")))?;
-        let body_len = usize::try_from(message.bodyLength()).map_err(|_| Status::data_loss("negative IPC body length"))?;
+        let body_len =
+            usize::try_from(message.bodyLength()).map_err(|_| Status::data_loss("negative IPC body length"))?;
         if buf.len() < prefix + len + body_len {
             return Ok(None);
         }
         buf.advance(prefix);
         let header = buf.split_to(len).freeze();
         let body = buf.split_to(body_len).freeze();
-        return Ok(Some(FlightData { flight_descriptor: None, data_header: header, app_metadata: Bytes::new(), data_body: body }));
+        return Ok(Some(FlightData {
+            flight_descriptor: None,
+            data_header: header,
+            app_metadata: Bytes::new(),
+            data_body: body,
+        }));
     }
 }

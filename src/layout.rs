@@ -195,7 +195,8 @@ pub fn plan_with(config: &Config, resolution: Resolution) -> Result<Layout, Vec<
     }
     let any_role = !services.is_empty();
     if !any_role {
-        problems.push("no role is enabled: set `enabled = true` under [scheduler], [worker] or [observatory]".to_string());
+        problems
+            .push("no role is enabled: set `enabled = true` under [scheduler], [worker] or [observatory]".to_string());
     }
 
     let mut endpoints = Vec::new();
@@ -248,7 +249,8 @@ pub fn plan_with(config: &Config, resolution: Resolution) -> Result<Layout, Vec<
     }
 
     // Where this node's worker registers: the leader's address, or this node's own scheduler.
-    let local_scheduler = endpoints.iter().find(|e| e.kind == ServiceKind::Worker).map(|e| dialable(e.bind).to_string());
+    let local_scheduler =
+        endpoints.iter().find(|e| e.kind == ServiceKind::Worker).map(|e| dialable(e.bind).to_string());
     let scheduler_addr = leader.scheduler_service.public_addr.as_ref().map(|a| a.to_string()).or(local_scheduler);
     if any_role && !s.enabled && scheduler_addr.is_none() {
         problems.push(
@@ -257,7 +259,8 @@ pub fn plan_with(config: &Config, resolution: Resolution) -> Result<Layout, Vec<
                 .to_string(),
         );
     }
-    let local_observatory = endpoints.iter().find(|e| e.kind == ServiceKind::Otlp).map(|e| dialable(e.bind).to_string());
+    let local_observatory =
+        endpoints.iter().find(|e| e.kind == ServiceKind::Otlp).map(|e| dialable(e.bind).to_string());
     let observatory_addr = leader.observatory_service.public_addr.as_ref().map(|a| a.to_string()).or(local_observatory);
     if config.monitoring.enabled && observatory_addr.is_none() {
         problems.push(
@@ -350,16 +353,22 @@ mod tests {
 
     #[test]
     fn no_role_is_an_error() {
-        assert_eq!(plan_of("").unwrap_err(), vec!["no role is enabled: set `enabled = true` under [scheduler], [worker] or [observatory]"]);
+        assert_eq!(
+            plan_of("").unwrap_err(),
+            vec!["no role is enabled: set `enabled = true` under [scheduler], [worker] or [observatory]"]
+        );
     }
 
     #[test]
     fn worker_service_on_every_interface_needs_a_public_addr() {
         let errors = plan_of(&format!("[worker]\nenabled = true\n{LEADER}")).unwrap_err();
-        assert_eq!(errors, vec![
-            "`worker.task_service.bind_addr` is :5052 (every interface), so other nodes cannot tell which address reaches the worker task service: set `worker.task_service.public_addr` (e.g. \"10.0.0.5:5052\") or bind to a specific address",
-            "`worker.shuffle_service.bind_addr` is :5053 (every interface), so other nodes cannot tell which address reaches the worker shuffle service: set `worker.shuffle_service.public_addr` (e.g. \"10.0.0.5:5053\") or bind to a specific address",
-        ]);
+        assert_eq!(
+            errors,
+            vec![
+                "`worker.task_service.bind_addr` is :5052 (every interface), so other nodes cannot tell which address reaches the worker task service: set `worker.task_service.public_addr` (e.g. \"10.0.0.5:5052\") or bind to a specific address",
+                "`worker.shuffle_service.bind_addr` is :5053 (every interface), so other nodes cannot tell which address reaches the worker shuffle service: set `worker.shuffle_service.public_addr` (e.g. \"10.0.0.5:5053\") or bind to a specific address",
+            ]
+        );
         // A specific bind address is its own public address.
         let layout = plan_of(&format!(
             "[worker]\nenabled = true\ntask_service.bind_addr = \"127.0.0.2:5052\"\nshuffle_service.bind_addr = \"127.0.0.2:5053\"\n{LEADER}"
@@ -380,7 +389,12 @@ mod tests {
     #[test]
     fn non_leader_needs_the_scheduler_address() {
         let errors = plan_of("[worker]\nenabled = true\ntask_service.bind_addr = \"127.0.0.2:5052\"\nshuffle_service.bind_addr = \"127.0.0.2:5053\"\n").unwrap_err();
-        assert_eq!(errors, vec!["this node runs no scheduler, so it must know where the scheduler is: set `static_leader.scheduler_service.public_addr` (the scheduler's worker service, port 5050, or its client service, port 5051)"]);
+        assert_eq!(
+            errors,
+            vec![
+                "this node runs no scheduler, so it must know where the scheduler is: set `static_leader.scheduler_service.public_addr` (the scheduler's worker service, port 5050, or its client service, port 5051)"
+            ]
+        );
         let errors = plan_of("[observatory]\nenabled = true\n").unwrap_err();
         assert_eq!(errors.len(), 1);
         assert!(errors[0].starts_with("this node runs no scheduler"));
@@ -395,25 +409,49 @@ mod tests {
     #[test]
     fn monitoring_needs_the_observatory_address() {
         let errors = plan_of("[scheduler]\nenabled = true\n[monitoring]\nenabled = true\n").unwrap_err();
-        assert_eq!(errors, vec!["[monitoring] is enabled, so this node must know where the observatory is: set `static_leader.observatory_service.public_addr` (the observatory's OTLP receiver, port 5049) or disable monitoring"]);
+        assert_eq!(
+            errors,
+            vec![
+                "[monitoring] is enabled, so this node must know where the observatory is: set `static_leader.observatory_service.public_addr` (the observatory's OTLP receiver, port 5049) or disable monitoring"
+            ]
+        );
         let layout = plan_of("[scheduler]\nenabled = true\n[monitoring]\nenabled = true\n[static_leader]\nobservatory_service.public_addr = \"10.1.1.1:5049\"\n").unwrap();
         assert_eq!(layout.observatory_addr.as_deref(), Some("10.1.1.1:5049"));
     }
 
     #[test]
     fn two_services_on_one_port() {
-        let errors = plan_of("[scheduler]\nenabled = true\nworker_service.bind_addr = \"127.0.0.1:5051\"\n").unwrap_err();
-        assert_eq!(errors, vec!["`scheduler.client_service.bind_addr` (0.0.0.0:5051) and `scheduler.worker_service.bind_addr` (127.0.0.1:5051) use the same port 5051: give each service its own port"]);
+        let errors =
+            plan_of("[scheduler]\nenabled = true\nworker_service.bind_addr = \"127.0.0.1:5051\"\n").unwrap_err();
+        assert_eq!(
+            errors,
+            vec![
+                "`scheduler.client_service.bind_addr` (0.0.0.0:5051) and `scheduler.worker_service.bind_addr` (127.0.0.1:5051) use the same port 5051: give each service its own port"
+            ]
+        );
         // The same port on two distinct addresses is fine.
         plan_of("[scheduler]\nenabled = true\nclient_service.bind_addr = \"127.0.0.2:7000\"\nworker_service.bind_addr = \"127.0.0.3:7000\"\n").unwrap();
     }
 
     #[test]
     fn an_unspecified_public_addr_is_an_error() {
-        let errors = plan_of("[scheduler]\nenabled = true\nclient_service.public_addr = \"0.0.0.0:5051\"\n").unwrap_err();
-        assert_eq!(errors, vec!["`scheduler.client_service.public_addr` is 0.0.0.0:5051, which no other node can connect to: give the address others reach the service at (e.g. \"10.0.0.5:5051\")"]);
-        let errors = plan_of("[scheduler]\nenabled = true\n[static_leader]\nobservatory_service.public_addr = \":5049\"\n").unwrap_err();
-        assert!(errors[0].starts_with("`static_leader.observatory_service.public_addr` is :5049, which no other node can connect to"), "{errors:?}");
+        let errors =
+            plan_of("[scheduler]\nenabled = true\nclient_service.public_addr = \"0.0.0.0:5051\"\n").unwrap_err();
+        assert_eq!(
+            errors,
+            vec![
+                "`scheduler.client_service.public_addr` is 0.0.0.0:5051, which no other node can connect to: give the address others reach the service at (e.g. \"10.0.0.5:5051\")"
+            ]
+        );
+        let errors =
+            plan_of("[scheduler]\nenabled = true\n[static_leader]\nobservatory_service.public_addr = \":5049\"\n")
+                .unwrap_err();
+        assert!(
+            errors[0].starts_with(
+                "`static_leader.observatory_service.public_addr` is :5049, which no other node can connect to"
+            ),
+            "{errors:?}"
+        );
     }
 
     #[test]
@@ -425,8 +463,18 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(errors[0].starts_with("`worker.task_service.bind_addr`: network interface `nosuch0` does not exist on this host"), "{errors:?}");
-        assert!(errors[1].starts_with("`static_leader.scheduler_service.public_addr`: hostname `no-such-host.invalid` does not resolve"), "{errors:?}");
+        assert!(
+            errors[0].starts_with(
+                "`worker.task_service.bind_addr`: network interface `nosuch0` does not exist on this host"
+            ),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].starts_with(
+                "`static_leader.scheduler_service.public_addr`: hostname `no-such-host.invalid` does not resolve"
+            ),
+            "{errors:?}"
+        );
     }
 
     #[test]
@@ -452,7 +500,10 @@ mod tests {
         .config;
         assert!(plan(&config).is_err(), "eth7 does not exist here");
         let layout = plan_with(&config, Resolution::Offline).unwrap();
-        assert_eq!(layout.endpoint(ServiceKind::Task).unwrap().bind.ip(), layout.endpoint(ServiceKind::Shuffle).unwrap().bind.ip());
+        assert_eq!(
+            layout.endpoint(ServiceKind::Task).unwrap().bind.ip(),
+            layout.endpoint(ServiceKind::Shuffle).unwrap().bind.ip()
+        );
         let mut clash = config.clone();
         clash.worker.shuffle_service.bind_addr.port = 4005;
         let errors = plan_with(&clash, Resolution::Offline).unwrap_err();
@@ -461,10 +512,14 @@ mod tests {
 
     #[test]
     fn numeric_rules() {
-        let errors = plan_of("memory_limit = 0\n[scheduler]\nenabled = true\nlost_after_missed_heartbeats = 0\n").unwrap_err();
-        assert_eq!(errors, vec![
-            "`scheduler.lost_after_missed_heartbeats` must be at least 1",
-            "`memory_limit` is 0 bytes; give a limit in bytes or remove the key",
-        ]);
+        let errors =
+            plan_of("memory_limit = 0\n[scheduler]\nenabled = true\nlost_after_missed_heartbeats = 0\n").unwrap_err();
+        assert_eq!(
+            errors,
+            vec![
+                "`scheduler.lost_after_missed_heartbeats` must be at least 1",
+                "`memory_limit` is 0 bytes; give a limit in bytes or remove the key",
+            ]
+        );
     }
 }

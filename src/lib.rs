@@ -7,10 +7,10 @@
 //! on the scheduler, `stages` the execution of split queries stage by stage, `task` the
 //! execution of tasks on a worker, `executor` the processes that run them, and `shuffle` the data stages exchange.
 pub mod activation;
-pub mod client_service;
 pub mod address;
 pub mod auth;
 pub mod cgroup;
+pub mod client_service;
 pub mod config;
 pub mod executor;
 pub mod flight;

@@ -18,7 +18,11 @@ use polars_node::proto::{ListWorkersRequest, WorkerState, membership_client::Mem
 static ALLOCATOR: polars_node_engine::Allocator = polars_node_engine::Allocator;
 
 #[derive(Parser)]
-#[command(name = "polars-node", version, about = "A node of a self-hosted Polars cluster: scheduler, worker and observatory in one binary")]
+#[command(
+    name = "polars-node",
+    version,
+    about = "A node of a self-hosted Polars cluster: scheduler, worker and observatory in one binary"
+)]
 struct Cli {
     /// Log format on stderr (also PLC_LOG_FORMAT); the level comes from PLC_LOG_LEVEL.
     #[arg(long, global = true, value_enum, env = "PLC_LOG_FORMAT", default_value = "text")]
@@ -94,7 +98,10 @@ fn main() -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|rt| rt.block_on(polars_node::shuffle::measure(&peer, &path, tcp_bytes, copy_to.as_deref())))
             .map(|((fb, fs), (tb, ts))| {
-                println!("{}", serde_json::json!({ "shuffle_bytes": fb, "shuffle_secs": fs, "tcp_bytes": tb, "tcp_secs": ts }))
+                println!(
+                    "{}",
+                    serde_json::json!({ "shuffle_bytes": fb, "shuffle_secs": fs, "tcp_bytes": tb, "tcp_secs": ts })
+                )
             }),
         Command::DefaultConfig { roles } => {
             print!("{}", config::default_config_toml(&roles));
@@ -103,9 +110,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { config_path, no_resolve } => check_config(&config_path, no_resolve, env()),
         Command::Service { config_path } => {
             logging::init(cli.log_format);
-            config::load_file(&config_path, env())
-                .map_err(|e| e.to_string())
-                .and_then(|loaded| run_node(loaded, None))
+            config::load_file(&config_path, env()).map_err(|e| e.to_string()).and_then(|loaded| run_node(loaded, None))
         }
         Command::Local { data_dir } => {
             logging::init(cli.log_format);

@@ -12,8 +12,8 @@ use tracing::{info, warn};
 use crate::proto::membership_client::MembershipClient;
 use crate::proto::membership_server::Membership;
 use crate::proto::{
-    DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, ListWorkersRequest, ListWorkersResponse,
-    RegisterRequest, RegisterResponse, WorkerInfo, WorkerState, WorkerStatus,
+    DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, ListWorkersRequest,
+    ListWorkersResponse, RegisterRequest, RegisterResponse, WorkerInfo, WorkerState, WorkerStatus,
 };
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -278,7 +278,10 @@ pub async fn run_worker(
                 continue;
             }
             Err(status) => {
-                let problem = format!("waiting for the scheduler at {scheduler_addr} to accept registration: {}", status.message());
+                let problem = format!(
+                    "waiting for the scheduler at {scheduler_addr} to accept registration: {}",
+                    status.message()
+                );
                 if problem != last_problem {
                     warn!("{problem}");
                     last_problem = problem.clone();

@@ -33,7 +33,12 @@ pub fn exporting() -> bool {
 
 /// Starts exporting to the observatory at `observatory_addr`. Must run inside the Tokio
 /// runtime: the gRPC channels live on it.
-pub fn start(instance_id: &str, cluster_id: &str, observatory_addr: &str, host: &HostMetricsConfig) -> anyhow::Result<Monitoring> {
+pub fn start(
+    instance_id: &str,
+    cluster_id: &str,
+    observatory_addr: &str,
+    host: &HostMetricsConfig,
+) -> anyhow::Result<Monitoring> {
     let endpoint = format!("http://{observatory_addr}");
     let resource = Resource::builder()
         .with_service_name("polars-node")
@@ -68,7 +73,11 @@ pub fn start(instance_id: &str, cluster_id: &str, observatory_addr: &str, host: 
 
 /// The attributes naming a stage task, which the observatory groups spans by.
 pub fn task_attributes(query_id: &str, stage: i64, task: i64) -> [KeyValue; 3] {
-    [KeyValue::new("polars.query_id", query_id.to_string()), KeyValue::new("polars.stage", stage), KeyValue::new("polars.task", task)]
+    [
+        KeyValue::new("polars.query_id", query_id.to_string()),
+        KeyValue::new("polars.stage", stage),
+        KeyValue::new("polars.task", task),
+    ]
 }
 
 /// Starts a span of this node's tracer (exported when `[monitoring]` is on, a no-op
@@ -100,7 +109,11 @@ impl<E> Quiet<E> {
             let mut last = self.last_warning.lock().unwrap();
             if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                 *last = Some(std::time::Instant::now());
-                tracing::warn!("cannot export {} to the observatory at {} (dropped; retried with the next batch): {e}", self.what, self.observatory);
+                tracing::warn!(
+                    "cannot export {} to the observatory at {} (dropped; retried with the next batch): {e}",
+                    self.what,
+                    self.observatory
+                );
             }
         }
         Ok(())
@@ -126,8 +139,13 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanEx
     }
 }
 
-impl<E: opentelemetry_sdk::metrics::exporter::PushMetricExporter> opentelemetry_sdk::metrics::exporter::PushMetricExporter for Quiet<E> {
-    async fn export(&self, metrics: &opentelemetry_sdk::metrics::data::ResourceMetrics) -> opentelemetry_sdk::error::OTelSdkResult {
+impl<E: opentelemetry_sdk::metrics::exporter::PushMetricExporter>
+    opentelemetry_sdk::metrics::exporter::PushMetricExporter for Quiet<E>
+{
+    async fn export(
+        &self,
+        metrics: &opentelemetry_sdk::metrics::data::ResourceMetrics,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
         let result = self.inner.export(metrics).await;
         self.absorb(result)
     }

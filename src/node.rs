@@ -15,22 +15,17 @@ use tonic::transport::server::TcpIncoming;
 use tracing::{error, info, warn};
 
 use crate::activation::Listeners;
+use crate::auth::JwksAuth;
+use crate::client_service::ClientApi;
 use crate::config::Config;
+use crate::config::StorageLocation;
+use crate::flight::FlightApi;
 use crate::layout::{Layout, ServiceKind};
 use crate::membership::{self, Registration, Registry};
 use crate::monitoring;
 use crate::notify;
-use crate::auth::JwksAuth;
 use crate::observatory::otlp::{self, Receiver};
 use crate::observatory::store::{Store, database_file};
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
-use crate::client_service::ClientApi;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Identity, ServerTlsConfig};
-use crate::flight::FlightApi;
-use arrow_flight::flight_service_server::FlightServiceServer;
-use crate::config::StorageLocation;
 use crate::proto::WorkerInfo;
 use crate::proto::client::client_service_server::ClientServiceServer;
 use crate::proto::membership_server::MembershipServer;
@@ -38,6 +33,11 @@ use crate::proto::task_server::TaskServer;
 use crate::queries::{Policy, Queries, WorkerBounds};
 use crate::shuffle::ShuffleStore;
 use crate::task::TaskService;
+use arrow_flight::flight_service_server::FlightServiceServer;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, ServerTlsConfig};
 
 /// Plans and results can be large; the default 4 MiB message limit is not enough.
 const MAX_MESSAGE: usize = 1 << 30;
@@ -90,19 +90,29 @@ impl Roles {
         });
         let shuffle = match (&config.worker.shuffle_location, config.worker.enabled) {
             (_, false) => None,
-            (StorageLocation::Local(l), true) => Some(ShuffleStore::new(l.path.clone(), false, layout.instance_id.clone())),
-            (StorageLocation::SharedFilesystem(l), true) => Some(ShuffleStore::new(l.path.clone(), true, layout.instance_id.clone())),
+            (StorageLocation::Local(l), true) => {
+                Some(ShuffleStore::new(l.path.clone(), false, layout.instance_id.clone()))
+            }
+            (StorageLocation::SharedFilesystem(l), true) => {
+                Some(ShuffleStore::new(l.path.clone(), true, layout.instance_id.clone()))
+            }
             (StorageLocation::S3(o) | StorageLocation::Gcs(o) | StorageLocation::Abs(o), true) => {
                 let staging = std::env::temp_dir().join("polars-node-shuffle-staging").join(&layout.instance_id);
-                Some(ShuffleStore::object_store(&o.url, &o.options, staging, layout.instance_id.clone()).map_err(anyhow::Error::msg)?)
+                Some(
+                    ShuffleStore::object_store(&o.url, &o.options, staging, layout.instance_id.clone())
+                        .map_err(anyhow::Error::msg)?,
+                )
             }
         };
         let tasks = match &shuffle {
-            Some(store) => Some(TaskService::new(config.worker.env_vars.clone(), store.clone()).context("task service")?),
+            Some(store) => {
+                Some(TaskService::new(config.worker.env_vars.clone(), store.clone()).context("task service")?)
+            }
             None => None,
         };
         let client_tls = if scheduler.enabled { client_identity(config)? } else { None };
-        let client_auth = scheduler.client_service.auth.as_ref().filter(|_| scheduler.enabled).map(|a| JwksAuth::new(a.jwks.clone()));
+        let client_auth =
+            scheduler.client_service.auth.as_ref().filter(|_| scheduler.enabled).map(|a| JwksAuth::new(a.jwks.clone()));
         let observatory = match config.observatory.enabled {
             true => {
                 let path = database_file(&config.observatory.database_path, &config.cluster_id);
@@ -115,7 +125,8 @@ impl Roles {
             false => None,
         };
         let rest = &config.observatory.rest_api.service;
-        let rest_auth = rest.auth.as_ref().filter(|_| config.observatory.enabled).map(|a| JwksAuth::new(a.jwks.clone()));
+        let rest_auth =
+            rest.auth.as_ref().filter(|_| config.observatory.enabled).map(|a| JwksAuth::new(a.jwks.clone()));
         let rest_tls = match rest.connection.as_ref().and_then(|c| c.tls.as_ref()) {
             Some(tls) if config.observatory.enabled => Some(crate::tls::server_config(
                 &tls.certificate_key_file,
@@ -146,9 +157,8 @@ fn client_identity(config: &Config) -> anyhow::Result<Option<Identity>> {
         return Ok(None);
     };
     let read = |path: &std::path::Path, key: &str| {
-        std::fs::read(path).with_context(|| {
-            format!("cannot read {} (scheduler.client_service.connection.tls.{key})", path.display())
-        })
+        std::fs::read(path)
+            .with_context(|| format!("cannot read {} (scheduler.client_service.connection.tls.{key})", path.display()))
     };
     let cert = read(&tls.certificate_key_file, "certificate_key_file")?;
     let key = read(&tls.private_key_file, "private_key_file")?;
@@ -221,7 +231,8 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
             heartbeat_period_ms: config.worker.heartbeat_period.0.as_millis() as u64,
         };
         let scheduler_addr = layout.scheduler_addr.clone().expect("a worker knows its scheduler");
-        worker_loop = Some(tokio::spawn(membership::run_worker(info, scheduler_addr, registration_tx, stop_rx.clone())));
+        worker_loop =
+            Some(tokio::spawn(membership::run_worker(info, scheduler_addr, registration_tx, stop_rx.clone())));
     }
 
     let mut live_rx = registry.as_ref().map(|r| r.live_workers());
@@ -239,7 +250,8 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
         };
         let live = live_rx.as_ref().map(|rx| *rx.borrow()).unwrap_or(0);
         let waiting = waiting.or_else(|| {
-            (live < wanted_workers).then(|| format!("waiting for {wanted_workers} workers to register ({live} registered)"))
+            (live < wanted_workers)
+                .then(|| format!("waiting for {wanted_workers} workers to register ({live} registered)"))
         });
         let status = match &waiting {
             Some(w) => w.clone(),
@@ -359,9 +371,13 @@ fn serve(
         return Ok(match roles.rest_tls.clone() {
             Some(tls) => {
                 let listener = crate::tls::TlsListener::new(listener, tls)?;
-                Box::pin(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("REST server") })
+                Box::pin(async move {
+                    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("REST server")
+                })
             }
-            None => Box::pin(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("REST server") }),
+            None => Box::pin(async move {
+                axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("REST server")
+            }),
         });
     }
     if kind == ServiceKind::Shuffle {
@@ -415,7 +431,9 @@ fn serve(
     }
     if kind == ServiceKind::Task {
         let tasks = roles.tasks.expect("a worker has a task service");
-        router = router.add_service(TaskServer::new(tasks).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE));
+        router = router.add_service(
+            TaskServer::new(tasks).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE),
+        );
     }
     Ok(Box::pin(async move {
         reporter.set_serving::<MembershipServer<Registry>>().await;

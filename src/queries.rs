@@ -15,10 +15,12 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::membership::Registry;
+use crate::proto::task_client::TaskClient;
+use crate::proto::{
+    CancelTaskRequest, EngineChoice, ResultTarget, RunTaskRequest, WorkerInfo, run_task_response::Outcome,
+};
 use crate::stages::StageRun;
 use engine::planner::{Limits, Split, StageGraph};
-use crate::proto::task_client::TaskClient;
-use crate::proto::{CancelTaskRequest, EngineChoice, ResultTarget, RunTaskRequest, WorkerInfo, run_task_response::Outcome};
 
 /// How long a query waits for a live worker before it fails.
 const WORKER_WAIT: Duration = Duration::from_secs(30);
@@ -321,7 +323,11 @@ impl Queries {
 
     /// The failed runs one task of `query` may have before the query fails.
     pub(crate) fn attempts_for(&self, query: &Query, task: String) -> Attempts {
-        Attempts { task, allowed: self.inner.policy.max_task_attempts.saturating_add(query.submission.n_retries), failed: Vec::new() }
+        Attempts {
+            task,
+            allowed: self.inner.policy.max_task_attempts.saturating_add(query.submission.n_retries),
+            failed: Vec::new(),
+        }
     }
 
     /// Runs a query on one worker, moving to another when its worker is lost or its execution
@@ -485,13 +491,19 @@ impl Queries {
                 distribution.min_workers
             ));
         }
-        let max = distribution.max_workers.or(bounds.default_workers_per_query).unwrap_or(u32::MAX).min(cap).max(distribution.min_workers);
+        let max = distribution
+            .max_workers
+            .or(bounds.default_workers_per_query)
+            .unwrap_or(u32::MAX)
+            .min(cap)
+            .max(distribution.min_workers);
         let live = self.wait_for_workers(distribution.min_workers.max(1)).await?;
         // Spread queries over the cluster: each starts at the next worker.
         let start = self.inner.next_worker.fetch_add(1, Ordering::Relaxed);
         let workers: Vec<String> =
             (0..live.len().min(max as usize)).map(|i| live[(start + i) % live.len()].instance_id.clone()).collect();
-        let per_worker = distribution.partitions_per_worker.or(bounds.default_partitions_per_worker).unwrap_or(1).max(1);
+        let per_worker =
+            distribution.partitions_per_worker.or(bounds.default_partitions_per_worker).unwrap_or(1).max(1);
         let limits = Limits {
             max_tasks: workers.len() * per_worker as usize,
             broadcast_limit: distribution.broadcast_limit,
@@ -517,7 +529,9 @@ impl Queries {
         .map_err(|e| format!("ComputeError: the planner failed: {e}"))
         .and_then(|r| r.map_err(|e| engine::describe_error(&e)));
         match &split {
-            Ok(Split::Stages(graph)) => span.set_attribute(KeyValue::new("polars.total_stages", graph.stages.len() as i64)),
+            Ok(Split::Stages(graph)) => {
+                span.set_attribute(KeyValue::new("polars.total_stages", graph.stages.len() as i64))
+            }
             Ok(Split::Whole(why)) => span.set_attribute(KeyValue::new("polars.whole_because", why.clone())),
             Err(e) => span.set_status(opentelemetry::trace::Status::error(e.clone())),
         }
@@ -547,10 +561,11 @@ impl Queries {
     async fn note_whole_plan(&self, query: &Arc<Query>) -> Result<(), String> {
         let plan = query.submission.plan.clone();
         let flags = query.submission.optimization_flags;
-        let ir = tokio::task::spawn_blocking(move || engine::guard_panics(|| engine::Plan::read(&plan)?.explain(flags)))
-            .await
-            .map_err(|e| format!("ComputeError: the planner failed: {e}"))?
-            .map_err(|e| engine::describe_error(&e))?;
+        let ir =
+            tokio::task::spawn_blocking(move || engine::guard_panics(|| engine::Plan::read(&plan)?.explain(flags)))
+                .await
+                .map_err(|e| format!("ComputeError: the planner failed: {e}"))?
+                .map_err(|e| engine::describe_error(&e))?;
         let graph = StageGraph {
             stages: vec![engine::planner::StagePlan {
                 tasks: vec![Vec::new()],
@@ -744,7 +759,9 @@ fn stage_graph_msgpack(graph: &StageGraph, query_id: &str) -> Vec<u8> {
     use serde_json::json;
     let partitioning = |output: &StageOutput| match output {
         StageOutput::Hash { keys, .. } => json!({ "partition_type": "Hash", "by": keys.join(", ") }),
-        StageOutput::Range { key, .. } | StageOutput::KeyRanges { key, .. } => json!({ "partition_type": "Hash", "by": format!("range of {key}") }),
+        StageOutput::Range { key, .. } | StageOutput::KeyRanges { key, .. } => {
+            json!({ "partition_type": "Hash", "by": format!("range of {key}") })
+        }
         _ => json!({ "partition_type": "Single" }),
     };
     let mut nodes = Vec::new();
@@ -755,7 +772,8 @@ fn stage_graph_msgpack(graph: &StageGraph, query_id: &str) -> Vec<u8> {
             output => json!({ "id": 0, "type_id": "ShuffleWrite",
                               "properties": { "shuffle_number": i, "is_local": false, "partitioning": partitioning(output) } }),
         };
-        let mut data_nodes = vec![head, json!({ "id": 1, "type_id": "MapFunction", "properties": { "function": stage.label } })];
+        let mut data_nodes =
+            vec![head, json!({ "id": 1, "type_id": "MapFunction", "properties": { "function": stage.label } })];
         let mut data_edges = vec![json!({ "source": 0, "target": 1 })];
         for &input in &stage.inputs {
             let id = data_nodes.len();
@@ -820,7 +838,6 @@ fn check_version(client_polars: Option<&str>, plan: &[u8]) -> Result<(), String>
     }
 }
 
-
 /// Removes the entries of `root` last modified more than `age` ago; how many.
 fn remove_older_than(root: &std::path::Path, age: Duration) -> std::io::Result<usize> {
     let entries = match std::fs::read_dir(root) {
@@ -862,7 +879,11 @@ impl Attempts {
         self.failed.push((worker.to_string(), why.to_string(), crashed));
         let runs = || self.failed.iter().map(|(w, why, _)| format!("on `{w}`: {why}")).collect::<Vec<_>>().join("; ");
         if same_crash {
-            return Some(format!("ComputeError: {} crashed its execution process twice with the same error ({})", self.task, runs()));
+            return Some(format!(
+                "ComputeError: {} crashed its execution process twice with the same error ({})",
+                self.task,
+                runs()
+            ));
         }
         (self.failed.len() as u32 >= self.allowed).then(|| {
             format!(

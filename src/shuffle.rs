@@ -54,7 +54,12 @@ impl ShuffleStore {
     /// Shuffle files in an object store at `url` (`s3://bucket/prefix`, ...), configured by
     /// object_store `options` (region, endpoint, credentials; the environment's AWS_*/GOOGLE_*/
     /// AZURE_* variables apply too). Files are staged locally under `staging`.
-    pub fn object_store(url: &str, options: &BTreeMap<String, String>, staging: PathBuf, instance_id: String) -> Result<Self, String> {
+    pub fn object_store(
+        url: &str,
+        options: &BTreeMap<String, String>,
+        staging: PathBuf,
+        instance_id: String,
+    ) -> Result<Self, String> {
         let parsed = Url::parse(url).map_err(|e| format!("worker.shuffle_location: `{url}` is not a URL: {e}"))?;
         let (store, prefix) = object_store::parse_url_opts(&parsed, options)
             .map_err(|e| format!("worker.shuffle_location: cannot use the object store at {url}: {e}"))?;
@@ -77,7 +82,8 @@ impl ShuffleStore {
         let mut published = Vec::with_capacity(files.len());
         for file in files {
             let local = PathBuf::from(&file);
-            let relative = local.strip_prefix(&base).map_err(|_| format!("{file} is not a shuffle file of this worker"))?;
+            let relative =
+                local.strip_prefix(&base).map_err(|_| format!("{file} is not a shuffle file of this worker"))?;
             let mut path = self.remote_dir(remote, query_id);
             for part in relative.iter() {
                 path = path.join(part.to_string_lossy().as_ref());
@@ -89,7 +95,11 @@ impl ShuffleStore {
                 .await
                 .map_err(|e| format!("cannot upload a shuffle file to {}: {e}", remote.url))?;
             let _ = tokio::fs::remove_file(&local).await;
-            published.push(format!("{}/{}", remote.url, path.as_ref().strip_prefix(remote.prefix.as_ref()).unwrap_or(path.as_ref()).trim_start_matches('/')));
+            published.push(format!(
+                "{}/{}",
+                remote.url,
+                path.as_ref().strip_prefix(remote.prefix.as_ref()).unwrap_or(path.as_ref()).trim_start_matches('/')
+            ));
         }
         Ok(published)
     }
@@ -100,7 +110,8 @@ impl ShuffleStore {
         for part in relative.split('/').filter(|p| !p.is_empty()) {
             path = path.join(part);
         }
-        let data = remote.store.get(&path).await.map_err(|e| e.to_string())?.bytes().await.map_err(|e| e.to_string())?;
+        let data =
+            remote.store.get(&path).await.map_err(|e| e.to_string())?.bytes().await.map_err(|e| e.to_string())?;
         tokio::fs::write(local, &data).await.map_err(|e| e.to_string())
     }
 
@@ -124,19 +135,28 @@ impl ShuffleStore {
         for (i, input) in stage.inputs.iter_mut().enumerate() {
             for (j, file) in input.files.iter_mut().enumerate() {
                 let in_store = remote_url.as_ref().is_some_and(|u| file.path.starts_with(u.as_str()));
-                if !in_store && (self.inner.shared || file.worker_id == self.inner.instance_id || file.shuffle_addr.is_empty()) {
+                if !in_store
+                    && (self.inner.shared || file.worker_id == self.inner.instance_id || file.shuffle_addr.is_empty())
+                {
                     continue;
                 }
                 let ext = Path::new(&file.path).extension().and_then(|e| e.to_str()).unwrap_or("bin").to_string();
                 let local = dir.join(format!("{i}-{j}.{ext}"));
-                jobs.push((file.shuffle_addr.clone(), file.worker_id.clone(), std::mem::take(&mut file.path), local.clone()));
+                jobs.push((
+                    file.shuffle_addr.clone(),
+                    file.worker_id.clone(),
+                    std::mem::take(&mut file.path),
+                    local.clone(),
+                ));
                 file.path = local.display().to_string();
             }
         }
         if jobs.is_empty() {
             return Ok(());
         }
-        tokio::fs::create_dir_all(&dir).await.map_err(|e| (String::new(), format!("cannot create {}: {e}", dir.display())))?;
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| (String::new(), format!("cannot create {}: {e}", dir.display())))?;
         use opentelemetry::trace::Span as _;
         let mut span = crate::monitoring::span(
             "shuffle.read",
@@ -148,11 +168,17 @@ impl ShuffleStore {
         let fetched = futures_util::stream::iter(jobs)
             .map(|(addr, worker, remote, local)| async move {
                 let fetched = match &self.inner.remote {
-                    Some(store) if remote.starts_with(store.url.as_str()) => self.download(store, &remote, &local).await,
+                    Some(store) if remote.starts_with(store.url.as_str()) => {
+                        self.download(store, &remote, &local).await
+                    }
                     _ => self.fetch(&addr, &remote, &local).await,
                 };
-                fetched
-                    .map_err(|e| (worker.clone(), format!("cannot fetch shuffle file {remote} from worker `{worker}` at {addr}: {e}")))
+                fetched.map_err(|e| {
+                    (
+                        worker.clone(),
+                        format!("cannot fetch shuffle file {remote} from worker `{worker}` at {addr}: {e}"),
+                    )
+                })
             })
             .buffer_unordered(PARALLEL_FETCHES)
             .try_collect::<Vec<()>>()
@@ -187,7 +213,9 @@ impl ShuffleStore {
         }
         let dir = self.query_dir(query_id);
         match tokio::fs::remove_dir_all(&dir).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!(query = query_id, "cannot remove {}: {e}", dir.display()),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(query = query_id, "cannot remove {}: {e}", dir.display())
+            }
             _ => {}
         }
         if let Some(parent) = dir.parent() {
@@ -198,7 +226,8 @@ impl ShuffleStore {
     /// A path a peer may read: inside this worker's shuffle root, nothing else.
     fn servable(&self, path: &str) -> Option<PathBuf> {
         let path = PathBuf::from(path);
-        let inside = path.starts_with(&self.inner.root) && !path.components().any(|c| matches!(c, Component::ParentDir));
+        let inside =
+            path.starts_with(&self.inner.root) && !path.components().any(|c| matches!(c, Component::ParentDir));
         inside.then_some(path)
     }
 }
@@ -207,7 +236,12 @@ impl ShuffleStore {
 /// shuffle file from a worker's shuffle service, the way tasks fetch their inputs, and raw TCP
 /// over loopback in the same process, for comparison. Returns (bytes, seconds) of each. The
 /// fetched copy is left at `copy_to` when given (tests compare it), removed otherwise.
-pub async fn measure(peer: &str, path: &str, tcp_bytes: u64, copy_to: Option<&Path>) -> Result<((u64, f64), (u64, f64)), String> {
+pub async fn measure(
+    peer: &str,
+    path: &str,
+    tcp_bytes: u64,
+    copy_to: Option<&Path>,
+) -> Result<((u64, f64), (u64, f64)), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let store = ShuffleStore::new(std::env::temp_dir(), false, "bench".into());
     let dest = match copy_to {

@@ -17,7 +17,8 @@ use polars_node_engine::planner::{self, StageGraph, StageOutput, input_path};
 use tracing::{info, warn};
 
 use crate::proto::{
-    RangeOutput, ResultTarget, RunTaskRequest, ShuffleFile, StageInput, StageTask, TaskSuccess, WorkerInfo, run_task_response::Outcome,
+    RangeOutput, ResultTarget, RunTaskRequest, ShuffleFile, StageInput, StageTask, TaskSuccess, WorkerInfo,
+    run_task_response::Outcome,
 };
 use crate::queries::{Attempts, Distribution, Queries, Query, StageStats};
 
@@ -64,7 +65,13 @@ enum TaskError {
 }
 
 impl<'a> StageRun<'a> {
-    pub(crate) fn new(queries: &'a Queries, query: &'a Arc<Query>, graph: &'a StageGraph, distribution: &'a Distribution, workers: Vec<String>) -> Self {
+    pub(crate) fn new(
+        queries: &'a Queries,
+        query: &'a Arc<Query>,
+        graph: &'a StageGraph,
+        distribution: &'a Distribution,
+        workers: Vec<String>,
+    ) -> Self {
         StageRun {
             queries,
             query,
@@ -72,7 +79,11 @@ impl<'a> StageRun<'a> {
             distribution,
             workers,
             outputs: graph.stages.iter().map(|s| vec![None; s.tasks.len()]).collect(),
-            stats: graph.stages.iter().map(|s| StageStats { tasks: s.tasks.len() as u32, label: s.label.clone(), ..Default::default() }).collect(),
+            stats: graph
+                .stages
+                .iter()
+                .map(|s| StageStats { tasks: s.tasks.len() as u32, label: s.label.clone(), ..Default::default() })
+                .collect(),
             attempts: HashMap::new(),
             next: 0,
             result_task: None,
@@ -198,8 +209,10 @@ impl<'a> StageRun<'a> {
                 return Err("ComputeError: the query was canceled".into());
             }
             let live = self.live_workers().await?;
-            let assigned: Vec<(usize, usize, WorkerInfo, RunTaskRequest)> =
-                missing.iter().map(|&(stage, task)| (stage, task, self.deal(&live), self.request(stage, task))).collect();
+            let assigned: Vec<(usize, usize, WorkerInfo, RunTaskRequest)> = missing
+                .iter()
+                .map(|&(stage, task)| (stage, task, self.deal(&live), self.request(stage, task)))
+                .collect();
             let this = &*self;
             let runs = assigned.into_iter().map(|(stage, task, worker, request)| async move {
                 let result = this.run_task(stage, task, &worker, request).await;
@@ -222,7 +235,10 @@ impl<'a> StageRun<'a> {
                         warn!(query = %self.query.id, stage, task, worker = %ran_on, "task must run again: {why}");
                         self.queries.registry().suspect(lost_input.as_deref().unwrap_or(&ran_on));
                         let label = format!("task {task} of stage {stage} ({})", self.graph.stages[stage].label);
-                        let attempts = self.attempts.entry((stage, task)).or_insert_with(|| self.queries.attempts_for(self.query, label));
+                        let attempts = self
+                            .attempts
+                            .entry((stage, task))
+                            .or_insert_with(|| self.queries.attempts_for(self.query, label));
                         if let Some(message) = attempts.failed(&ran_on, &why, crashed && lost_input.is_none()) {
                             return Err(message);
                         }
@@ -234,7 +250,8 @@ impl<'a> StageRun<'a> {
 
     /// Drops outputs held by workers that are no longer live: their files are gone with them.
     fn forget_lost_outputs(&mut self) {
-        let live: BTreeSet<String> = self.queries.registry().live_worker_infos().into_iter().map(|w| w.instance_id).collect();
+        let live: BTreeSet<String> =
+            self.queries.registry().live_worker_infos().into_iter().map(|w| w.instance_id).collect();
         for (stage, tasks) in self.outputs.iter_mut().enumerate() {
             for (task, out) in tasks.iter_mut().enumerate() {
                 if let Some(done) = out
@@ -251,7 +268,8 @@ impl<'a> StageRun<'a> {
     /// waits a bounded time when there are fewer than the query's minimum.
     async fn live_workers(&self) -> Result<Vec<WorkerInfo>, String> {
         let all = self.queries.wait_for_workers(self.distribution.min_workers.max(1)).await?;
-        let mut chosen: Vec<WorkerInfo> = self.workers.iter().filter_map(|id| all.iter().find(|w| &w.instance_id == id).cloned()).collect();
+        let mut chosen: Vec<WorkerInfo> =
+            self.workers.iter().filter_map(|id| all.iter().find(|w| &w.instance_id == id).cloned()).collect();
         for w in &all {
             if chosen.len() >= self.workers.len() {
                 break;
@@ -300,7 +318,9 @@ impl<'a> StageRun<'a> {
         }
         let (hash_keys, partitions) = match &plan.output {
             StageOutput::Hash { keys, partitions } => (keys.clone(), *partitions as u32),
-            StageOutput::Range { partitions, .. } | StageOutput::Boundaries { partitions, .. } => (Vec::new(), *partitions as u32),
+            StageOutput::Range { partitions, .. } | StageOutput::Boundaries { partitions, .. } => {
+                (Vec::new(), *partitions as u32)
+            }
             StageOutput::KeyRanges { lows, .. } => (Vec::new(), lows.len() as u32 + 1),
             _ => (Vec::new(), 1),
         };
@@ -363,7 +383,13 @@ impl<'a> StageRun<'a> {
         }
     }
 
-    async fn run_task(&self, stage: usize, task: usize, worker: &WorkerInfo, request: RunTaskRequest) -> Result<TaskSuccess, TaskError> {
+    async fn run_task(
+        &self,
+        stage: usize,
+        task: usize,
+        worker: &WorkerInfo,
+        request: RunTaskRequest,
+    ) -> Result<TaskSuccess, TaskError> {
         let mut span = crate::monitoring::span(
             "task",
             [
@@ -392,12 +418,18 @@ impl<'a> StageRun<'a> {
                 crashed: true,
                 why: f.message,
             }),
-            Ok(None) => {
-                Err(TaskError::Retry { worker: worker.instance_id.clone(), lost_input: None, crashed: false, why: "the worker sent no outcome".into() })
-            }
-            Err(status) => {
-                Err(TaskError::Retry { worker: worker.instance_id.clone(), lost_input: None, crashed: false, why: status.message().to_string() })
-            }
+            Ok(None) => Err(TaskError::Retry {
+                worker: worker.instance_id.clone(),
+                lost_input: None,
+                crashed: false,
+                why: "the worker sent no outcome".into(),
+            }),
+            Err(status) => Err(TaskError::Retry {
+                worker: worker.instance_id.clone(),
+                lost_input: None,
+                crashed: false,
+                why: status.message().to_string(),
+            }),
         };
         if result.is_err() {
             span.set_status(opentelemetry::trace::Status::error("the task did not succeed"));

@@ -12,13 +12,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::executor::Executors;
+use crate::proto::ResultTarget;
 use crate::proto::task_server::Task;
 use crate::proto::{
     CancelTaskRequest, CancelTaskResponse, FetchResultRequest, ReleaseQueryRequest, ReleaseQueryResponse, ResultChunk,
     RunTaskRequest, RunTaskResponse, TaskFailure, run_task_response::Outcome,
 };
-use crate::proto::ResultTarget;
-use crate::executor::Executors;
 use crate::shuffle::ShuffleStore;
 use polars_node_engine as engine;
 
@@ -52,7 +52,13 @@ impl TaskService {
     }
 
     /// Runs a task in `executor`, known as running (for cancellation) while it does.
-    async fn run_in(&self, executor: &mut crate::executor::Executor, key: &str, query_id: &str, request: &[u8]) -> Result<Vec<u8>, String> {
+    async fn run_in(
+        &self,
+        executor: &mut crate::executor::Executor,
+        key: &str,
+        query_id: &str,
+        request: &[u8],
+    ) -> Result<Vec<u8>, String> {
         self.inner.running.lock().unwrap().insert(key.to_string(), (query_id.to_string(), executor.pid()));
         let out = executor.run(query_id, request).await;
         self.inner.running.lock().unwrap().remove(key);
@@ -78,11 +84,13 @@ impl TaskService {
                 }
                 return Ok(response);
             }
-            request.output_dir = self.inner.shuffle.output_dir(&query_id, stage.stage, stage.task).display().to_string();
+            request.output_dir =
+                self.inner.shuffle.output_dir(&query_id, stage.stage, stage.task).display().to_string();
         }
         request.report_ir_plan = crate::monitoring::exporting();
         let encoded = request.encode_to_vec();
-        let mut executor = self.inner.executors.take().map_err(|e| format!("cannot start an execution process: {e}"))?;
+        let mut executor =
+            self.inner.executors.take().map_err(|e| format!("cannot start an execution process: {e}"))?;
         let mut out = self.run_in(&mut executor, &key, &query_id, &encoded).await;
         if out.is_err() && executor.waited() && !self.inner.canceled.lock().unwrap().contains(&query_id) {
             // A process can die while it waits (the OOM killer, an operator): the task was
@@ -97,7 +105,8 @@ impl TaskService {
         let out = out?;
         info!(query = %query_id, pid = executor.pid(), "task ran in execution process");
         self.inner.executors.give_back(executor);
-        let mut response = RunTaskResponse::decode(out.as_slice()).map_err(|e| format!("unreadable task result: {e}"))?;
+        let mut response =
+            RunTaskResponse::decode(out.as_slice()).map_err(|e| format!("unreadable task result: {e}"))?;
         if let Some(Outcome::Success(s)) = &mut response.outcome {
             if request.target == ResultTarget::Shuffle as i32 {
                 // Shuffle outputs go where readers find them (an object store uploads them).
@@ -124,7 +133,9 @@ impl TaskService {
 }
 
 fn failure(message: &str, retryable: bool) -> RunTaskResponse {
-    RunTaskResponse { outcome: Some(Outcome::Failure(TaskFailure { message: message.into(), retryable, lost_worker: String::new() })) }
+    RunTaskResponse {
+        outcome: Some(Outcome::Failure(TaskFailure { message: message.into(), retryable, lost_worker: String::new() })),
+    }
 }
 
 #[tonic::async_trait]
@@ -151,7 +162,10 @@ impl Task for TaskService {
         match &response.outcome {
             Some(Outcome::Success(s)) => {
                 span.set_attribute(opentelemetry::KeyValue::new("polars.rows", s.n_rows as i64));
-                span.set_attribute(opentelemetry::KeyValue::new("polars.shuffle.bytes_written", s.bytes_written as i64));
+                span.set_attribute(opentelemetry::KeyValue::new(
+                    "polars.shuffle.bytes_written",
+                    s.bytes_written as i64,
+                ));
                 if !s.ir_plan.is_empty() {
                     span.set_attribute(opentelemetry::KeyValue::new("polars.plan.ir", s.ir_plan.clone()));
                 }
@@ -167,7 +181,8 @@ impl Task for TaskService {
         let query_id = request.into_inner().query_id;
         // Marked first, so that a task starting now is reported as canceled too.
         self.inner.canceled.lock().unwrap().insert(query_id.clone());
-        let pids: Vec<u32> = self.inner.running.lock().unwrap().values().filter(|(q, _)| *q == query_id).map(|(_, p)| *p).collect();
+        let pids: Vec<u32> =
+            self.inner.running.lock().unwrap().values().filter(|(q, _)| *q == query_id).map(|(_, p)| *p).collect();
         for pid in &pids {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
@@ -177,7 +192,10 @@ impl Task for TaskService {
         Ok(Response::new(CancelTaskResponse { was_running: !pids.is_empty() }))
     }
 
-    async fn release_query(&self, request: Request<ReleaseQueryRequest>) -> Result<Response<ReleaseQueryResponse>, Status> {
+    async fn release_query(
+        &self,
+        request: Request<ReleaseQueryRequest>,
+    ) -> Result<Response<ReleaseQueryResponse>, Status> {
         let query_id = request.into_inner().query_id;
         self.inner.shuffle.release(&query_id).await;
         self.inner.canceled.lock().unwrap().remove(&query_id);
@@ -186,7 +204,10 @@ impl Task for TaskService {
 
     type FetchResultStream = ReceiverStream<Result<ResultChunk, Status>>;
 
-    async fn fetch_result(&self, request: Request<FetchResultRequest>) -> Result<Response<Self::FetchResultStream>, Status> {
+    async fn fetch_result(
+        &self,
+        request: Request<FetchResultRequest>,
+    ) -> Result<Response<Self::FetchResultStream>, Status> {
         let path = PathBuf::from(request.into_inner().path);
         if !self.inner.written.lock().unwrap().contains(&path) {
             return Err(Status::not_found(format!("{} is not a result of this worker", path.display())));
@@ -212,7 +233,8 @@ impl Task for TaskService {
 async fn stream_file(path: PathBuf, tx: tokio::sync::mpsc::Sender<Result<ResultChunk, Status>>) -> bool {
     tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
         Ok(file) => crate::shuffle::read_chunks(file, |chunk| {
-            tx.blocking_send(chunk.map(|data| ResultChunk { data }).map_err(|e| Status::internal(e.to_string()))).is_ok()
+            tx.blocking_send(chunk.map(|data| ResultChunk { data }).map_err(|e| Status::internal(e.to_string())))
+                .is_ok()
         }),
         Err(e) => {
             let _ = tx.blocking_send(Err(Status::not_found(format!("{}: {e}", path.display()))));
@@ -291,7 +313,12 @@ fn run_whole(request: &RunTaskRequest, choice: engine::EngineChoice, target: eng
 
 /// One task of a split query: the scheduler's fragment, reading the fetched shuffle files in
 /// place of its input placeholders, writing shuffle partitions or the query's result.
-fn run_stage(request: &RunTaskRequest, stage: &crate::proto::StageTask, choice: engine::EngineChoice, target: engine::Target) -> RunTaskResponse {
+fn run_stage(
+    request: &RunTaskRequest,
+    stage: &crate::proto::StageTask,
+    choice: engine::EngineChoice,
+    target: engine::Target,
+) -> RunTaskResponse {
     use crate::proto::{ShuffleCompression, ShuffleFormat, TaskSuccess};
     use engine::planner::StageOutput;
 
@@ -316,7 +343,12 @@ fn run_stage(request: &RunTaskRequest, stage: &crate::proto::StageTask, choice: 
         if is_result {
             // The scheduler reports the whole query's plan of a split query.
             let ir_plan = String::new();
-            let done = plan.execute(choice, request.optimization_flags, Path::new(&request.result_dir), request.head_rows as usize)?;
+            let done = plan.execute(
+                choice,
+                request.optimization_flags,
+                Path::new(&request.result_dir),
+                request.head_rows as usize,
+            )?;
             return Ok(TaskSuccess {
                 files: done.files.iter().map(|p| p.display().to_string()).collect(),
                 n_rows: done.n_rows,
@@ -328,10 +360,17 @@ fn run_stage(request: &RunTaskRequest, stage: &crate::proto::StageTask, choice: 
         }
         let (output, boundaries) = match &stage.range {
             Some(r) if r.boundaries_only => (
-                StageOutput::Boundaries { key: r.key.clone(), descending: r.descending, nulls_last: r.nulls_last, partitions: stage.partitions.max(1) as usize },
+                StageOutput::Boundaries {
+                    key: r.key.clone(),
+                    descending: r.descending,
+                    nulls_last: r.nulls_last,
+                    partitions: stage.partitions.max(1) as usize,
+                },
                 None,
             ),
-            Some(r) if !r.lows.is_empty() => (StageOutput::KeyRanges { key: r.key.clone(), lows: r.lows.clone() }, None),
+            Some(r) if !r.lows.is_empty() => {
+                (StageOutput::KeyRanges { key: r.key.clone(), lows: r.lows.clone() }, None)
+            }
             Some(r) => {
                 let files = inputs.get(&r.boundaries_input).cloned().unwrap_or_default();
                 let boundaries = engine::shuffle::read_boundaries(&files)?;
@@ -345,9 +384,19 @@ fn run_stage(request: &RunTaskRequest, stage: &crate::proto::StageTask, choice: 
                 (output, Some(boundaries))
             }
             None if stage.hash_keys.is_empty() => (StageOutput::Single, None),
-            None => (StageOutput::Hash { keys: stage.hash_keys.clone(), partitions: stage.partitions.max(1) as usize }, None),
+            None => (
+                StageOutput::Hash { keys: stage.hash_keys.clone(), partitions: stage.partitions.max(1) as usize },
+                None,
+            ),
         };
-        let written = plan.execute_stage(choice, request.optimization_flags, &output, boundaries.as_ref(), format, Path::new(&request.output_dir))?;
+        let written = plan.execute_stage(
+            choice,
+            request.optimization_flags,
+            &output,
+            boundaries.as_ref(),
+            format,
+            Path::new(&request.output_dir),
+        )?;
         Ok(TaskSuccess {
             files: written.files.iter().map(|p| p.display().to_string()).collect(),
             n_rows: written.rows,

@@ -30,7 +30,8 @@ fn memory_cgroup_of(pid: i32) -> Option<(std::path::PathBuf, String)> {
             let (left, right) = l.split_once(" - ")?;
             let mut r = right.split_whitespace();
             let (fs, _, opts) = (r.next()?, r.next()?, r.next()?);
-            (fs == fstype && opt.is_none_or(|o| opts.split(',').any(|x| x == o))).then(|| left.split_whitespace().nth(4).unwrap().to_string())
+            (fs == fstype && opt.is_none_or(|o| opts.split(',').any(|x| x == o)))
+                .then(|| left.split_whitespace().nth(4).unwrap().to_string())
         })
     };
     for line in membership.lines() {
@@ -93,6 +94,9 @@ fn without_a_delegated_cgroup_the_node_refuses_to_start() {
     let out = cmd.args(["service", "--config-path"]).arg(&config).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains(&format!("polars-node: memory_limit = {} needs a delegated cgroup to enforce it", 1u64 << 30)), "{err}");
+    assert!(
+        err.contains(&format!("polars-node: memory_limit = {} needs a delegated cgroup to enforce it", 1u64 << 30)),
+        "{err}"
+    );
     assert!(err.contains("Delegate=yes") && err.contains("or remove `memory_limit` from the configuration"), "{err}");
 }

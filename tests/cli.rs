@@ -39,14 +39,24 @@ fn malformed_toml() {
 fn wrong_type() {
     let (out, _d) = service_with("[scheduler]\nenabled = true\nclient_service.bind_addr = 5051\n");
     let msg = failure(&out);
-    assert!(msg.contains("node.toml:3: `scheduler.client_service.bind_addr`: invalid type: integer `5051`, expected an address"), "{msg}");
+    assert!(
+        msg.contains(
+            "node.toml:3: `scheduler.client_service.bind_addr`: invalid type: integer `5051`, expected an address"
+        ),
+        "{msg}"
+    );
 }
 
 #[test]
 fn unknown_key() {
     let (out, _d) = service_with("[scheduler]\nenabled = true\nallow_local_scan = false\n");
     let msg = failure(&out);
-    assert!(msg.contains("node.toml:3: unknown key `scheduler.allow_local_scan`; did you mean `scheduler.allow_local_scans`?"), "{msg}");
+    assert!(
+        msg.contains(
+            "node.toml:3: unknown key `scheduler.allow_local_scan`; did you mean `scheduler.allow_local_scans`?"
+        ),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -56,7 +66,12 @@ fn missing_interface() {
          shuffle_service.bind_addr = \"127.0.0.1:4006\"\n[static_leader]\nscheduler_service.public_addr = \"127.0.0.1:5050\"\n",
     );
     let msg = failure(&out);
-    assert!(msg.contains("`worker.task_service.bind_addr`: network interface `nosuch9` does not exist on this host (interfaces: "), "{msg}");
+    assert!(
+        msg.contains(
+            "`worker.task_service.bind_addr`: network interface `nosuch9` does not exist on this host (interfaces: "
+        ),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -131,7 +146,8 @@ fn check_config_prints_resolved_addresses() {
 fn default_config_with_roles_checks_clean_and_runs() {
     let dir = tempfile::tempdir().unwrap();
     for roles in [&["all"][..], &["scheduler"], &["worker"], &["observatory"], &["scheduler", "observatory"]] {
-        let args: Vec<&str> = std::iter::once("default-config").chain(roles.iter().flat_map(|r| ["--role", r])).collect();
+        let args: Vec<&str> =
+            std::iter::once("default-config").chain(roles.iter().flat_map(|r| ["--role", r])).collect();
         let out = run(&args, &[]);
         assert!(out.status.success(), "{}", stderr(&out));
         let path = dir.path().join(format!("{}.toml", roles.join("-")));

@@ -59,7 +59,9 @@ fn workers_register_are_marked_lost_and_come_back_after_a_scheduler_restart() {
     // A restarted scheduler knows nobody; the workers register again by themselves.
     scheduler.kill();
     let _scheduler = Node::start("scheduler-2", dir.path(), &scheduler_config(client, worker_port));
-    wait_until("both workers after the scheduler restart", T, || (worker_states(&sched_addr) == both_alive).then_some(()));
+    wait_until("both workers after the scheduler restart", T, || {
+        (worker_states(&sched_addr) == both_alive).then_some(())
+    });
 }
 
 #[test]

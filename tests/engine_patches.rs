@@ -79,7 +79,8 @@ fn a_group_by_of_an_empty_file_can_be_joined() {
     ParquetWriter::new(std::fs::File::create(&empty).unwrap()).finish(&mut df).unwrap();
     let mut df = df!("k" => [1i64, 2], "w" => [3i64, 4]).unwrap();
     ParquetWriter::new(std::fs::File::create(&other).unwrap()).finish(&mut df).unwrap();
-    let scan = |p: &std::path::Path| LazyFrame::scan_parquet(PlRefPath::new(p.to_str().unwrap()), Default::default()).unwrap();
+    let scan =
+        |p: &std::path::Path| LazyFrame::scan_parquet(PlRefPath::new(p.to_str().unwrap()), Default::default()).unwrap();
     for engine in [Engine::Streaming, Engine::InMemory] {
         let grouped = scan(&empty).group_by([col("k")]).agg([col("v").sum()]);
         let joined = grouped.join(scan(&other), [col("k")], [col("k")], JoinArgs::new(JoinType::Inner)).unwrap();
@@ -93,7 +94,9 @@ fn a_group_by_of_an_empty_file_can_be_joined() {
 /// not their uppercase.
 #[test]
 fn titlecase_and_erf_work_on_stable() {
-    let df = df!("s" => ["hello wORLD", "ǆemal ǉubljana", "straße ﬁsh", "ᾳ ᾀ", "ა"], "x" => [0.0f64, 0.5, -1.0, 3.0, 1e-3]).unwrap();
+    let df =
+        df!("s" => ["hello wORLD", "ǆemal ǉubljana", "straße ﬁsh", "ᾳ ᾀ", "ა"], "x" => [0.0f64, 0.5, -1.0, 3.0, 1e-3])
+            .unwrap();
     let out = df
         .lazy()
         .select([col("s").str().to_titlecase().alias("t"), col("x").erf().alias("erf"), col("x").erfc().alias("erfc")])
@@ -103,7 +106,13 @@ fn titlecase_and_erf_work_on_stable() {
     assert_eq!(titles, ["Hello World", "ǅemal ǈubljana", "Straße Fish", "ᾼ ᾈ", "ა"]);
     let erf: Vec<f64> = out.column("erf").unwrap().f64().unwrap().into_no_null_iter().collect();
     let erfc: Vec<f64> = out.column("erfc").unwrap().f64().unwrap().into_no_null_iter().collect();
-    for ((e, c), want) in erf.iter().zip(&erfc).zip([0.0, 0.520_499_877_813_046_5, -0.842_700_792_949_714_9, 0.999_977_909_503_001_4, 0.001_128_378_790_969_9]) {
+    for ((e, c), want) in erf.iter().zip(&erfc).zip([
+        0.0,
+        0.520_499_877_813_046_5,
+        -0.842_700_792_949_714_9,
+        0.999_977_909_503_001_4,
+        0.001_128_378_790_969_9,
+    ]) {
         assert!((e - want).abs() < 1e-12, "erf {e} != {want}");
         assert!((c - (1.0 - want)).abs() < 1e-12, "erfc {c} != {}", 1.0 - want);
     }

@@ -138,11 +138,30 @@ fn seed_layout_across_hosts_with_interface_names_and_nat() {
     for port in ["4005", "4006"] {
         hosts.exec(
             "router",
-            &["iptables", "-t", "nat", "-A", "PREROUTING", "-d", "10.231.1.10", "-p", "tcp", "--dport", port, "-j", "DNAT", "--to-destination", &format!("10.231.2.1:{port}")],
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                "10.231.1.10",
+                "-p",
+                "tcp",
+                "--dport",
+                port,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("10.231.2.1:{port}"),
+            ],
         );
     }
     // The NAT'd worker's own address never appears on the LAN.
-    hosts.exec("router", &["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.231.2.0/24", "-o", "br0", "-j", "MASQUERADE"]);
+    hosts.exec(
+        "router",
+        &["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.231.2.0/24", "-o", "br0", "-j", "MASQUERADE"],
+    );
 
     // Scheduler + observatory with the defaults: every interface, standard ports.
     let _sched = hosts.node(
@@ -153,15 +172,29 @@ fn seed_layout_across_hosts_with_interface_names_and_nat() {
     );
     // The seed's worker: ports 4005/4006 on every interface, published at its address, and
     // registering through the scheduler's client port as the seed's example does.
-    let mut w1 = hosts.node("w1", dir.path(), &seed_worker("worker-1", "{ port = 4005 }", "{ port = 4006 }", Some("10.231.1.1"), "10.231.1.2:5051"));
+    let mut w1 = hosts.node(
+        "w1",
+        dir.path(),
+        &seed_worker("worker-1", "{ port = 4005 }", "{ port = 4006 }", Some("10.231.1.1"), "10.231.1.2:5051"),
+    );
     // Bound by interface name, registering through the worker service port.
     let _w2 = hosts.node(
         "w2",
         dir.path(),
-        &seed_worker("worker-2", "{ interface = \"eth1\", port = 4005 }", "{ interface = \"eth1\", port = 4006 }", None, "10.231.1.2:5050"),
+        &seed_worker(
+            "worker-2",
+            "{ interface = \"eth1\", port = 4005 }",
+            "{ interface = \"eth1\", port = 4006 }",
+            None,
+            "10.231.1.2:5050",
+        ),
     );
     // Behind NAT: reachable only at the router's public address.
-    let _w3 = hosts.node("w3", dir.path(), &seed_worker("worker-3", "\":4005\"", "\":4006\"", Some("10.231.1.10"), "10.231.1.2:5050"));
+    let _w3 = hosts.node(
+        "w3",
+        dir.path(),
+        &seed_worker("worker-3", "\":4005\"", "\":4006\"", Some("10.231.1.10"), "10.231.1.2:5050"),
+    );
 
     let workers = || -> Vec<(String, String, String)> {
         let out = hosts.run("w1", &["workers", "--json", "--scheduler", "10.231.1.2:5050"]);
@@ -174,7 +207,11 @@ fn seed_layout_across_hosts_with_interface_names_and_nat() {
             .unwrap()
             .iter()
             .map(|w| {
-                (w["instance_id"].as_str().unwrap().to_string(), w["state"].as_str().unwrap().to_string(), w["task_addr"].as_str().unwrap().to_string())
+                (
+                    w["instance_id"].as_str().unwrap().to_string(),
+                    w["state"].as_str().unwrap().to_string(),
+                    w["task_addr"].as_str().unwrap().to_string(),
+                )
             })
             .collect();
         rows.sort();
@@ -194,10 +231,21 @@ fn seed_layout_across_hosts_with_interface_names_and_nat() {
     // The observatory's services answer from another host.
     assert!(hosts.can_connect("w2", "10.231.1.2:5049"));
     let health = Command::new("ip")
-        .args(["netns", "exec", &hosts.ns("w2"), "bash", "-c", "exec 3<>/dev/tcp/10.231.1.2/3001; printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"])
+        .args([
+            "netns",
+            "exec",
+            &hosts.ns("w2"),
+            "bash",
+            "-c",
+            "exec 3<>/dev/tcp/10.231.1.2/3001; printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3",
+        ])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&health.stdout).starts_with("HTTP/1.0 200"), "{}", String::from_utf8_lossy(&health.stdout));
+    assert!(
+        String::from_utf8_lossy(&health.stdout).starts_with("HTTP/1.0 200"),
+        "{}",
+        String::from_utf8_lossy(&health.stdout)
+    );
 
     // A worker host that dies is marked lost across the network.
     w1.kill();
@@ -213,7 +261,9 @@ fn seed_layout_across_hosts_with_interface_names_and_nat() {
         let mut rows: Vec<_> = v["workers"]
             .as_array()?
             .iter()
-            .map(|w| row(w["instance_id"].as_str().unwrap(), w["state"].as_str().unwrap(), w["task_addr"].as_str().unwrap()))
+            .map(|w| {
+                row(w["instance_id"].as_str().unwrap(), w["state"].as_str().unwrap(), w["task_addr"].as_str().unwrap())
+            })
             .collect();
         rows.sort();
         (rows == lost).then_some(())

@@ -10,7 +10,13 @@ use polars_node_engine::polars::prelude::*;
 use polars_node_engine::shuffle::{Codec, ShuffleFormat, read_boundaries};
 use polars_node_engine::{EngineChoice, Plan, Target};
 
-const LIMITS: Limits = Limits { max_tasks: 3, broadcast_limit: 1 << 30, min_rows_per_task: 100, pre_aggregate: true, partitioned_sort: true };
+const LIMITS: Limits = Limits {
+    max_tasks: 3,
+    broadcast_limit: 1 << 30,
+    min_rows_per_task: 100,
+    pre_aggregate: true,
+    partitioned_sort: true,
+};
 
 /// Four Parquet files of facts and one small dimension table.
 fn tables(dir: &Path) -> (String, String) {
@@ -23,7 +29,9 @@ fn tables(dir: &Path) -> (String, String) {
         let file = std::fs::File::create(dir.join(format!("facts-{part}.parquet"))).unwrap();
         ParquetWriter::new(file).finish(&mut df).unwrap();
     }
-    let mut dims = df!("key" => (0..23i64).collect::<Vec<_>>(), "name" => (0..23).map(|i| format!("k{i}")).collect::<Vec<_>>()).unwrap();
+    let mut dims =
+        df!("key" => (0..23i64).collect::<Vec<_>>(), "name" => (0..23).map(|i| format!("k{i}")).collect::<Vec<_>>())
+            .unwrap();
     ParquetWriter::new(std::fs::File::create(dir.join("dims.parquet")).unwrap()).finish(&mut dims).unwrap();
     (format!("{}/facts-*.parquet", dir.display()), format!("{}/dims.parquet", dir.display()))
 }
@@ -48,13 +56,16 @@ fn run_with(graph: &StageGraph, dir: &Path, format: ShuffleFormat, engine: Engin
             for &input in &stage.inputs {
                 let hashed = graph.stages[input].output.is_partitioned();
                 let (key, part) = if hashed { (input_path(input, Some(t)), t) } else { (input_path(input, None), 0) };
-                inputs.insert(key, outputs[input].iter().map(|task_files| task_files[part].clone()).collect::<Vec<_>>());
+                inputs
+                    .insert(key, outputs[input].iter().map(|task_files| task_files[part].clone()).collect::<Vec<_>>());
             }
             let target = if stage.output == StageOutput::Result { Target::Flight } else { Target::User };
             let mut plan = Plan::fragment(bytes, target).unwrap();
             plan.with_inputs(&inputs).unwrap();
             let boundaries = match &stage.output {
-                StageOutput::Range { boundaries, .. } => Some(read_boundaries(&[outputs[*boundaries][0][0].clone()]).unwrap()),
+                StageOutput::Range { boundaries, .. } => {
+                    Some(read_boundaries(&[outputs[*boundaries][0][0].clone()]).unwrap())
+                }
                 _ => None,
             };
             if stage.output == StageOutput::Result {
@@ -85,7 +96,13 @@ fn sorted(df: DataFrame, by: &[&str]) -> DataFrame {
 
 /// Runs `graph` with its stage tasks on each engine and checks that both give the rows of `lf`
 /// run whole (compared sorted by `by`). Returns how many rows that is.
-fn assert_both_engines_equal_the_whole_query(graph: &StageGraph, lf: &LazyFrame, dir: &Path, format: ShuffleFormat, by: &[&str]) -> usize {
+fn assert_both_engines_equal_the_whole_query(
+    graph: &StageGraph,
+    lf: &LazyFrame,
+    dir: &Path,
+    format: ShuffleFormat,
+    by: &[&str],
+) -> usize {
     let expected = sorted(lf.clone().collect().unwrap(), by);
     for engine in [EngineChoice::Streaming, EngineChoice::InMemory] {
         let got = sorted(run_with(graph, dir, format, engine), by);
@@ -148,7 +165,12 @@ fn joins_broadcast_small_sides_and_hash_large_ones() {
     // With no broadcast allowed, both sides are split and shuffled by key.
     let self_join = scan(&facts)
         .select([col("key"), col("amount")])
-        .join(scan(&facts).select([col("key"), col("value")]), [col("key")], [col("key")], JoinArgs::new(JoinType::Left))
+        .join(
+            scan(&facts).select([col("key"), col("value")]),
+            [col("key")],
+            [col("key")],
+            JoinArgs::new(JoinType::Left),
+        )
         .unwrap()
         .group_by([col("key")])
         .agg([len().alias("n"), col("value").sum().alias("s")]);
@@ -219,12 +241,20 @@ fn data_already_partitioned_by_a_key_is_not_shuffled_again() {
     let (facts, _) = tables(dir.path());
     // Grouped by key (hash-partitioned by it), then semi-joined with itself and left-joined on
     // key, renamed around it and grouped by key again: one shuffle per side, no more.
-    let totals = scan(&facts).group_by([col("key")]).agg([col("value").sum().alias("total")]).filter(col("total").gt(lit(100.0)));
+    let totals = scan(&facts)
+        .group_by([col("key")])
+        .agg([col("value").sum().alias("total")])
+        .filter(col("total").gt(lit(100.0)));
     let lf = totals
         .clone()
         .join(totals.clone(), [col("key")], [col("key")], JoinArgs::new(JoinType::Semi))
         .unwrap()
-        .join(scan(&facts).select([col("key"), col("amount")]), [col("key")], [col("key")], JoinArgs::new(JoinType::Left))
+        .join(
+            scan(&facts).select([col("key"), col("amount")]),
+            [col("key")],
+            [col("key")],
+            JoinArgs::new(JoinType::Left),
+        )
         .unwrap()
         .with_columns([(col("amount") * lit(2)).alias("twice")])
         .select([col("key"), col("twice"), col("total").alias("t")])
@@ -246,7 +276,10 @@ fn a_side_is_broadcast_by_the_size_of_the_columns_it_reads() {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, mut df: DataFrame| {
         let path = dir.path().join(name);
-        ParquetWriter::new(std::fs::File::create(&path).unwrap()).with_compression(ParquetCompression::Uncompressed).finish(&mut df).unwrap();
+        ParquetWriter::new(std::fs::File::create(&path).unwrap())
+            .with_compression(ParquetCompression::Uncompressed)
+            .finish(&mut df)
+            .unwrap();
         path.display().to_string()
     };
     let big = write("big.parquet", df!("key" => (0..200_000i64).map(|i| i % 23).collect::<Vec<_>>()).unwrap());
@@ -257,7 +290,8 @@ fn a_side_is_broadcast_by_the_size_of_the_columns_it_reads() {
             .unwrap(),
     );
     let size = std::fs::metadata(&wide).unwrap().len();
-    let joined = |wide: LazyFrame| scan(&big).join(wide, [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap();
+    let joined =
+        |wide: LazyFrame| scan(&big).join(wide, [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap();
     let keys_only = joined(scan(&wide).select([col("key")])).group_by([col("key")]).agg([len().alias("n")]);
     let with_text = joined(scan(&wide))
         .select([col("key"), col("text").str().len_bytes().alias("bytes")])
@@ -295,9 +329,17 @@ fn an_aggregated_broadcast_side_is_computed_once() {
     let dir = tempfile::tempdir().unwrap();
     let (facts, dims) = tables(dir.path());
     let counts = scan(&dims).group_by([col("key")]).agg([len().alias("n")]);
-    let lf = scan(&facts).join(counts, [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap().select([col("key"), col("value"), col("n")]);
+    let lf = scan(&facts).join(counts, [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap().select([
+        col("key"),
+        col("value"),
+        col("n"),
+    ]);
     let graph = split(&lf, LIMITS);
-    let once = graph.stages.iter().position(|s| s.label.contains("computed once")).unwrap_or_else(|| panic!("{}", graph.describe()));
+    let once = graph
+        .stages
+        .iter()
+        .position(|s| s.label.contains("computed once"))
+        .unwrap_or_else(|| panic!("{}", graph.describe()));
     assert_eq!(graph.stages[once].tasks.len(), 1);
     assert!(graph.stages.iter().any(|s| s.inputs.contains(&once) && s.tasks.len() > 1), "{}", graph.describe());
     let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
@@ -312,7 +354,8 @@ fn unique_drops_duplicates_within_each_part_first_unless_it_keeps_none() {
     let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
     let any = scan(&facts).select([col("key"), col("amount")]).unique(None, UniqueKeepStrategy::Any);
     let by_key = scan(&facts).select([col("key"), col("amount")]).unique(Some(cols(["key"])), UniqueKeepStrategy::Any);
-    let none = scan(&facts).select([col("key"), col("amount")]).unique(Some(cols(["amount"])), UniqueKeepStrategy::None);
+    let none =
+        scan(&facts).select([col("key"), col("amount")]).unique(Some(cols(["amount"])), UniqueKeepStrategy::None);
     for (lf, partial, exact) in [(any, true, true), (by_key, true, false), (none, false, true)] {
         let graph = split(&lf, LIMITS);
         assert_eq!(graph.describe().contains("partial unique"), partial, "{}", graph.describe());
@@ -341,24 +384,36 @@ fn files_laid_out_by_a_key_are_split_by_its_ranges_and_grouped_or_joined_without
         )
         .unwrap();
         let path = dir.path().join(format!("lines-{part}.parquet"));
-        ParquetWriter::new(std::fs::File::create(&path).unwrap()).with_row_group_size(Some(100)).finish(&mut df).unwrap();
+        ParquetWriter::new(std::fs::File::create(&path).unwrap())
+            .with_row_group_size(Some(100))
+            .finish(&mut df)
+            .unwrap();
         lines.push(path);
     }
     let keys: Vec<Option<i64>> = (0..800i64).map(Some).chain([None]).collect();
     let mut orders = df!("okey" => keys, "status" => (0..801).map(|i| ["F", "O"][i % 2]).collect::<Vec<_>>()).unwrap();
     let orders_path = dir.path().join("orders.parquet");
-    ParquetWriter::new(std::fs::File::create(&orders_path).unwrap()).with_row_group_size(Some(50)).finish(&mut orders).unwrap();
+    ParquetWriter::new(std::fs::File::create(&orders_path).unwrap())
+        .with_row_group_size(Some(50))
+        .finish(&mut orders)
+        .unwrap();
     let lines = format!("{}/lines-*.parquet", dir.path().display());
     let orders = orders_path.display().to_string();
 
     // Shaped like PDS-H q21: groups of the key, semi joins of the table with itself, a join with
     // the orders, grouped by another column at the end.
-    let multi = scan(&lines).group_by([col("key")]).agg([col("supp").n_unique().alias("n")]).filter(col("n").gt(lit(1)));
+    let multi =
+        scan(&lines).group_by([col("key")]).agg([col("supp").n_unique().alias("n")]).filter(col("n").gt(lit(1)));
     let q21 = scan(&lines)
         .filter(col("late"))
         .join(multi, [col("key")], [col("key")], JoinArgs::new(JoinType::Semi))
         .unwrap()
-        .join(scan(&orders).filter(col("status").eq(lit("F"))), [col("key")], [col("okey")], JoinArgs::new(JoinType::Inner))
+        .join(
+            scan(&orders).filter(col("status").eq(lit("F"))),
+            [col("key")],
+            [col("okey")],
+            JoinArgs::new(JoinType::Inner),
+        )
         .unwrap()
         .group_by([col("supp")])
         .agg([len().alias("n")]);
@@ -369,11 +424,18 @@ fn files_laid_out_by_a_key_are_split_by_its_ranges_and_grouped_or_joined_without
         .select([col("okey"), col("supp"), col("status")]);
     // Shaped like q4: the orders semi-joined with the distinct keys of some lines.
     let q4 = scan(&orders)
-        .join(scan(&lines).filter(col("late")).select([col("key")]).unique(None, UniqueKeepStrategy::Any), [col("okey")], [col("key")], JoinArgs::new(JoinType::Semi))
+        .join(
+            scan(&lines).filter(col("late")).select([col("key")]).unique(None, UniqueKeepStrategy::Any),
+            [col("okey")],
+            [col("key")],
+            JoinArgs::new(JoinType::Semi),
+        )
         .unwrap();
     // Shaped like q9: a small frame joined with the lines first (broadcast, on another column),
     // then the orders: the lines keep their ranges through the first join.
-    let small = df!("supp" => (0..26i64).collect::<Vec<_>>(), "tag" => (0..26).map(|i| i % 3).collect::<Vec<_>>()).unwrap().lazy();
+    let small = df!("supp" => (0..26i64).collect::<Vec<_>>(), "tag" => (0..26).map(|i| i % 3).collect::<Vec<_>>())
+        .unwrap()
+        .lazy();
     let q9 = small
         .join(scan(&lines), [col("supp")], [col("supp")], JoinArgs::new(JoinType::Inner))
         .unwrap()
@@ -386,7 +448,10 @@ fn files_laid_out_by_a_key_are_split_by_its_ranges_and_grouped_or_joined_without
         let text = graph.describe();
         assert!(text.contains("3 parts by ranges of key") && text.contains("join by ranges of"), "{text}");
         assert!(!graph.stages.iter().any(|s| matches!(s.output, StageOutput::KeyRanges { .. })), "{text}");
-        let by_key = graph.stages.iter().filter(|s| matches!(&s.output, StageOutput::Hash { keys, .. } if keys.iter().any(|k| k.contains("key"))));
+        let by_key = graph
+            .stages
+            .iter()
+            .filter(|s| matches!(&s.output, StageOutput::Hash { keys, .. } if keys.iter().any(|k| k.contains("key"))));
         assert_eq!(by_key.count(), 0, "{text}");
         assert_both_engines_equal_the_whole_query(&graph, &lf, dir.path(), format, &by);
     }
@@ -397,7 +462,10 @@ fn a_subplan_its_readers_group_and_join_by_one_key_is_computed_once_partitioned_
     let dir = tempfile::tempdir().unwrap();
     let (facts, dims) = tables(dir.path());
     // Shaped like PDS-H q17: the rows of some keys, joined with their own averages per key.
-    let items = scan(&dims).filter(col("key").lt(lit(12))).join(scan(&facts), [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap();
+    let items = scan(&dims)
+        .filter(col("key").lt(lit(12)))
+        .join(scan(&facts), [col("key")], [col("key")], JoinArgs::new(JoinType::Inner))
+        .unwrap();
     let averages = items.clone().group_by([col("key")]).agg([col("value").mean().alias("average")]);
     let lf = items
         .join(averages, [col("key")], [col("key")], JoinArgs::new(JoinType::Inner))
@@ -406,15 +474,20 @@ fn a_subplan_its_readers_group_and_join_by_one_key_is_computed_once_partitioned_
         .select([col("value").sum(), len()]);
     let graph = split(&lf, LIMITS);
     let text = graph.describe();
-    let facts_read = graph.stages.iter().flat_map(|s| &s.tasks).filter(|t| String::from_utf8_lossy(t).contains("facts-")).count();
+    let facts_read =
+        graph.stages.iter().flat_map(|s| &s.tasks).filter(|t| String::from_utf8_lossy(t).contains("facts-")).count();
     assert_eq!(facts_read, 3, "the facts are read once, by the three tasks of one stage:\n{text}");
-    let shuffles = graph.stages.iter().filter(|s| matches!(&s.output, StageOutput::Hash { keys, .. } if keys == &["key"])).count();
+    let shuffles =
+        graph.stages.iter().filter(|s| matches!(&s.output, StageOutput::Hash { keys, .. } if keys == &["key"])).count();
     assert_eq!(shuffles, 1, "{text}");
     let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
     let got = run(&graph, dir.path(), format);
     let expected = lf.collect().unwrap();
     assert_eq!(got.column("len").unwrap(), expected.column("len").unwrap(), "{text}");
-    let (a, b) = (got.column("value").unwrap().f64().unwrap().get(0).unwrap(), expected.column("value").unwrap().f64().unwrap().get(0).unwrap());
+    let (a, b) = (
+        got.column("value").unwrap().f64().unwrap().get(0).unwrap(),
+        expected.column("value").unwrap().f64().unwrap().get(0).unwrap(),
+    );
     assert!((a - b).abs() <= 1e-9 * b.abs(), "{a} != {b}");
 }
 
@@ -426,20 +499,31 @@ fn rows_joined_with_a_table_laid_out_by_the_key_are_shuffled_by_its_ranges() {
         let n = 5000;
         let mut df = df!(
             "key" => (0..n).map(|i| (i * 7 + part) % 301).collect::<Vec<_>>(),
-            "qty" => (0..n).map(|i| ((i * 2_654_435_761 + part) % 1_000_003) as i64).collect::<Vec<_>>(),
+            "qty" => (0..n).map(|i| (i * 2_654_435_761 + part) % 1_000_003).collect::<Vec<_>>(),
         )
         .unwrap();
-        ParquetWriter::new(std::fs::File::create(dir.path().join(format!("sales-{part}.parquet"))).unwrap()).finish(&mut df).unwrap();
+        ParquetWriter::new(std::fs::File::create(dir.path().join(format!("sales-{part}.parquet"))).unwrap())
+            .finish(&mut df)
+            .unwrap();
     }
     let mut prices = df!("pkey" => (0..300i64).collect::<Vec<_>>(), "price" => (0..300).map(|i| i as f64 * 0.25).collect::<Vec<_>>()).unwrap();
     let prices_path = dir.path().join("prices.parquet");
-    ParquetWriter::new(std::fs::File::create(&prices_path).unwrap()).with_row_group_size(Some(50)).finish(&mut prices).unwrap();
+    ParquetWriter::new(std::fs::File::create(&prices_path).unwrap())
+        .with_row_group_size(Some(50))
+        .finish(&mut prices)
+        .unwrap();
     let sales = scan(&format!("{}/sales-*.parquet", dir.path().display()));
     let prices = scan(prices_path.to_str().unwrap());
     // Totals per key (shuffled by the prices' ranges, the prices cut to them), and the sales
     // themselves joined with prices that are split too (only the sales are shuffled).
-    let totals = sales.clone().group_by([col("key")]).agg([col("qty").sum()]).join(prices.clone(), [col("key")], [col("pkey")], JoinArgs::new(JoinType::Left)).unwrap();
-    let lines = sales.clone().join(prices.clone(), [col("key")], [col("pkey")], JoinArgs::new(JoinType::Inner)).unwrap();
+    let totals = sales
+        .clone()
+        .group_by([col("key")])
+        .agg([col("qty").sum()])
+        .join(prices.clone(), [col("key")], [col("pkey")], JoinArgs::new(JoinType::Left))
+        .unwrap();
+    let lines =
+        sales.clone().join(prices.clone(), [col("key")], [col("pkey")], JoinArgs::new(JoinType::Inner)).unwrap();
     // All prices (whole, the side a left join keeps) with their sales (split): the sales are
     // shuffled by the prices' ranges rather than both sides by hash.
     let kept = prices
@@ -448,11 +532,21 @@ fn rows_joined_with_a_table_laid_out_by_the_key_are_shuffled_by_its_ranges() {
         .group_by([col("pkey")])
         .agg([col("qty").sum(), len().alias("n")]);
     let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
-    let cases = [(totals, LIMITS, vec!["key"]), (lines, Limits { broadcast_limit: 0, ..LIMITS }, vec!["key", "qty"]), (kept, LIMITS, vec!["pkey"])];
+    let cases = [
+        (totals, LIMITS, vec!["key"]),
+        (lines, Limits { broadcast_limit: 0, ..LIMITS }, vec!["key", "qty"]),
+        (kept, LIMITS, vec!["pkey"]),
+    ];
     for (lf, limits, by) in cases {
         let graph = split(&lf, limits);
         let text = graph.describe();
-        assert!(graph.stages.iter().any(|s| matches!(&s.output, StageOutput::KeyRanges { key, lows } if key == "key" && lows.len() == 2)), "{text}");
+        assert!(
+            graph
+                .stages
+                .iter()
+                .any(|s| matches!(&s.output, StageOutput::KeyRanges { key, lows } if key == "key" && lows.len() == 2)),
+            "{text}"
+        );
         assert!(!graph.stages.iter().any(|s| matches!(&s.output, StageOutput::Hash { .. })), "{text}");
         assert!(text.contains("join by ranges of"), "{text}");
         assert_both_engines_equal_the_whole_query(&graph, &lf, dir.path(), format, &by);
@@ -463,7 +557,8 @@ fn rows_joined_with_a_table_laid_out_by_the_key_are_shuffled_by_its_ranges() {
 fn rows_of_groups_a_later_join_drops_are_dropped_before_the_group_by_shuffles_them() {
     let dir = tempfile::tempdir().unwrap();
     let (facts, dims) = tables(dir.path());
-    let some = || scan(&dims).filter(col("name").eq(lit("k1")).or(col("name").eq(lit("k5"))).or(col("name").eq(lit("k7"))));
+    let some =
+        || scan(&dims).filter(col("name").eq(lit("k1")).or(col("name").eq(lit("k5"))).or(col("name").eq(lit("k7"))));
     let totals = || scan(&facts).group_by([col("key")]).agg([col("value").sum(), len().alias("n")]);
     let inner = totals().join(some(), [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap();
     let semi = totals().join(some(), [col("key")], [col("key")], JoinArgs::new(JoinType::Semi)).unwrap();
@@ -472,18 +567,34 @@ fn rows_of_groups_a_later_join_drops_are_dropped_before_the_group_by_shuffles_th
     let below = totals()
         .join(scan(&dims), [col("key")], [col("key")], JoinArgs::new(JoinType::Inner))
         .unwrap()
-        .join(some().select([col("key").alias("some_key")]), [col("key")], [col("some_key")], JoinArgs::new(JoinType::Semi))
+        .join(
+            some().select([col("key").alias("some_key")]),
+            [col("key")],
+            [col("some_key")],
+            JoinArgs::new(JoinType::Semi),
+        )
         .unwrap();
     // The join keeps groups without a match, or the other side is every key: nothing to drop.
     let all_groups = totals().join(some(), [col("key")], [col("key")], JoinArgs::new(JoinType::Left)).unwrap();
     let all_keys = totals().join(scan(&dims), [col("key")], [col("key")], JoinArgs::new(JoinType::Inner)).unwrap();
     let format = ShuffleFormat::new(false, Codec::Lz4, None).unwrap();
-    for (lf, filtered, rows) in [(inner, true, 3), (semi, true, 3), (kept, true, 3), (below, true, 3), (all_groups, false, 23), (all_keys, false, 23)] {
+    for (lf, filtered, rows) in [
+        (inner, true, 3),
+        (semi, true, 3),
+        (kept, true, 3),
+        (below, true, 3),
+        (all_groups, false, 23),
+        (all_keys, false, 23),
+    ] {
         let graph = split(&lf, LIMITS);
         let text = graph.describe();
         assert_eq!(text.contains("semi join by key"), filtered, "{text}");
         assert!(text.contains("shuffle by key"), "{text}");
-        assert_eq!(assert_both_engines_equal_the_whole_query(&graph, &lf, dir.path(), format, &["key"]), rows, "{text}");
+        assert_eq!(
+            assert_both_engines_equal_the_whole_query(&graph, &lf, dir.path(), format, &["key"]),
+            rows,
+            "{text}"
+        );
     }
 }
 
@@ -496,16 +607,20 @@ fn typed_tables(dir: &Path) -> (String, String) {
         let id: Vec<i64> = rows.clone().map(|i| part * n + i).collect();
         let key: Vec<i64> = rows.clone().map(|i| (i * 7 + part) % 23).collect();
         let grp: Vec<&str> = rows.clone().map(|i| ["a", "b", "c", "d", "e"][((i + part) % 5) as usize]).collect();
-        let value: Vec<Option<f64>> = rows.clone().map(|i| (i % 13 != 0).then_some((i * 31 % 97) as f64 * 0.25 + part as f64)).collect();
+        let value: Vec<Option<f64>> =
+            rows.clone().map(|i| (i % 13 != 0).then_some((i * 31 % 97) as f64 * 0.25 + part as f64)).collect();
         let amount: Vec<i32> = rows.clone().map(|i| ((i * 3 + part) % 11) as i32).collect();
         let day: Vec<i32> = rows.clone().map(|i| 19000 + ((i * 5 + part) % 40) as i32).collect();
-        let mut df = df!("id" => id, "key" => key, "grp" => grp, "value" => value, "amount" => amount, "day" => day).unwrap();
+        let mut df =
+            df!("id" => id, "key" => key, "grp" => grp, "value" => value, "amount" => amount, "day" => day).unwrap();
         df.with_column(df.column("day").unwrap().cast(&DataType::Date).unwrap()).unwrap();
         let file = std::fs::File::create(dir.join(format!("typed-{part}.parquet"))).unwrap();
         ParquetWriter::new(file).finish(&mut df).unwrap();
     }
     let keys = 0..20i64; // keys 20..22 have no dimension row
-    let mut dims = df!("key" => keys.clone().collect::<Vec<_>>(), "name" => keys.map(|i| format!("k{i}")).collect::<Vec<_>>()).unwrap();
+    let mut dims =
+        df!("key" => keys.clone().collect::<Vec<_>>(), "name" => keys.map(|i| format!("k{i}")).collect::<Vec<_>>())
+            .unwrap();
     ParquetWriter::new(std::fs::File::create(dir.join("dimensions.parquet")).unwrap()).finish(&mut dims).unwrap();
     (format!("{}/typed-*.parquet", dir.display()), format!("{}/dimensions.parquet", dir.display()))
 }
@@ -559,14 +674,22 @@ fn generated_queries_give_the_same_rows_split_and_whole() {
         facts().join(dims(), [col("key")], [col("key")], JoinArgs::new(how).with_maintain_order(order)).unwrap()
     };
     let by_id = || SortMultipleOptions::default();
-    // Row-wise steps before the main operator: nothing, a filter, new columns.
-    let before: Vec<(&str, Box<dyn Fn(LazyFrame) -> LazyFrame>)> = vec![
-        ("", Box::new(|lf| lf)),
-        ("filter", Box::new(|lf: LazyFrame| lf.filter(col("amount").gt(lit(3))))),
-        ("with_columns", Box::new(|lf: LazyFrame| lf.with_columns([(col("value") * lit(2.0)).alias("value"), (col("amount") + col("key")).alias("amount")]))),
-    ];
     // (name, query of the prepared facts, whether Polars defines its row order)
     type Query = Box<dyn Fn(LazyFrame) -> LazyFrame>;
+    // Row-wise steps before the main operator: nothing, a filter, new columns.
+    let before: Vec<(&str, Query)> = vec![
+        ("", Box::new(|lf| lf)),
+        ("filter", Box::new(|lf: LazyFrame| lf.filter(col("amount").gt(lit(3))))),
+        (
+            "with_columns",
+            Box::new(|lf: LazyFrame| {
+                lf.with_columns([
+                    (col("value") * lit(2.0)).alias("value"),
+                    (col("amount") + col("key")).alias("amount"),
+                ])
+            }),
+        ),
+    ];
     let aggregates = || {
         vec![
             col("value").sum().alias("sum"),
@@ -585,13 +708,25 @@ fn generated_queries_give_the_same_rows_split_and_whole() {
     let main: Vec<(&str, Query, bool)> = vec![
         ("select aggregates", Box::new(move |lf: LazyFrame| lf.select(aggregates())), true),
         ("select len", Box::new(|lf: LazyFrame| lf.select([len()])), true),
-        ("select first/last", Box::new(|lf: LazyFrame| lf.select([col("id").first().alias("f"), col("id").last().alias("l")])), true),
+        (
+            "select first/last",
+            Box::new(|lf: LazyFrame| lf.select([col("id").first().alias("f"), col("id").last().alias("l")])),
+            true,
+        ),
         ("group_by aggregates", Box::new(move |lf: LazyFrame| lf.group_by([col("key")]).agg(aggregates())), false),
-        ("group_by two keys", Box::new(|lf: LazyFrame| lf.group_by([col("grp"), col("amount")]).agg([col("value").sum(), len()])), false),
+        (
+            "group_by two keys",
+            Box::new(|lf: LazyFrame| lf.group_by([col("grp"), col("amount")]).agg([col("value").sum(), len()])),
+            false,
+        ),
         (
             "group_by order-sensitive",
             Box::new(|lf: LazyFrame| {
-                lf.group_by([col("grp")]).agg([col("id").first().alias("f"), col("id").last().alias("l"), col("id").implode(true).alias("ids")])
+                lf.group_by([col("grp")]).agg([
+                    col("id").first().alias("f"),
+                    col("id").last().alias("l"),
+                    col("id").implode(true).alias("ids"),
+                ])
             }),
             false,
         ),
@@ -604,16 +739,43 @@ fn generated_queries_give_the_same_rows_split_and_whole() {
             }),
             false,
         ),
-        ("group_by stable", Box::new(|lf: LazyFrame| lf.group_by_stable([col("key")]).agg([col("value").sum(), col("id").first()])), true),
-        ("unique", Box::new(|lf: LazyFrame| lf.select([col("key"), col("grp")]).unique(None, UniqueKeepStrategy::Any)), false),
-        ("unique stable", Box::new(|lf: LazyFrame| lf.select([col("key"), col("id")]).unique_stable(None, UniqueKeepStrategy::First)), true),
+        (
+            "group_by stable",
+            Box::new(|lf: LazyFrame| lf.group_by_stable([col("key")]).agg([col("value").sum(), col("id").first()])),
+            true,
+        ),
+        (
+            "unique",
+            Box::new(|lf: LazyFrame| lf.select([col("key"), col("grp")]).unique(None, UniqueKeepStrategy::Any)),
+            false,
+        ),
+        (
+            "unique stable",
+            Box::new(|lf: LazyFrame| lf.select([col("key"), col("id")]).unique_stable(None, UniqueKeepStrategy::First)),
+            true,
+        ),
         ("sort", Box::new(move |lf: LazyFrame| lf.sort(["id"], by_id())), true),
-        ("sort desc nulls last", Box::new(|lf: LazyFrame| lf.sort(["value", "id"], SortMultipleOptions::default().with_order_descending(true).with_nulls_last(true))), true),
+        (
+            "sort desc nulls last",
+            Box::new(|lf: LazyFrame| {
+                lf.sort(
+                    ["value", "id"],
+                    SortMultipleOptions::default().with_order_descending(true).with_nulls_last(true),
+                )
+            }),
+            true,
+        ),
         ("sort head", Box::new(move |lf: LazyFrame| lf.sort(["id"], by_id()).limit(5)), true),
         ("sort slice", Box::new(move |lf: LazyFrame| lf.sort(["id"], by_id()).slice(10, 7)), true),
         ("head", Box::new(|lf: LazyFrame| lf.limit(7)), true),
         ("slice", Box::new(|lf: LazyFrame| lf.slice(395, 10)), true),
-        ("window", Box::new(|lf: LazyFrame| lf.with_columns([col("value").sum().over([col("key")]).unwrap().alias("per_key")])), true),
+        (
+            "window",
+            Box::new(|lf: LazyFrame| {
+                lf.with_columns([col("value").sum().over([col("key")]).unwrap().alias("per_key")])
+            }),
+            true,
+        ),
         ("cum_sum", Box::new(|lf: LazyFrame| lf.with_columns([col("amount").cum_sum(false).alias("running")])), true),
         ("concat", Box::new(|lf: LazyFrame| concat([lf.clone(), lf], Default::default()).unwrap()), true),
     ];
@@ -629,12 +791,18 @@ fn generated_queries_give_the_same_rows_split_and_whole() {
         ("cross join", facts().filter(col("id").lt(lit(10))).cross_join(dims(), None), false),
         (
             "left join_where",
-            dims().join_builder().with(facts().filter(col("id").lt(lit(50)))).how(JoinType::Left).join_where(vec![col("key").lt(col("amount"))]),
+            dims()
+                .join_builder()
+                .with(facts().filter(col("id").lt(lit(50))))
+                .how(JoinType::Left)
+                .join_where(vec![col("key").lt(col("amount"))]),
             false,
         ),
         (
             "join then group_by",
-            join(JoinType::Inner, MaintainOrderJoin::None).group_by([col("name")]).agg([col("value").sum(), col("day").mean()]),
+            join(JoinType::Inner, MaintainOrderJoin::None)
+                .group_by([col("name")])
+                .agg([col("value").sum(), col("day").mean()]),
             false,
         ),
     ];
@@ -660,7 +828,13 @@ fn generated_queries_give_the_same_rows_split_and_whole() {
             failures.push(format!("{name}: {why}\n{}", graph.describe()));
         }
     }
-    assert!(failures.is_empty(), "{} of {} split queries differ:\n{}", failures.len(), split_count, failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} split queries differ:\n{}",
+        failures.len(),
+        split_count,
+        failures.join("\n")
+    );
     // Most of them must really have been split, or this test proves nothing.
     assert!(split_count * 3 >= queries.len() * 2, "only {split_count} of {} queries were split", queries.len());
 }

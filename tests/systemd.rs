@@ -77,14 +77,21 @@ fn named_socket_activation_and_readiness_notifications() {
     let ports: Vec<u16> = (0..4).map(|_| free_port("127.0.0.1")).collect();
     // The configured binds are ports held by this test: the node can only serve through
     // the activated sockets.
-    let held: Vec<std::net::TcpListener> = (0..4).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let held: Vec<std::net::TcpListener> =
+        (0..4).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let h = |i: usize| held[i].local_addr().unwrap().port();
     let config = format!(
         "instance_id = \"node\"\n[scheduler]\nenabled = true\nclient_service.bind_addr = \"127.0.0.1:{}\"\nworker_service.bind_addr = \"127.0.0.1:{}\"\n\
          [worker]\nenabled = true\nheartbeat_period = \"200ms\"\ntask_service.bind_addr = \"127.0.0.1:{}\"\nshuffle_service.bind_addr = \"127.0.0.1:{}\"\n\
          task_service.public_addr = \"127.0.0.1:{}\"\nshuffle_service.public_addr = \"127.0.0.1:{}\"\n\
          [static_leader]\nscheduler_service.public_addr = \"127.0.0.1:{}\"\n",
-        h(0), h(1), h(2), h(3), ports[2], ports[3], ports[1]
+        h(0),
+        h(1),
+        h(2),
+        h(3),
+        ports[2],
+        ports[3],
+        ports[1]
     );
     let sockets = [("client", ports[0]), ("worker", ports[1]), ("task", ports[2]), ("shuffle", ports[3])];
     let mut node = activate(
@@ -146,7 +153,12 @@ fn activation_failure(sockets: &[(&str, u16)]) -> String {
 #[test]
 fn an_unknown_descriptor_name_is_an_error() {
     let log = activation_failure(&[("bogus", free_port("127.0.0.1"))]);
-    assert!(log.contains("is named `bogus`, which is not a polars-node service (names: client, worker, task, shuffle, otlp, rest)"), "{log}");
+    assert!(
+        log.contains(
+            "is named `bogus`, which is not a polars-node service (names: client, worker, task, shuffle, otlp, rest)"
+        ),
+        "{log}"
+    );
 }
 
 #[test]
@@ -158,5 +170,8 @@ fn an_unnamed_descriptor_is_an_error() {
 #[test]
 fn a_descriptor_for_a_service_the_node_does_not_run_is_an_error() {
     let log = activation_failure(&[("client", free_port("127.0.0.1")), ("task", free_port("127.0.0.1"))]);
-    assert!(log.contains("a socket-activated descriptor is named `task`, but this node runs no worker task service"), "{log}");
+    assert!(
+        log.contains("a socket-activated descriptor is named `task`, but this node runs no worker task service"),
+        "{log}"
+    );
 }

@@ -65,7 +65,10 @@ fn node_of(resource: &serde_json::Value) -> String {
 
 #[tonic::async_trait]
 impl TraceService for Receiver {
-    async fn export(&self, request: Request<ExportTraceServiceRequest>) -> Result<Response<ExportTraceServiceResponse>, Status> {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let mut rows = Vec::new();
         for rs in request.into_inner().resource_spans {
             let resource = attributes_json(rs.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or_default());
@@ -106,7 +109,10 @@ impl TraceService for Receiver {
 
 #[tonic::async_trait]
 impl MetricsService for Receiver {
-    async fn export(&self, request: Request<ExportMetricsServiceRequest>) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+    async fn export(
+        &self,
+        request: Request<ExportMetricsServiceRequest>,
+    ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
         let mut rows = Vec::new();
         for rm in request.into_inner().resource_metrics {
             let resource = attributes_json(rm.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or_default());

@@ -40,12 +40,16 @@ async fn queries(State(store): State<Store>) -> Result<Json<serde_json::Value>, 
 
 async fn query(State(store): State<Store>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, Response> {
     let canonical = uuid::Uuid::parse_str(&id)
-        .map_err(|_| (StatusCode::BAD_REQUEST, Json(json!({ "error": format!("`{id}` is not a query id") }))).into_response())?
+        .map_err(|_| {
+            (StatusCode::BAD_REQUEST, Json(json!({ "error": format!("`{id}` is not a query id") }))).into_response()
+        })?
         .to_string();
     let lookup = canonical.clone();
     let spans = blocking(move || store.spans_of_query(&lookup)).await?;
     if spans.is_empty() {
-        return Err((StatusCode::NOT_FOUND, Json(json!({ "error": format!("no query {canonical} is known") }))).into_response());
+        return Err(
+            (StatusCode::NOT_FOUND, Json(json!({ "error": format!("no query {canonical} is known") }))).into_response()
+        );
     }
     Ok(Json(query_detail(&canonical, &spans)))
 }
@@ -64,10 +68,8 @@ fn query_detail(id: &str, spans: &[SpanRow]) -> serde_json::Value {
         .and_then(|r| attr(r, "polars.stage_graph"))
         .and_then(|g| g.as_str().and_then(|g| serde_json::from_str(g).ok()))
         .unwrap_or_default();
-    let mut stages: BTreeMap<i64, serde_json::Value> = graph
-        .into_iter()
-        .filter_map(|g| Some((g.get("stage")?.as_i64()?, g)))
-        .collect();
+    let mut stages: BTreeMap<i64, serde_json::Value> =
+        graph.into_iter().filter_map(|g| Some((g.get("stage")?.as_i64()?, g))).collect();
     for s in spans {
         if let Some(stage) = attr(s, "polars.stage").and_then(|v| v.as_i64()) {
             stages.entry(stage).or_insert_with(|| json!({ "stage": stage, "inputs": [] }));
@@ -102,7 +104,8 @@ fn query_detail(id: &str, spans: &[SpanRow]) -> serde_json::Value {
                     obj["failed_tasks"] = (obj["failed_tasks"].as_i64().unwrap_or(0) + 1).into();
                 } else {
                     obj["rows"] = (obj["rows"].as_i64().unwrap_or(0) + int(s, "polars.rows")).into();
-                    obj["bytes_shuffled"] = (obj["bytes_shuffled"].as_i64().unwrap_or(0) + int(s, "polars.shuffle.bytes_written")).into();
+                    obj["bytes_shuffled"] =
+                        (obj["bytes_shuffled"].as_i64().unwrap_or(0) + int(s, "polars.shuffle.bytes_written")).into();
                 }
                 let start = obj["start_ns"].as_i64().filter(|v| *v > 0).map_or(s.start_ns, |v| v.min(s.start_ns));
                 obj["start_ns"] = start.into();
@@ -119,30 +122,34 @@ fn query_detail(id: &str, spans: &[SpanRow]) -> serde_json::Value {
     let end = spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
     // The optimized logical plan, as the engine reported it with its task.
     // The query's (split queries) or else its task's.
-    let ir_plan = root
-        .into_iter()
-        .chain(spans)
-        .find_map(|s| s.attributes.get("polars.plan.ir").and_then(|p| p.as_str()).filter(|p| !p.is_empty()).map(str::to_string));
+    let ir_plan = root.into_iter().chain(spans).find_map(|s| {
+        s.attributes.get("polars.plan.ir").and_then(|p| p.as_str()).filter(|p| !p.is_empty()).map(str::to_string)
+    });
     let physical = root.and_then(|r| attr(r, "polars.plan.physical")).and_then(|p| p.as_str().map(str::to_string));
     let failed = spans.iter().any(|s| s.status_code == 2 && (s.name == "query" || s.name == "task.execute"));
     // Client statuses: Queued, Scheduled, InProgress, Success, Failed, Canceled.
-    let status = match root.and_then(|r| attr(r, "polars.status")).and_then(|v| v.as_str().map(str::to_string)).as_deref() {
-        Some("Success") => "Success",
-        Some("Canceled") => "Canceled",
-        Some(_) => "Failed",
-        None if failed => "Failed",
-        None => "InProgress",
-    };
+    let status =
+        match root.and_then(|r| attr(r, "polars.status")).and_then(|v| v.as_str().map(str::to_string)).as_deref() {
+            Some("Success") => "Success",
+            Some("Canceled") => "Canceled",
+            Some(_) => "Failed",
+            None if failed => "Failed",
+            None => "InProgress",
+        };
     let finished: Vec<i64> = stages
         .iter()
-        .filter(|(_, s)| s["fused"] == json!(true) || s["task_runs"].as_i64().unwrap_or(0) > s["failed_tasks"].as_i64().unwrap_or(0))
+        .filter(|(_, s)| {
+            s["fused"] == json!(true) || s["task_runs"].as_i64().unwrap_or(0) > s["failed_tasks"].as_i64().unwrap_or(0)
+        })
         .map(|(i, _)| *i)
         .collect();
-    let failed_stage = stages.iter().find(|(_, s)| s["failed_tasks"].as_i64().unwrap_or(0) > 0 && status == "Failed").map(|(i, _)| *i);
+    let failed_stage =
+        stages.iter().find(|(_, s)| s["failed_tasks"].as_i64().unwrap_or(0) > 0 && status == "Failed").map(|(i, _)| *i);
     let rfc3339 = |ns: i64| jiff::Timestamp::from_nanosecond(ns as i128).map(|t| t.to_string()).unwrap_or_default();
     let bytes_shuffled: i64 = stages.values().map(|s| s["bytes_shuffled"].as_i64().unwrap_or(0)).sum();
     let node_time: i64 = tasks.iter().map(|s| s.end_ns - s.start_ns).sum();
-    let errors: Vec<String> = spans.iter().filter(|s| s.status_code == 2 && s.name == "query").map(|s| s.status_message.clone()).collect();
+    let errors: Vec<String> =
+        spans.iter().filter(|s| s.status_code == 2 && s.name == "query").map(|s| s.status_message.clone()).collect();
     json!({
         // The official client's fields.
         "id": id,
@@ -185,7 +192,10 @@ struct MetricsQuery {
     since_ns: i64,
 }
 
-async fn metric_points(State(store): State<Store>, Query(q): Query<MetricsQuery>) -> Result<Json<serde_json::Value>, Response> {
+async fn metric_points(
+    State(store): State<Store>,
+    Query(q): Query<MetricsQuery>,
+) -> Result<Json<serde_json::Value>, Response> {
     let points = blocking(move || store.metrics(q.node.as_deref(), q.name.as_deref(), q.since_ns)).await?;
     Ok(Json(json!({ "points": points })))
 }
@@ -220,7 +230,11 @@ async fn require_token(
     match auth.check_authorization(header) {
         Ok(_) => next.run(request).await,
         Err(status) => {
-            let code = if status.code() == tonic::Code::Unavailable { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::UNAUTHORIZED };
+            let code = if status.code() == tonic::Code::Unavailable {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
             (code, Json(json!({ "error": status.message() }))).into_response()
         }
     }
@@ -238,12 +252,10 @@ pub fn router(store: Store, auth: Option<JwksAuth>) -> axum::Router {
 }
 
 fn dashboard() -> axum::Router {
-    axum::Router::new()
-        .route("/", get(|| async { axum::response::Html(DASHBOARD_HTML) }))
-        .route(
-            "/dashboard.js",
-            get(|| async { ([(axum::http::header::CONTENT_TYPE, "text/javascript; charset=utf-8")], DASHBOARD_JS) }),
-        )
+    axum::Router::new().route("/", get(|| async { axum::response::Html(DASHBOARD_HTML) })).route(
+        "/dashboard.js",
+        get(|| async { ([(axum::http::header::CONTENT_TYPE, "text/javascript; charset=utf-8")], DASHBOARD_JS) }),
+    )
 }
 
 fn api(store: Store) -> axum::Router {

@@ -91,8 +91,18 @@ impl Store {
             )?;
             for s in spans {
                 stmt.execute(params![
-                    s.trace_id, s.span_id, s.parent_span_id, s.name, s.service, s.instance, s.start_ns, s.end_ns,
-                    s.status_code, s.status_message, s.query_id, s.attributes.to_string()
+                    s.trace_id,
+                    s.span_id,
+                    s.parent_span_id,
+                    s.name,
+                    s.service,
+                    s.instance,
+                    s.start_ns,
+                    s.end_ns,
+                    s.status_code,
+                    s.status_message,
+                    s.query_id,
+                    s.attributes.to_string()
                 ])?;
             }
         }
@@ -236,7 +246,13 @@ mod tests {
     use super::*;
 
     fn point(i: i64) -> MetricRow {
-        MetricRow { time_ns: i, node: "worker-1".into(), name: "cpu".into(), value: i as f64, attributes: serde_json::json!({}) }
+        MetricRow {
+            time_ns: i,
+            node: "worker-1".into(),
+            name: "cpu".into(),
+            value: i as f64,
+            attributes: serde_json::json!({}),
+        }
     }
 
     #[test]

@@ -92,7 +92,9 @@ async fn connection(
     socket.set_nodelay(true)?;
     let io = TokioIo::new(socket);
     // A client that sends nothing, or half a preface, is let go rather than polled forever.
-    let http2 = tokio::time::timeout(CONNECT_TIMEOUT, speaks_http2(io.inner())).await.map_err(|_| "no request within the connect timeout")??;
+    let http2 = tokio::time::timeout(CONNECT_TIMEOUT, speaks_http2(io.inner()))
+        .await
+        .map_err(|_| "no request within the connect timeout")??;
     if http2 {
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
         tokio::pin!(connection);
@@ -138,9 +140,12 @@ async fn send(State(store): State<ShuffleStore>, Query(q): Query<Fetch>, mut req
     };
     let upgrade = request.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes() == PROTOCOL.as_bytes());
     if !upgrade {
-        let mapped = tokio::task::spawn_blocking(move || map_file(&path).map_err(|e| format!("{}: {e}", path.display()))).await;
+        let mapped =
+            tokio::task::spawn_blocking(move || map_file(&path).map_err(|e| format!("{}: {e}", path.display()))).await;
         return match mapped {
-            Ok(Ok(bytes)) => ([(header::CONTENT_LENGTH, bytes.len().to_string())], axum::body::Body::from(bytes)).into_response(),
+            Ok(Ok(bytes)) => {
+                ([(header::CONTENT_LENGTH, bytes.len().to_string())], axum::body::Body::from(bytes)).into_response()
+            }
             Ok(Err(e)) => (StatusCode::NOT_FOUND, e).into_response(),
             Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         };
@@ -180,10 +185,13 @@ async fn send_file(mut socket: TcpStream, file: &std::fs::File, length: u64) -> 
     while (offset as u64) < length {
         let want = (length - offset as u64).min(1 << 30) as usize;
         let moved = socket.async_io(Interest::WRITABLE, || {
-            nix::sys::sendfile::sendfile64(socket.as_fd(), file.as_fd(), Some(&mut offset), want).map_err(std::io::Error::from)
+            nix::sys::sendfile::sendfile64(socket.as_fd(), file.as_fd(), Some(&mut offset), want)
+                .map_err(std::io::Error::from)
         });
         match tokio::time::timeout(STALL_TIMEOUT, moved).await {
-            Ok(Ok(0)) => return Err(std::io::Error::other(format!("the file ended {} bytes early", length - offset as u64))),
+            Ok(Ok(0)) => {
+                return Err(std::io::Error::other(format!("the file ended {} bytes early", length - offset as u64)));
+            }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the reader took nothing")),
@@ -216,9 +224,10 @@ pub(super) async fn fetch(addr: &str, remote: &str, local: &Path) -> Result<(), 
         Err(_) => return Err(format!("no connection to {addr} within {CONNECT_TIMEOUT:?}")),
     };
     socket.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(socket))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(socket))
+            .await
+            .map_err(|e| e.to_string())?;
     tokio::spawn(connection.with_upgrades());
     let request = hyper::Request::get(format!("/v1/shuffle?{query}"))
         .header(header::HOST, addr)
@@ -242,10 +251,15 @@ pub(super) async fn fetch(addr: &str, remote: &str, local: &Path) -> Result<(), 
         .ok_or_else(|| format!("the answer to the upgrade has no {LENGTH} header"))?;
     let upgraded = hyper::upgrade::on(response).await.map_err(|e| e.to_string())?;
     // The connection as it was opened above, and what was read of it past the answer's head.
-    let parts = upgraded.downcast::<TokioIo<TcpStream>>().map_err(|_| "the upgraded connection is not the TCP socket it was".to_string())?;
+    let parts = upgraded
+        .downcast::<TokioIo<TcpStream>>()
+        .map_err(|_| "the upgraded connection is not the TCP socket it was".to_string())?;
     let socket = parts.io.into_inner().into_std().map_err(|e| e.to_string())?;
     let (head, local): (bytes::Bytes, PathBuf) = (parts.read_buf, local.to_path_buf());
-    tokio::task::spawn_blocking(move || receive(socket, &head, length, &local)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+    tokio::task::spawn_blocking(move || receive(socket, &head, length, &local))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// Writes `head` and then the rest of the file's `length` bytes from `socket` into a new file
@@ -255,17 +269,27 @@ fn receive(socket: std::net::TcpStream, head: &[u8], length: u64, path: &Path) -
     socket.set_read_timeout(Some(STALL_TIMEOUT))?;
     let mut file = std::fs::File::create(path)?;
     file.write_all(head)?;
-    let mut left = length.checked_sub(head.len() as u64).ok_or_else(|| std::io::Error::other("more bytes than the file's length"))?;
+    let mut left = length
+        .checked_sub(head.len() as u64)
+        .ok_or_else(|| std::io::Error::other("more bytes than the file's length"))?;
     let (from_pipe, into_pipe) = nix::unistd::pipe()?;
     if let Err(e) = fcntl(&into_pipe, FcntlArg::F_SETPIPE_SZ(MOVE as i32)) {
         // Past /proc/sys/fs/pipe-max-size for an unprivileged user: slower, still correct.
         tracing::debug!("shuffle fetch keeps the default pipe size: {e}");
     }
     while left > 0 {
-        let moved = match splice(socket.as_fd(), None, &into_pipe, None, (left as usize).min(MOVE), SpliceFFlags::SPLICE_F_MOVE) {
+        let moved = match splice(
+            socket.as_fd(),
+            None,
+            &into_pipe,
+            None,
+            (left as usize).min(MOVE),
+            SpliceFFlags::SPLICE_F_MOVE,
+        ) {
             Ok(moved) => moved,
             Err(nix::errno::Errno::EAGAIN) => {
-                let message = format!("nothing received for {STALL_TIMEOUT:?}, {left} bytes before the end of the file");
+                let message =
+                    format!("nothing received for {STALL_TIMEOUT:?}, {left} bytes before the end of the file");
                 return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, message));
             }
             Err(e) => return Err(e.into()),

@@ -89,7 +89,9 @@ impl Node {
     }
 
     pub fn wait_log(&self, needle: &str, timeout: Duration) {
-        wait_until(&format!("`{needle}` in the log of {}", self.name), timeout, || self.log().contains(needle).then_some(()))
+        wait_until(&format!("`{needle}` in the log of {}", self.name), timeout, || {
+            self.log().contains(needle).then_some(())
+        })
     }
 
     pub fn kill(&mut self) {

@@ -49,7 +49,13 @@ pub struct RangePart {
 fn integer_key(dtype: &DataType) -> bool {
     matches!(
         dtype,
-        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::UInt8 | DataType::UInt16 | DataType::Date
+        DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::UInt8
+            | DataType::UInt16
+            | DataType::Date
     )
 }
 
@@ -57,8 +63,11 @@ fn integer_key(dtype: &DataType) -> bool {
 /// group has statistics without nulls, and each starts at or after the end of the one before.
 /// `None` when no column is, or a file is not a readable local Parquet file.
 pub fn clustered(paths: &[PlRefPath], schema: &Schema, columns: &[PlSmallStr]) -> Option<Clustered> {
-    let candidates: Vec<&PlSmallStr> =
-        schema.iter().filter(|(name, dtype)| integer_key(dtype) && columns.contains(name)).map(|(name, _)| name).collect();
+    let candidates: Vec<&PlSmallStr> = schema
+        .iter()
+        .filter(|(name, dtype)| integer_key(dtype) && columns.contains(name))
+        .map(|(name, _)| name)
+        .collect();
     if candidates.is_empty() {
         return None;
     }
@@ -109,7 +118,8 @@ impl Clustered {
             acc += u.rows;
         }
         before.push(acc);
-        let cuttable: Vec<usize> = (1..self.units.len()).filter(|&i| self.units[i - 1].max < self.units[i].min).collect();
+        let cuttable: Vec<usize> =
+            (1..self.units.len()).filter(|&i| self.units[i - 1].max < self.units[i].min).collect();
         let mut cuts: Vec<usize> = Vec::new();
         for k in 1..n as u64 {
             let target = k * total / n as u64;
@@ -161,27 +171,36 @@ mod tests {
     use super::*;
 
     fn units(ranges: &[(usize, u64, i64, i64)]) -> Clustered {
-        Clustered { key: "k".into(), units: ranges.iter().map(|&(file, rows, min, max)| Unit { file, rows, min, max }).collect() }
+        Clustered {
+            key: "k".into(),
+            units: ranges.iter().map(|&(file, rows, min, max)| Unit { file, rows, min, max }).collect(),
+        }
     }
 
     #[test]
     fn parts_are_whole_files_when_files_are_the_ranges() {
         let c = units(&[(0, 10, 1, 5), (0, 10, 6, 9), (1, 10, 10, 15), (1, 10, 16, 20)]);
         let parts = c.split(2).unwrap();
-        assert_eq!(parts, vec![
-            RangePart { files: 0..1, slice: None, low: None },
-            RangePart { files: 1..2, slice: None, low: Some(10) },
-        ]);
+        assert_eq!(
+            parts,
+            vec![
+                RangePart { files: 0..1, slice: None, low: None },
+                RangePart { files: 1..2, slice: None, low: Some(10) },
+            ]
+        );
     }
 
     #[test]
     fn a_file_is_sliced_between_its_row_groups() {
         let c = units(&[(0, 10, 1, 5), (0, 10, 6, 9), (0, 10, 10, 15), (0, 10, 16, 20)]);
         let parts = c.split(2).unwrap();
-        assert_eq!(parts, vec![
-            RangePart { files: 0..1, slice: Some((0, 20)), low: None },
-            RangePart { files: 0..1, slice: Some((20, 20)), low: Some(10) },
-        ]);
+        assert_eq!(
+            parts,
+            vec![
+                RangePart { files: 0..1, slice: Some((0, 20)), low: None },
+                RangePart { files: 0..1, slice: Some((20, 20)), low: Some(10) },
+            ]
+        );
     }
 
     #[test]

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 pub use polars;
+use polars::prelude::*;
 /// The global allocator of the client's wheel (jemalloc with Polars' memory accounting).
 pub use polars_ooc::Allocator;
-use polars::prelude::*;
 use polars_plan::prelude::PlanCallback;
 
 pub mod clustering;
@@ -92,7 +92,9 @@ impl EngineChoice {
             EngineChoice::Auto => Engine::Auto,
             EngineChoice::Streaming => Engine::Streaming,
             EngineChoice::InMemory => Engine::InMemory,
-            EngineChoice::Gpu => polars_bail!(InvalidOperation: "the GPU engine is not available on this cluster; use engine=\"auto\""),
+            EngineChoice::Gpu => {
+                polars_bail!(InvalidOperation: "the GPU engine is not available on this cluster; use engine=\"auto\"")
+            }
         })
     }
 }
@@ -138,12 +140,18 @@ impl Plan {
     }
 
     /// Splits the query into stages (see [`planner`]).
-    pub fn plan_stages(&self, optimization_flags: Option<u32>, limits: planner::Limits) -> PolarsResult<planner::Split> {
+    pub fn plan_stages(
+        &self,
+        optimization_flags: Option<u32>,
+        limits: planner::Limits,
+    ) -> PolarsResult<planner::Split> {
         // A user's sink: the query below it is split, and its last task writes the sink as the
         // client wrote it.
         let (query, sink) = match &self.query {
             DslPlan::Sink { input, payload } => (input.as_ref(), Some(payload)),
-            DslPlan::SinkMultiple { .. } => return Ok(planner::Split::Whole("queries with several sinks are not split yet".into())),
+            DslPlan::SinkMultiple { .. } => {
+                return Ok(planner::Split::Whole("queries with several sinks are not split yet".into()));
+            }
             query => (query, None),
         };
         let mut split = planner::plan_stages(query, optimization_flags, limits)?;
@@ -184,13 +192,19 @@ impl Plan {
         }
         // The partitions are written as the engine streams the output: it never exists whole.
         let schema = lf.clone().collect_schema()?;
-        let writers = Arc::new(shuffle::PartitionWriters::create(dir, &schema, shuffle::Dealer::new(output, boundaries)?, format)?);
+        let writers = Arc::new(shuffle::PartitionWriters::create(
+            dir,
+            &schema,
+            shuffle::Dealer::new(output, boundaries)?,
+            format,
+        )?);
         let sink = writers.clone();
         // Order matters where the consumer reads a gathered output or a range in order.
         let maintain_order = !matches!(output, planner::StageOutput::Hash { .. });
         let callback = PlanCallback::new(move |df: DataFrame| sink.write(df).map(|()| false));
         lf.sink_batches(callback, maintain_order, None)?.collect_with_engine(Engine::Streaming)?;
-        let writers = Arc::into_inner(writers).ok_or_else(|| polars_err!(ComputeError: "the engine kept the shuffle writers"))?;
+        let writers =
+            Arc::into_inner(writers).ok_or_else(|| polars_err!(ComputeError: "the engine kept the shuffle writers"))?;
         writers.finish()
     }
 
@@ -216,7 +230,9 @@ impl Plan {
                 SinkType::File(FileSinkOptions { target: SinkTarget::Path(p), .. }) if local(p) => {
                     found.sinks.push(p.as_str().to_string())
                 }
-                SinkType::Partitioned(opts) if local(&opts.base_path) => found.sinks.push(opts.base_path.as_str().to_string()),
+                SinkType::Partitioned(opts) if local(&opts.base_path) => {
+                    found.sinks.push(opts.base_path.as_str().to_string())
+                }
                 _ => {}
             },
             _ => {}
@@ -252,7 +268,8 @@ impl Plan {
             return Ok(Executed { n_rows: 0, files: Vec::new(), head_ipc: Vec::new(), flight_schema: Vec::new() });
         }
         let mut df = lf.collect_with_engine(engine)?.unwrap_single();
-        std::fs::create_dir_all(result_dir).map_err(|e| polars_err!(ComputeError: "cannot create result directory {}: {e}", result_dir.display()))?;
+        std::fs::create_dir_all(result_dir)
+            .map_err(|e| polars_err!(ComputeError: "cannot create result directory {}: {e}", result_dir.display()))?;
         let mut flight_schema = Vec::new();
         let path = match self.target {
             Target::InMemory => {
@@ -295,7 +312,12 @@ pub fn write_flight_stream(df: &DataFrame, mut out: impl std::io::Write) -> Pola
     };
     type Batch = polars_arrow::record_batch::RecordBatchT<Box<dyn polars_arrow::array::Array>>;
 
-    fn write_pieces(batch: &Batch, options: &WriteOptions, encoded: &mut EncodedData, out: &mut impl std::io::Write) -> PolarsResult<()> {
+    fn write_pieces(
+        batch: &Batch,
+        options: &WriteOptions,
+        encoded: &mut EncodedData,
+        out: &mut impl std::io::Write,
+    ) -> PolarsResult<()> {
         encode_record_batch(batch, options, encoded);
         let rows = batch.len();
         if encoded.ipc_message.len() + encoded.arrow_data.len() <= FLIGHT_MESSAGE_BYTES || rows <= 1 {
@@ -314,7 +336,10 @@ pub fn write_flight_stream(df: &DataFrame, mut out: impl std::io::Write) -> Pola
     let schema = df.schema().to_arrow(compat);
     let fields = default_ipc_fields(schema.iter_values());
     let options = WriteOptions::default();
-    write_message(&mut out, &EncodedData { ipc_message: schema_to_bytes(&schema, &fields, None), arrow_data: Vec::new() })?;
+    write_message(
+        &mut out,
+        &EncodedData { ipc_message: schema_to_bytes(&schema, &fields, None), arrow_data: Vec::new() },
+    )?;
     let mut dictionaries = DictionaryTracker { dictionaries: Default::default(), cannot_replace: false };
     let mut encoded = EncodedData::default();
     let rows_per_piece = (df.height() * FLIGHT_PIECE_BYTES / df.estimated_size(true).max(1)).max(1);
@@ -346,7 +371,10 @@ const PYTHON_FUNCTION: &str = "the query calls a Python function (`map_elements`
 /// compiled in (unknown `OpaquePython`, `PlanCallback`), or Python UDFs inside expressions,
 /// which are read as bytes and only fail when the plan is converted ("activate 'serde, python'").
 fn needs_python(message: &str) -> bool {
-    message.contains("OpaquePython") || message.contains("PlanCallback") || message.contains("python' feature") || message.contains("python, ' feature")
+    message.contains("OpaquePython")
+        || message.contains("PlanCallback")
+        || message.contains("python' feature")
+        || message.contains("python, ' feature")
 }
 
 fn deserialize(bytes: &[u8]) -> PolarsResult<DslPlan> {

@@ -18,11 +18,13 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 
 use polars::prelude::*;
+use polars_defs::join::{IEJoinOptions, InequalityOperator};
 use polars_plan::plans::expr_ir::ExprIR;
 use polars_plan::plans::options::{JoinOptionsIR, ProjectionOptions};
-use polars_plan::plans::{AExpr, Card, DslFunction, FileInfo, IR, IRAggExpr, IRPlan, ToFieldContext, is_elementwise_rec, node_to_expr};
+use polars_plan::plans::{
+    AExpr, Card, DslFunction, FileInfo, IR, IRAggExpr, IRPlan, ToFieldContext, is_elementwise_rec, node_to_expr,
+};
 use polars_plan::prelude::{FileScanDsl, FileScanIR, JoinTypeOptionsIR};
-use polars_defs::join::{IEJoinOptions, InequalityOperator};
 use polars_utils::arena::{Arena, Node};
 use polars_utils::unique_id::UniqueId;
 
@@ -159,7 +161,9 @@ pub fn plan_stages(query: &DslPlan, optimization_flags: Option<u32>, limits: Lim
     }
     let root = match planner.visit(ir.lp_top) {
         Ok(rel) => rel,
-        Err(Unsupported(what)) => return Ok(Split::Whole(format!("the distributed planner does not split {what} yet"))),
+        Err(Unsupported(what)) => {
+            return Ok(Split::Whole(format!("the distributed planner does not split {what} yet")));
+        }
     };
     if let Some(what) = planner.inexpressible.take() {
         return Ok(Split::Whole(format!("the distributed planner cannot express `{what}` in a task")));
@@ -170,7 +174,12 @@ pub fn plan_stages(query: &DslPlan, optimization_flags: Option<u32>, limits: Lim
     let whole = planner.gather(root, "result");
     let label = "result".to_string();
     let inputs = inputs_of(&whole);
-    planner.graph.stages.push(StagePlan { tasks: vec![serialize(&whole)?], output: StageOutput::Result, inputs, label });
+    planner.graph.stages.push(StagePlan {
+        tasks: vec![serialize(&whole)?],
+        output: StageOutput::Result,
+        inputs,
+        label,
+    });
     planner.graph.logical_plan = ir.describe();
     Ok(Split::Stages(planner.graph))
 }
@@ -307,7 +316,8 @@ impl Planner<'_> {
                 let predicate = self.expr(&predicate);
                 let rel = self.visit(input)?;
                 let rel = if rowwise { rel } else { Rel::Whole(self.gather(rel, "filter")) };
-                Ok(self.map(rel, "filter", true, |p| DslPlan::Filter { input: Arc::new(p), predicate: predicate.clone() }))
+                Ok(self
+                    .map(rel, "filter", true, |p| DslPlan::Filter { input: Arc::new(p), predicate: predicate.clone() }))
             }
             IR::SimpleProjection { input, columns } => {
                 let rel = self.visit(input)?;
@@ -327,16 +337,25 @@ impl Planner<'_> {
                     let partial = split.partial.clone();
                     let parts = parts
                         .into_iter()
-                        .map(|p| DslPlan::Select { expr: partial.clone(), input: Arc::new(p), options: Default::default() })
+                        .map(|p| DslPlan::Select {
+                            expr: partial.clone(),
+                            input: Arc::new(p),
+                            options: Default::default(),
+                        })
                         .collect();
-                    let rel = Rel::Spread { parts, partitioned: None, label: format!("{label} → partial aggregates") };
+                    let rel =
+                        Rel::Spread { parts, partitioned: None, label: format!("{label} → partial aggregates") };
                     let gathered = self.gather(rel, "final aggregates");
                     return Ok(Rel::Whole(DslPlan::Select { expr: split.finals, input: Arc::new(gathered), options }));
                 }
                 let rel = if rowwise { rel } else { Rel::Whole(self.gather(rel, "select")) };
                 let passed: Vec<String> = self.column_names_each(&expr);
                 let keeps = partition_keys(&rel).is_some_and(|keys| keys.iter().all(|k| passed.iter().any(|p| p == k)));
-                Ok(self.map(rel, "select", keeps, |p| DslPlan::Select { expr: exprs.clone(), input: Arc::new(p), options }))
+                Ok(self.map(rel, "select", keeps, |p| DslPlan::Select {
+                    expr: exprs.clone(),
+                    input: Arc::new(p),
+                    options,
+                }))
             }
             IR::HStack { input, exprs, options, .. } => {
                 let rowwise = self.elementwise(&exprs);
@@ -344,8 +363,13 @@ impl Planner<'_> {
                 let exprs: Vec<Expr> = exprs.iter().map(|e| self.named(e)).collect();
                 let rel = self.visit(input)?;
                 let rel = if rowwise { rel } else { Rel::Whole(self.gather(rel, "with_columns")) };
-                let keeps = partition_keys(&rel).is_some_and(|keys| keys.iter().all(|k| !replaced.iter().any(|r| r == k)));
-                Ok(self.map(rel, "with_columns", keeps, |p| DslPlan::HStack { input: Arc::new(p), exprs: exprs.clone(), options }))
+                let keeps =
+                    partition_keys(&rel).is_some_and(|keys| keys.iter().all(|k| !replaced.iter().any(|r| r == k)));
+                Ok(self.map(rel, "with_columns", keeps, |p| DslPlan::HStack {
+                    input: Arc::new(p),
+                    exprs: exprs.clone(),
+                    options,
+                }))
             }
             IR::GroupBy { input, keys, aggs, maintain_order, options, apply, schema } => {
                 if apply.is_some() || options.is_dynamic() || options.is_rolling() {
@@ -395,17 +419,22 @@ impl Planner<'_> {
                         apply: None,
                     };
                     let (partial_keys, partial) = (keys.clone(), split.partial.clone());
-                    let rel = self.map(rel, "partial group_by", false, |p| group(p, partial_keys.clone(), partial.clone()));
+                    let rel =
+                        self.map(rel, "partial group_by", false, |p| group(p, partial_keys.clone(), partial.clone()));
                     let rel = self.grouped_by(rel, &key_outputs, Some(node));
                     let final_keys: Vec<Expr> = key_outputs.iter().map(|k| col(k.as_str())).collect();
                     // Each group's row stays in its key's partition (a join on the keys needs
                     // no new shuffle).
-                    return Ok(self.map(rel, "final group_by", true, |p| group(p, final_keys.clone(), split.finals.clone())));
+                    return Ok(
+                        self.map(rel, "final group_by", true, |p| group(p, final_keys.clone(), split.finals.clone()))
+                    );
                 }
                 match (rel, key_names) {
                     // Every row of a group lands in the same partition: each part aggregates
                     // its groups completely.
-                    (rel @ Rel::Spread { .. }, Some(names)) if !maintain_order && slice.is_none() && !names.is_empty() && order_free_aggs => {
+                    (rel @ Rel::Spread { .. }, Some(names))
+                        if !maintain_order && slice.is_none() && !names.is_empty() && order_free_aggs =>
+                    {
                         let rel = self.grouped_by(rel, &names, Some(node));
                         Ok(self.map(rel, "group_by", true, build))
                     }
@@ -428,7 +457,8 @@ impl Planner<'_> {
                 // A whole sort: sample the first key's boundaries, send each row to the
                 // partition of its key range, sort every partition; the partitions, in order,
                 // are the sorted rows.
-                let first_key = self.column_names(&by_column[..1.min(by_column.len())]).and_then(|k| k.into_iter().next());
+                let first_key =
+                    self.column_names(&by_column[..1.min(by_column.len())]).and_then(|k| k.into_iter().next());
                 // Not after an aggregation (its output is mostly small: one task sorts it
                 // faster than four stages would).
                 if let (Rel::Spread { .. }, None, Some(key)) = (&rel, slice, first_key)
@@ -440,7 +470,10 @@ impl Planner<'_> {
                     let Rel::Spread { parts, label, .. } = rel else { unreachable!() };
                     let (descending, nulls_last) = (sort_options.descending[0], sort_options.nulls_last[0]);
                     let partitions = self.limits.max_tasks;
-                    let keys = parts.iter().map(|p| select_columns(p.clone(), [PlSmallStr::from(key.as_str())].iter())).collect();
+                    let keys = parts
+                        .iter()
+                        .map(|p| select_columns(p.clone(), [PlSmallStr::from(key.as_str())].iter()))
+                        .collect();
                     let sample = self.add_stage(keys, StageOutput::Single, format!("{label} → sort keys"));
                     let boundaries = self.add_stage(
                         vec![placeholder(sample, None)],
@@ -454,13 +487,21 @@ impl Planner<'_> {
                     );
                     self.graph.stages[ranged].inputs.push(boundaries);
                     let parts = (0..partitions).map(|i| sort(placeholder(ranged, Some(i)), None)).collect();
-                    return Ok(Rel::Spread { parts, partitioned: None, label: format!("stage {ranged} ranges → sort") });
+                    return Ok(Rel::Spread {
+                        parts,
+                        partitioned: None,
+                        label: format!("stage {ranged} ranges → sort"),
+                    });
                 }
                 let rel = match (rel, slice) {
                     (Rel::Spread { parts, label, .. }, Some((offset, len))) if offset >= 0 => {
                         let keep = Some((0, offset as usize + len));
                         let parts = parts.into_iter().map(|p| sort(p, keep)).collect();
-                        Rel::Spread { parts, partitioned: None, label: format!("{label} → top {}", offset as usize + len) }
+                        Rel::Spread {
+                            parts,
+                            partitioned: None,
+                            label: format!("{label} → top {}", offset as usize + len),
+                        }
                     }
                     (rel, _) => rel,
                 };
@@ -519,7 +560,9 @@ impl Planner<'_> {
                     && matches!(options.keep_strategy, UniqueKeepStrategy::Any | UniqueKeepStrategy::None);
                 match (rel, names) {
                     // Spread by some of the compared columns: duplicates are within a part.
-                    (rel @ Rel::Spread { .. }, _) if by_part && grouped(&rel, &compared) => Ok(self.map(rel, "unique", true, distinct)),
+                    (rel @ Rel::Spread { .. }, _) if by_part && grouped(&rel, &compared) => {
+                        Ok(self.map(rel, "unique", true, distinct))
+                    }
                     (rel @ Rel::Spread { .. }, Some(names)) if by_part => {
                         let rel = self.grouped_by(rel, &names, None);
                         Ok(self.map(rel, "unique", true, distinct))
@@ -588,7 +631,10 @@ impl Planner<'_> {
                     FunctionIR::RowIndex { name, offset, .. } => {
                         let rel = self.visit(input)?;
                         let plan = self.gather(rel, "with_row_index");
-                        Ok(Rel::Whole(DslPlan::MapFunction { input: Arc::new(plan), function: DslFunction::RowIndex { name, offset } }))
+                        Ok(Rel::Whole(DslPlan::MapFunction {
+                            input: Arc::new(plan),
+                            function: DslFunction::RowIndex { name, offset },
+                        }))
                     }
                     other => unsupported(format!("map function {other}")),
                 }
@@ -645,7 +691,11 @@ impl Planner<'_> {
                         let count = column(value.count(), &mut arena);
                         let f64 = |node, arena: &mut Arena<AExpr>| {
                             let agg = arena.add(AExpr::Agg(IRAggExpr::Sum { input: node, null_on_empty: false }));
-                            arena.add(AExpr::Cast { expr: agg, dtype: DataType::Float64, options: polars::chunked_array::cast::CastOptions::NonStrict })
+                            arena.add(AExpr::Cast {
+                                expr: agg,
+                                dtype: DataType::Float64,
+                                options: polars::chunked_array::cast::CastOptions::NonStrict,
+                            })
                         };
                         let (sum, count) = (f64(sum, &mut arena), f64(count, &mut arena));
                         AExpr::BinaryExpr { left: sum, op: Operator::TrueDivide, right: count }
@@ -797,7 +847,8 @@ impl Planner<'_> {
                 return None;
             }
             let (lows, read) = self.scan_ranges(table, table_key)?;
-            (!broadcast || (read >= self.limits.broadcast_limit / 8 && spread_ranges.is_none())).then(|| (spread_key.clone(), lows))
+            (!broadcast || (read >= self.limits.broadcast_limit / 8 && spread_ranges.is_none()))
+                .then(|| (spread_key.clone(), lows))
         })
     }
 
@@ -817,27 +868,37 @@ impl Planner<'_> {
             IR::Scan { predicate, .. } => {
                 let has = self.arena().get(node).schema(self.arena()).contains(column);
                 let filtered = has && (predicate.is_some() || !filters.is_empty());
-                filtered.then(|| KeySource { scan: node, column: column.to_string(), filters, read_bytes: self.scan_read_bytes(node) })
+                filtered.then(|| KeySource {
+                    scan: node,
+                    column: column.to_string(),
+                    filters,
+                    read_bytes: self.scan_read_bytes(node),
+                })
             }
             IR::Filter { input, predicate } => {
                 filters.push(predicate.clone());
                 self.key_source_below(*input, column, filters)
             }
             IR::Distinct { input, .. } | IR::Cache { input, .. } => self.key_source_below(*input, column, filters),
-            IR::SimpleProjection { input, columns } => columns.contains(column).then(|| self.key_source_below(*input, column, filters)).flatten(),
+            IR::SimpleProjection { input, columns } => {
+                columns.contains(column).then(|| self.key_source_below(*input, column, filters)).flatten()
+            }
             IR::Select { input, expr, .. } => {
                 let e = expr.iter().find(|e| e.output_name() == column)?;
                 let AExpr::Column(name) = self.exprs().get(e.node()) else { return None };
                 self.key_source_below(*input, name, Vec::new())
             }
-            IR::HStack { input, exprs, .. } => {
-                (!exprs.iter().any(|e| e.output_name() == column)).then(|| self.key_source_below(*input, column, Vec::new())).flatten()
+            IR::HStack { input, exprs, .. } => (!exprs.iter().any(|e| e.output_name() == column))
+                .then(|| self.key_source_below(*input, column, Vec::new()))
+                .flatten(),
+            IR::Join { input_left, input_right, options, .. }
+                if matches!(options.args.how, JoinType::Inner | JoinType::Semi) =>
+            {
+                self.join_column_origins(*input_left, *input_right, options, column)
+                    .into_iter()
+                    .filter_map(|(side, name)| self.key_source_below(side, &name, Vec::new()))
+                    .min_by_key(|source| source.read_bytes)
             }
-            IR::Join { input_left, input_right, options, .. } if matches!(options.args.how, JoinType::Inner | JoinType::Semi) => self
-                .join_column_origins(*input_left, *input_right, options, column)
-                .into_iter()
-                .filter_map(|(side, name)| self.key_source_below(side, &name, Vec::new()))
-                .min_by_key(|source| source.read_bytes),
             _ => None,
         }
     }
@@ -860,7 +921,9 @@ impl Planner<'_> {
     fn key_target(&self, node: Node, column: &str) -> Option<(Node, String)> {
         let follow = |input: Node| self.key_target(input, column);
         match self.arena().get(node) {
-            IR::GroupBy { keys, options, apply: None, .. } if options.slice.is_none() && !options.is_dynamic() && !options.is_rolling() => {
+            IR::GroupBy { keys, options, apply: None, .. }
+                if options.slice.is_none() && !options.is_dynamic() && !options.is_rolling() =>
+            {
                 self.column_names_each(keys).iter().any(|k| k == column).then(|| (node, column.to_string()))
             }
             IR::Filter { input, .. } => follow(*input),
@@ -870,11 +933,16 @@ impl Planner<'_> {
                 let AExpr::Column(name) = self.exprs().get(e.node()) else { return None };
                 self.key_target(*input, name)
             }
-            IR::HStack { input, exprs, .. } => (!exprs.iter().any(|e| e.output_name() == column)).then(|| follow(*input)).flatten(),
-            IR::Join { input_left, input_right, options, .. } if matches!(options.args.how, JoinType::Inner | JoinType::Semi | JoinType::Left) => self
-                .join_column_origins(*input_left, *input_right, options, column)
-                .into_iter()
-                .find_map(|(side, name)| self.key_target(side, &name)),
+            IR::HStack { input, exprs, .. } => {
+                (!exprs.iter().any(|e| e.output_name() == column)).then(|| follow(*input)).flatten()
+            }
+            IR::Join { input_left, input_right, options, .. }
+                if matches!(options.args.how, JoinType::Inner | JoinType::Semi | JoinType::Left) =>
+            {
+                self.join_column_origins(*input_left, *input_right, options, column)
+                    .into_iter()
+                    .find_map(|(side, name)| self.key_target(side, &name))
+            }
             _ => None,
         }
     }
@@ -882,7 +950,13 @@ impl Planner<'_> {
     /// Where `column` of an equi join's output comes from (inner joins: either side; others:
     /// the left side only): the side that has it and, through a pair of plain key columns of
     /// one type, the other side's key it equals.
-    fn join_column_origins(&self, left: Node, right: Node, options: &JoinOptionsIR, column: &str) -> Vec<(Node, String)> {
+    fn join_column_origins(
+        &self,
+        left: Node,
+        right: Node,
+        options: &JoinOptionsIR,
+        column: &str,
+    ) -> Vec<(Node, String)> {
         let JoinTypeOptionsIR::Equi { on, .. } = &options.options else { return Vec::new() };
         let inner = options.args.how == JoinType::Inner;
         let on_left = self.arena().get(left).schema(self.arena()).contains(column);
@@ -891,7 +965,9 @@ impl Planner<'_> {
         }
         let mut origins = vec![(if on_left { left } else { right }, column.to_string())];
         for pair in on.iter().filter(|pair| self.same_key_dtypes(left, right, std::slice::from_ref(*pair))) {
-            let (Some(l), Some(r)) = (self.column_names(std::slice::from_ref(&pair.0)), self.column_names(std::slice::from_ref(&pair.1))) else {
+            let (Some(l), Some(r)) =
+                (self.column_names(std::slice::from_ref(&pair.0)), self.column_names(std::slice::from_ref(&pair.1)))
+            else {
                 continue;
             };
             match (on_left, &l[..], &r[..]) {
@@ -943,7 +1019,9 @@ impl Planner<'_> {
             return unsupported("a join with a slice");
         }
         let (on, fused): (Vec<(ExprIR, ExprIR)>, Option<Expr>) = match &options.options {
-            JoinTypeOptionsIR::Equi { on, fused_predicate } => (on.clone(), fused_predicate.as_ref().map(|p| self.expr(p))),
+            JoinTypeOptionsIR::Equi { on, fused_predicate } => {
+                (on.clone(), fused_predicate.as_ref().map(|p| self.expr(p)))
+            }
             // Inequality joins and fused cross-join filters: a cross join filtered by the same
             // condition (the worker's optimizer fuses them again).
             // Only for inner joins: a filter after a cross join drops the unmatched rows that a
@@ -971,14 +1049,21 @@ impl Planner<'_> {
         // Keys of different types are cast to a common one by Polars, and the casts read back
         // as key expressions would keep both key columns in the output.
         let (ls, rs) = (self.arena().get(left).schema(self.arena()), self.arena().get(right).schema(self.arena()));
-        if on.iter().any(|(l, r)| matches!((ls.get(l.output_name()), rs.get(r.output_name())), (Some(a), Some(b)) if a != b)) {
+        if on
+            .iter()
+            .any(|(l, r)| matches!((ls.get(l.output_name()), rs.get(r.output_name())), (Some(a), Some(b)) if a != b))
+        {
             return unsupported("a join on keys of different types");
         }
         // Join keys may not carry an alias.
         let left_on: Vec<Expr> = on.iter().map(|(l, _)| self.expr(l)).collect();
         let right_on: Vec<Expr> = on.iter().map(|(_, r)| self.expr(r)).collect();
         let cross = on.is_empty();
-        let join_options = Arc::new(JoinOptions { allow_parallel: options.allow_parallel, force_parallel: options.force_parallel, args: args.clone() });
+        let join_options = Arc::new(JoinOptions {
+            allow_parallel: options.allow_parallel,
+            force_parallel: options.force_parallel,
+            args: args.clone(),
+        });
         let build = move |l: DslPlan, r: DslPlan| {
             let plan = DslPlan::Join {
                 input_left: Arc::new(l),
@@ -1001,7 +1086,12 @@ impl Planner<'_> {
         let plain: Vec<(String, String)> = on
             .iter()
             .filter(|pair| self.same_key_dtypes(left, right, std::slice::from_ref(*pair)))
-            .filter_map(|(l, r)| Some((self.column_names(std::slice::from_ref(l))?.pop()?, self.column_names(std::slice::from_ref(r))?.pop()?)))
+            .filter_map(|(l, r)| {
+                Some((
+                    self.column_names(std::slice::from_ref(l))?.pop()?,
+                    self.column_names(std::slice::from_ref(r))?.pop()?,
+                ))
+            })
             .collect();
         // A group_by joined on one of its keys with a table laid out by the join key: the
         // group_by shuffles by that table's ranges, to which the table is then cut rather than
@@ -1038,14 +1128,19 @@ impl Planner<'_> {
                 let Some(source) = self.key_source(filter_side, theirs) else { continue };
                 let IR::GroupBy { input: group_input, .. } = self.arena().get(group) else { unreachable!() };
                 // Not when the group_by's rows come from the same filtered scan already.
-                if self.key_filters.contains_key(&group) || self.key_source(*group_input, &key).is_some_and(|own| own.scan == source.scan) {
+                if self.key_filters.contains_key(&group)
+                    || self.key_source(*group_input, &key).is_some_and(|own| own.scan == source.scan)
+                {
                     continue;
                 }
                 if source.read_bytes > self.limits.broadcast_limit || Some(source.scan) == self.largest_scan {
                     continue;
                 }
                 let Some(values) = self.key_values(&source) else { continue };
-                self.key_filters.insert(group, KeyFilter { column: key, values, values_column: source.column, nulls_equal: args.nulls_equal });
+                self.key_filters.insert(
+                    group,
+                    KeyFilter { column: key, values, values_column: source.column, nulls_equal: args.nulls_equal },
+                );
             }
         }
         let (l, r) = (self.visit(left)?, self.visit(right)?);
@@ -1099,7 +1194,11 @@ impl Planner<'_> {
             let right_parts = self.cut(r, &right_key, &lows, right);
             let parts = left_parts.into_iter().zip(right_parts).map(|(l, r)| build(l, r)).collect();
             let partitioned = keeps_left_rows.then(|| Partitioning::Ranges { key: left_key.clone(), lows });
-            return Ok(Rel::Spread { parts, partitioned, label: format!("{} → join by ranges of {left_key}", label.unwrap_or_default()) });
+            return Ok(Rel::Spread {
+                parts,
+                partitioned,
+                label: format!("{} → join by ranges of {left_key}", label.unwrap_or_default()),
+            });
         }
         match (l, r) {
             (Rel::Whole(l), Rel::Whole(r)) => Ok(Rel::Whole(build(l, r))),
@@ -1116,20 +1215,31 @@ impl Planner<'_> {
                 // column has the same name (then the right one is suffixed).
                 let left_schema = self.arena().get(left).schema(self.arena()).into_owned();
                 let partitioned = partitioned.filter(|p| {
-                    matches!(how, JoinType::Inner | JoinType::Cross) && p.keys().iter().all(|k| !left_schema.contains(k))
+                    matches!(how, JoinType::Inner | JoinType::Cross)
+                        && p.keys().iter().all(|k| !left_schema.contains(k))
                 });
                 Ok(Rel::Spread { parts, partitioned, label: format!("{label} → join (broadcast left)") })
             }
             // A semi or anti join of a whole (small) side needs only the distinct keys of the
             // spread side: each part reduces its rows to its keys, one task joins.
-            (Rel::Whole(l), Rel::Spread { parts, label, .. }) if matches!(how, JoinType::Semi | JoinType::Anti) && keys.1.is_some() => {
-                let names: Vec<PlSmallStr> = keys.1.unwrap_or_default().iter().map(|k| PlSmallStr::from(k.as_str())).collect();
+            (Rel::Whole(l), Rel::Spread { parts, label, .. })
+                if matches!(how, JoinType::Semi | JoinType::Anti) && keys.1.is_some() =>
+            {
+                let names: Vec<PlSmallStr> =
+                    keys.1.unwrap_or_default().iter().map(|k| PlSmallStr::from(k.as_str())).collect();
                 let distinct = |p: DslPlan| DslPlan::Distinct {
                     input: Arc::new(select_columns(p, names.iter())),
-                    options: DistinctOptionsDSL { subset: None, maintain_order: false, keep_strategy: UniqueKeepStrategy::Any },
+                    options: DistinctOptionsDSL {
+                        subset: None,
+                        maintain_order: false,
+                        keep_strategy: UniqueKeepStrategy::Any,
+                    },
                 };
                 let parts = parts.into_iter().map(distinct).collect();
-                let keys = self.gather(Rel::Spread { parts, partitioned: None, label: format!("{label} → distinct join keys") }, "join");
+                let keys = self.gather(
+                    Rel::Spread { parts, partitioned: None, label: format!("{label} → distinct join keys") },
+                    "join",
+                );
                 Ok(Rel::Whole(build(l, keys)))
             }
             (l, r) => match keys {
@@ -1182,7 +1292,14 @@ impl Planner<'_> {
 
     /// An inequality join's condition in the joined output's names (right columns that clash
     /// with left ones carry the suffix).
-    fn inequality(&self, left: Node, ie: &IEJoinOptions, left_on: &[ExprIR], right_on: &[ExprIR], suffix: &PlSmallStr) -> Planned<Expr> {
+    fn inequality(
+        &self,
+        left: Node,
+        ie: &IEJoinOptions,
+        left_on: &[ExprIR],
+        right_on: &[ExprIR],
+        suffix: &PlSmallStr,
+    ) -> Planned<Expr> {
         let left_schema = self.arena().get(left).schema(self.arena()).into_owned();
         let ops = [Some(ie.operator1), ie.operator2];
         let mut condition: Option<Expr> = None;
@@ -1194,7 +1311,10 @@ impl Planner<'_> {
             // none of its columns clashes with a left one (a plain column is renamed).
             let r = match self.exprs().get(r.node()) {
                 AExpr::Column(name) if left_schema.contains(name) => col(format!("{name}{suffix}").as_str()),
-                _ if polars_plan::utils::aexpr_to_leaf_names(r.node(), self.exprs()).iter().any(|n| left_schema.contains(n)) => {
+                _ if polars_plan::utils::aexpr_to_leaf_names(r.node(), self.exprs())
+                    .iter()
+                    .any(|n| left_schema.contains(n)) =>
+                {
                     return unsupported("an inequality join whose right key reads a column named like a left one");
                 }
                 _ => self.expr(r),
@@ -1218,7 +1338,8 @@ impl Planner<'_> {
     fn orderable(&self, node: Node, name: &str) -> bool {
         let schema = self.arena().get(node).schema(self.arena());
         schema.get(name).is_some_and(|dtype| {
-            dtype.is_primitive_numeric() || matches!(dtype, DataType::String | DataType::Date | DataType::Datetime(..) | DataType::Boolean)
+            dtype.is_primitive_numeric()
+                || matches!(dtype, DataType::String | DataType::Date | DataType::Datetime(..) | DataType::Boolean)
         })
     }
 
@@ -1234,8 +1355,14 @@ impl Planner<'_> {
 
     /// How a scan of Parquet `paths` laid out by ranges of one of the `columns` it returns (all:
     /// `None`) is split: that column and the parts.
-    fn range_split(&self, paths: &[PlRefPath], file_info: &FileInfo, columns: Option<&[PlSmallStr]>) -> Option<(String, Vec<RangePart>)> {
-        let returned: Vec<PlSmallStr> = columns.map(<[_]>::to_vec).unwrap_or_else(|| file_info.schema.iter_names().cloned().collect());
+    fn range_split(
+        &self,
+        paths: &[PlRefPath],
+        file_info: &FileInfo,
+        columns: Option<&[PlSmallStr]>,
+    ) -> Option<(String, Vec<RangePart>)> {
+        let returned: Vec<PlSmallStr> =
+            columns.map(<[_]>::to_vec).unwrap_or_else(|| file_info.schema.iter_names().cloned().collect());
         let clustered = crate::clustering::clustered(paths, &file_info.schema, &returned)?;
         let by_rows = (clustered.rows() / self.limits.min_rows_per_task.max(1)) as usize;
         let n = by_rows.max(paths.len()).clamp(1, self.limits.max_tasks);
@@ -1248,11 +1375,14 @@ impl Planner<'_> {
     fn scan_ranges(&self, mut node: Node, column: &str) -> Option<(Vec<i64>, u64)> {
         loop {
             match self.arena().get(node) {
-                IR::Filter { input, .. } | IR::SimpleProjection { input, .. } | IR::Cache { input, .. } => node = *input,
-                IR::Scan { sources: sources @ ScanSources::Paths(paths), file_info, output_schema, scan_type, .. }
-                    if matches!(**scan_type, FileScanIR::Parquet { .. }) =>
-                {
-                    let columns: Option<Vec<PlSmallStr>> = output_schema.as_ref().map(|s| s.iter_names().cloned().collect());
+                IR::Filter { input, .. } | IR::SimpleProjection { input, .. } | IR::Cache { input, .. } => {
+                    node = *input
+                }
+                IR::Scan {
+                    sources: sources @ ScanSources::Paths(paths), file_info, output_schema, scan_type, ..
+                } if matches!(**scan_type, FileScanIR::Parquet { .. }) => {
+                    let columns: Option<Vec<PlSmallStr>> =
+                        output_schema.as_ref().map(|s| s.iter_names().cloned().collect());
                     let (key, parts) = self.range_split(paths, file_info, columns.as_deref())?;
                     let read = (scan_bytes(sources) as f64 * read_share(&file_info.schema, columns.as_deref())) as u64;
                     return (key == column).then(|| (parts.iter().filter_map(|p| p.low).collect(), read));
@@ -1264,7 +1394,8 @@ impl Planner<'_> {
 
     /// An IR scan as DSL: what its parts and whole copies are built from.
     fn scan_dsl(&self, node: Node) -> Planned<ScanDsl> {
-        let IR::Scan { sources, file_info, predicate, output_schema, scan_type, unified_scan_args, .. } = self.arena().get(node).clone()
+        let IR::Scan { sources, file_info, predicate, output_schema, scan_type, unified_scan_args, .. } =
+            self.arena().get(node).clone()
         else {
             unreachable!()
         };
@@ -1316,7 +1447,10 @@ impl Planner<'_> {
                 .iter()
                 .map(|part| {
                     let files: Vec<PlRefPath> = paths[part.files.clone()].to_vec();
-                    dsl(ScanSources::Paths(files.into()), part.slice.map(|(offset, len)| (offset as i64, len as IdxSize)))
+                    dsl(
+                        ScanSources::Paths(files.into()),
+                        part.slice.map(|(offset, len)| (offset as i64, len as IdxSize)),
+                    )
                 })
                 .collect();
             let lows = ranges.iter().filter_map(|part| part.low).collect();
@@ -1328,11 +1462,20 @@ impl Planner<'_> {
             let n = paths.len().min(self.limits.max_tasks);
             let parts = (0..n)
                 .map(|i| {
-                    let chunk: Vec<PlRefPath> = paths.iter().skip(i * paths.len() / n).take((i + 1) * paths.len() / n - i * paths.len() / n).cloned().collect();
+                    let chunk: Vec<PlRefPath> = paths
+                        .iter()
+                        .skip(i * paths.len() / n)
+                        .take((i + 1) * paths.len() / n - i * paths.len() / n)
+                        .cloned()
+                        .collect();
                     dsl(ScanSources::Paths(chunk.into()), None)
                 })
                 .collect();
-            return Ok(Rel::Spread { parts, partitioned: None, label: format!("scan {name} ({} files in {n} parts)", paths.len()) });
+            return Ok(Rel::Spread {
+                parts,
+                partitioned: None,
+                label: format!("scan {name} ({} files in {n} parts)", paths.len()),
+            });
         }
         // One file: row ranges (a Parquet reader skips the row groups outside its range).
         let rows = exact_rows(file_info);
@@ -1385,7 +1528,10 @@ impl KeyFilter {
         DslPlan::Join {
             input_left: Arc::new(rows),
             input_right: Arc::new(values),
-            condition: JoinCondition::Equi { left_on: vec![col(self.column.as_str())], right_on: vec![col(self.values_column.as_str())] },
+            condition: JoinCondition::Equi {
+                left_on: vec![col(self.column.as_str())],
+                right_on: vec![col(self.values_column.as_str())],
+            },
             options: Arc::new(JoinOptions { args, ..Default::default() }),
         }
     }
@@ -1428,11 +1574,17 @@ impl ScanDsl {
 fn same_ranges(l: &Rel, r: &Rel, pairs: &[(String, String)]) -> Option<(String, String, Vec<i64>)> {
     let pairs = || pairs.iter().map(|(a, b)| (a, b));
     match (ranges_of(l), ranges_of(r)) {
-        (Some((lkey, llows)), Some((rkey, rlows))) if llows == rlows && pairs().any(|(a, b)| *a == lkey && *b == rkey) => {
+        (Some((lkey, llows)), Some((rkey, rlows)))
+            if llows == rlows && pairs().any(|(a, b)| *a == lkey && *b == rkey) =>
+        {
             Some((lkey, rkey, llows))
         }
-        (Some((lkey, lows)), None) if matches!(r, Rel::Whole(_)) => pairs().find(|(a, _)| **a == lkey).map(|(a, b)| (a.clone(), b.clone(), lows)),
-        (None, Some((rkey, lows))) if matches!(l, Rel::Whole(_)) => pairs().find(|(_, b)| **b == rkey).map(|(a, b)| (a.clone(), b.clone(), lows)),
+        (Some((lkey, lows)), None) if matches!(r, Rel::Whole(_)) => {
+            pairs().find(|(a, _)| **a == lkey).map(|(a, b)| (a.clone(), b.clone(), lows))
+        }
+        (None, Some((rkey, lows))) if matches!(l, Rel::Whole(_)) => {
+            pairs().find(|(_, b)| **b == rkey).map(|(a, b)| (a.clone(), b.clone(), lows))
+        }
         _ => None,
     }
 }
@@ -1473,8 +1625,12 @@ fn order_free(node: Node, arena: &Arena<AExpr>) -> bool {
         },
         AExpr::BinaryExpr { left, right, .. } => order_free(*left, arena) && order_free(*right, arena),
         AExpr::Cast { expr, .. } => order_free(*expr, arena),
-        AExpr::Ternary { predicate, truthy, falsy } => [predicate, truthy, falsy].iter().all(|n| order_free(**n, arena)),
-        AExpr::Function { input, options, .. } if options.is_elementwise() => input.iter().all(|i| order_free(i.node(), arena)),
+        AExpr::Ternary { predicate, truthy, falsy } => {
+            [predicate, truthy, falsy].iter().all(|n| order_free(**n, arena))
+        }
+        AExpr::Function { input, options, .. } if options.is_elementwise() => {
+            input.iter().all(|i| order_free(i.node(), arena))
+        }
         _ => false,
     }
 }
@@ -1485,7 +1641,10 @@ fn collect_aggregates(node: Node, arena: &Arena<AExpr>, schema: &Schema, out: &m
         AExpr::Len => out.push(node),
         AExpr::Agg(agg) => {
             let input = match agg {
-                IRAggExpr::Sum { input, .. } | IRAggExpr::Count { input, .. } | IRAggExpr::Min { input, .. } | IRAggExpr::Max { input, .. } => *input,
+                IRAggExpr::Sum { input, .. }
+                | IRAggExpr::Count { input, .. }
+                | IRAggExpr::Min { input, .. }
+                | IRAggExpr::Max { input, .. } => *input,
                 // Combined as sum / count: numbers only (the mean of a date is a date, and
                 // dates have no sum).
                 IRAggExpr::Mean(input) => {
@@ -1533,7 +1692,11 @@ fn exact_rows(info: &FileInfo) -> Option<u64> {
 }
 
 fn hashable(dtype: &DataType) -> bool {
-    dtype.is_primitive_numeric() || matches!(dtype, DataType::String | DataType::Boolean | DataType::Date | DataType::Datetime(..) | DataType::Binary)
+    dtype.is_primitive_numeric()
+        || matches!(
+            dtype,
+            DataType::String | DataType::Boolean | DataType::Date | DataType::Datetime(..) | DataType::Binary
+        )
         || matches!(dtype, DataType::Decimal(..))
 }
 
@@ -1568,7 +1731,9 @@ fn shared_keys(ir: &IRPlan) -> HashMap<UniqueId, String> {
         let inputs: Vec<Node> = plan.inputs().collect();
         for (side, &input) in inputs.iter().enumerate() {
             // A selection of columns is part of its reader's way to the cache.
-            let Some(id) = cache_below(input).filter(|_| !matches!(plan, IR::SimpleProjection { .. })) else { continue };
+            let Some(id) = cache_below(input).filter(|_| !matches!(plan, IR::SimpleProjection { .. })) else {
+                continue;
+            };
             let demand = match plan {
                 IR::GroupBy { keys, maintain_order: false, apply: None, options, .. }
                     if options.slice.is_none() && !options.is_dynamic() && !options.is_rolling() =>
@@ -1577,7 +1742,8 @@ fn shared_keys(ir: &IRPlan) -> HashMap<UniqueId, String> {
                 }
                 IR::Join { options, .. } => match &options.options {
                     JoinTypeOptionsIR::Equi { on, .. } if options.args.slice.is_none() => {
-                        let keys: Vec<ExprIR> = on.iter().map(|(l, r)| if side == 0 { l.clone() } else { r.clone() }).collect();
+                        let keys: Vec<ExprIR> =
+                            on.iter().map(|(l, r)| if side == 0 { l.clone() } else { r.clone() }).collect();
                         plain(&keys)
                     }
                     _ => None,
@@ -1627,7 +1793,13 @@ fn scan_bytes(sources: &ScanSources) -> u64 {
     match sources {
         ScanSources::Paths(paths) => paths
             .iter()
-            .map(|p| if p.scheme().is_none_or(|s| s.is_file()) { std::fs::metadata(p.as_str()).map(|m| m.len()).unwrap_or(0) } else { u64::MAX / 1024 })
+            .map(|p| {
+                if p.scheme().is_none_or(|s| s.is_file()) {
+                    std::fs::metadata(p.as_str()).map(|m| m.len()).unwrap_or(0)
+                } else {
+                    u64::MAX / 1024
+                }
+            })
             .fold(0u64, |a, b| a.saturating_add(b)),
         _ => 0,
     }
@@ -1641,7 +1813,12 @@ fn read_share(schema: &Schema, columns: Option<&[PlSmallStr]>) -> f64 {
             DataType::Boolean | DataType::Int8 | DataType::UInt8 => 1.0,
             DataType::Int16 | DataType::UInt16 => 2.0,
             DataType::Int32 | DataType::UInt32 | DataType::Float32 | DataType::Date => 4.0,
-            DataType::Int64 | DataType::UInt64 | DataType::Float64 | DataType::Datetime(..) | DataType::Duration(_) | DataType::Time => 8.0,
+            DataType::Int64
+            | DataType::UInt64
+            | DataType::Float64
+            | DataType::Datetime(..)
+            | DataType::Duration(_)
+            | DataType::Time => 8.0,
             DataType::String | DataType::Binary => 32.0,
             DataType::List(_) | DataType::Array(..) | DataType::Struct(_) => 64.0,
             _ => 16.0,
@@ -1656,7 +1833,8 @@ fn read_share(schema: &Schema, columns: Option<&[PlSmallStr]>) -> f64 {
 fn scan_name(sources: &ScanSources) -> String {
     match sources {
         ScanSources::Paths(paths) => {
-            let first = paths.first().map(|p| p.as_str().rsplit('/').next().unwrap_or("").to_string()).unwrap_or_default();
+            let first =
+                paths.first().map(|p| p.as_str().rsplit('/').next().unwrap_or("").to_string()).unwrap_or_default();
             if paths.len() > 1 { format!("{first} and {} more", paths.len() - 1) } else { first }
         }
         _ => "in-memory data".into(),
@@ -1751,11 +1929,15 @@ impl StageGraph {
         for (i, stage) in self.stages.iter().enumerate() {
             let output = match &stage.output {
                 StageOutput::Single => "gathered".to_string(),
-                StageOutput::Hash { keys, partitions } => format!("hash({}) into {partitions} partitions", keys.join(", ")),
+                StageOutput::Hash { keys, partitions } => {
+                    format!("hash({}) into {partitions} partitions", keys.join(", "))
+                }
                 StageOutput::Result => "result".to_string(),
                 StageOutput::Boundaries { key, partitions, .. } => format!("{} boundaries of {key}", partitions - 1),
                 StageOutput::Range { key, partitions, .. } => format!("ranges of {key} into {partitions} partitions"),
-                StageOutput::KeyRanges { key, lows } => format!("ranges of {key} into {} partitions (cut at {lows:?})", lows.len() + 1),
+                StageOutput::KeyRanges { key, lows } => {
+                    format!("ranges of {key} into {} partitions (cut at {lows:?})", lows.len() + 1)
+                }
             };
             let inputs = if stage.inputs.is_empty() {
                 String::new()

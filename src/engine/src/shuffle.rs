@@ -32,8 +32,9 @@ impl ShuffleFormat {
     /// uses its writer's default level.
     pub fn new(parquet: bool, codec: Codec, level: Option<i32>) -> PolarsResult<ShuffleFormat> {
         let zstd = match level {
-            Some(l) => polars_utils::compression::ZstdLevel::try_new(l)
-                .map_err(|_| polars_err!(InvalidOperation: "shuffle_compression_level {l} is not a ZSTD level (1 to 22)"))?,
+            Some(l) => polars_utils::compression::ZstdLevel::try_new(l).map_err(
+                |_| polars_err!(InvalidOperation: "shuffle_compression_level {l} is not a ZSTD level (1 to 22)"),
+            )?,
             None => Default::default(),
         };
         Ok(match (parquet, codec) {
@@ -97,7 +98,9 @@ pub fn write_partitions(
     dir: &Path,
 ) -> PolarsResult<Written> {
     let (df, dealer) = match output {
-        StageOutput::Boundaries { key, descending, partitions, .. } => (sample_boundaries(&df, key, *descending, *partitions)?, Dealer::One),
+        StageOutput::Boundaries { key, descending, partitions, .. } => {
+            (sample_boundaries(&df, key, *descending, *partitions)?, Dealer::One)
+        }
         _ => (df, Dealer::new(output, boundaries)?),
     };
     let rows = df.height() as u64;
@@ -112,10 +115,22 @@ pub fn write_partitions(
 pub enum Dealer {
     /// One partition.
     One,
-    Hash { keys: Vec<String>, partitions: usize },
-    Range { key: String, descending: bool, nulls_last: bool, partitions: usize, boundaries: Series },
+    Hash {
+        keys: Vec<String>,
+        partitions: usize,
+    },
+    Range {
+        key: String,
+        descending: bool,
+        nulls_last: bool,
+        partitions: usize,
+        boundaries: Series,
+    },
     /// Partition `i` from `lows[i - 1]` on, below `lows[i]`; nulls in partition 0.
-    KeyRanges { key: String, lows: Series },
+    KeyRanges {
+        key: String,
+        lows: Series,
+    },
 }
 
 impl Dealer {
@@ -128,9 +143,13 @@ impl Dealer {
                 descending: *descending,
                 nulls_last: *nulls_last,
                 partitions: *partitions,
-                boundaries: boundaries.ok_or_else(|| polars_err!(ComputeError: "a range partitioning task got no boundaries"))?.clone(),
+                boundaries: boundaries
+                    .ok_or_else(|| polars_err!(ComputeError: "a range partitioning task got no boundaries"))?
+                    .clone(),
             },
-            StageOutput::KeyRanges { key, lows } => Dealer::KeyRanges { key: key.clone(), lows: Series::new("lows".into(), lows) },
+            StageOutput::KeyRanges { key, lows } => {
+                Dealer::KeyRanges { key: key.clone(), lows: Series::new("lows".into(), lows) }
+            }
             StageOutput::Single | StageOutput::Result | StageOutput::Boundaries { .. } => Dealer::One,
         })
     }
@@ -148,11 +167,19 @@ impl Dealer {
         Ok(match self {
             Dealer::One => None,
             Dealer::Hash { keys, partitions } => Some(split_by_hash(df, keys, *partitions)?),
-            Dealer::Range { key, descending, nulls_last, partitions, boundaries } => {
-                Some(split_by_range(df, key, *descending, *nulls_last, *partitions, boundaries, SearchSortedSide::Left)?)
-            }
+            Dealer::Range { key, descending, nulls_last, partitions, boundaries } => Some(split_by_range(
+                df,
+                key,
+                *descending,
+                *nulls_last,
+                *partitions,
+                boundaries,
+                SearchSortedSide::Left,
+            )?),
             // A key equal to a low starts that low's partition.
-            Dealer::KeyRanges { key, lows } => Some(split_by_range(df, key, false, false, lows.len() + 1, lows, SearchSortedSide::Right)?),
+            Dealer::KeyRanges { key, lows } => {
+                Some(split_by_range(df, key, false, false, lows.len() + 1, lows, SearchSortedSide::Right)?)
+            }
         })
     }
 }
@@ -173,21 +200,30 @@ enum BatchWriter {
 }
 
 impl PartitionWriters {
-    pub fn create(dir: &Path, schema: &Schema, dealer: Dealer, format: ShuffleFormat) -> PolarsResult<PartitionWriters> {
-        std::fs::create_dir_all(dir).map_err(|e| polars_err!(ComputeError: "cannot create shuffle directory {}: {e}", dir.display()))?;
+    pub fn create(
+        dir: &Path,
+        schema: &Schema,
+        dealer: Dealer,
+        format: ShuffleFormat,
+    ) -> PolarsResult<PartitionWriters> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| polars_err!(ComputeError: "cannot create shuffle directory {}: {e}", dir.display()))?;
         let format = format.for_schema(schema);
         let paths: Vec<PathBuf> = (0..dealer.partitions()).map(|i| partition_path(dir, i, format)).collect();
         let writers = paths
             .iter()
             .map(|path| {
-                let file = File::create(path).map_err(|e| polars_err!(ComputeError: "cannot write {}: {e}", path.display()))?;
+                let file = File::create(path)
+                    .map_err(|e| polars_err!(ComputeError: "cannot write {}: {e}", path.display()))?;
                 let writer = match format {
                     ShuffleFormat::Ipc(compression) => {
                         let arrow = schema.to_arrow(CompatLevel::newest());
                         let fields = polars_arrow::io::ipc::write::default_ipc_fields(arrow.iter_values());
                         BatchWriter::Ipc(IpcWriter::new(file).with_compression(compression).batched(schema, fields)?)
                     }
-                    ShuffleFormat::Parquet(compression) => BatchWriter::Parquet(ParquetWriter::new(file).with_compression(compression).batched(schema)?),
+                    ShuffleFormat::Parquet(compression) => {
+                        BatchWriter::Parquet(ParquetWriter::new(file).with_compression(compression).batched(schema)?)
+                    }
                 };
                 Ok(Mutex::new(writer))
             })
@@ -207,8 +243,11 @@ impl PartitionWriters {
                 append(&self.writers[0], &df)
             }
             Some(rows) => {
-                let parts: Vec<(&Mutex<BatchWriter>, Vec<IdxSize>)> = self.writers.iter().zip(rows).filter(|(_, r)| !r.is_empty()).collect();
-                let one = |(writer, rows): (&Mutex<BatchWriter>, Vec<IdxSize>)| append(writer, &df.take(&IdxCa::from_vec(PlSmallStr::EMPTY, rows))?);
+                let parts: Vec<(&Mutex<BatchWriter>, Vec<IdxSize>)> =
+                    self.writers.iter().zip(rows).filter(|(_, r)| !r.is_empty()).collect();
+                let one = |(writer, rows): (&Mutex<BatchWriter>, Vec<IdxSize>)| {
+                    append(writer, &df.take(&IdxCa::from_vec(PlSmallStr::EMPTY, rows))?)
+                };
                 // A large batch (a whole output) is taken and compressed on several threads;
                 // streamed batches are small and the engine keeps the other cores busy.
                 let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(parts.len());
@@ -219,9 +258,11 @@ impl PartitionWriters {
                 std::thread::scope(|scope| {
                     let workers: Vec<_> = (0..threads)
                         .map(|_| {
-                            scope.spawn(|| loop {
-                                let Some(part) = queue.lock().unwrap().pop() else { return Ok(()) };
-                                one(part)?;
+                            scope.spawn(|| {
+                                loop {
+                                    let Some(part) = queue.lock().unwrap().pop() else { return Ok(()) };
+                                    one(part)?;
+                                }
                             })
                         })
                         .collect();
@@ -259,7 +300,6 @@ fn partition_path(dir: &Path, i: usize, format: ShuffleFormat) -> PathBuf {
     dir.join(format!("{i}.{}", format.extension()))
 }
 
-
 /// The rows of each hash partition.
 fn split_by_hash(df: &DataFrame, keys: &[String], partitions: usize) -> PolarsResult<Vec<Vec<IdxSize>>> {
     let mut key_df = df.select(keys.iter().map(|k| PlSmallStr::from(k.as_str())))?;
@@ -278,7 +318,8 @@ fn sample_boundaries(df: &DataFrame, key: &str, descending: bool, partitions: us
     let values = df.column(key)?.as_materialized_series().drop_nulls();
     let sorted = values.sort(SortOptions { descending, ..Default::default() })?;
     let n = sorted.len();
-    let idx: Vec<IdxSize> = if n == 0 { Vec::new() } else { (1..partitions).map(|j| (n * j / partitions) as IdxSize).collect() };
+    let idx: Vec<IdxSize> =
+        if n == 0 { Vec::new() } else { (1..partitions).map(|j| (n * j / partitions) as IdxSize).collect() };
     let boundaries = sorted.take(&IdxCa::from_vec(PlSmallStr::EMPTY, idx))?;
     DataFrame::new(boundaries.len(), vec![boundaries.into_column()])
 }
@@ -303,7 +344,13 @@ fn split_by_range(
     let nulls = values.is_null();
     for (row, (position, null)) in positions.iter().zip(nulls.iter()).enumerate() {
         let p = match (null, position) {
-            (Some(true), _) => if nulls_last { partitions - 1 } else { 0 },
+            (Some(true), _) => {
+                if nulls_last {
+                    partitions - 1
+                } else {
+                    0
+                }
+            }
             (_, Some(p)) => (p as usize).min(partitions - 1),
             (_, None) => 0,
         };
