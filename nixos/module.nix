@@ -79,6 +79,7 @@ let
       inherit (cfg.observatory) enable otlpService restService;
       databasePath = "/var/lib/polars/observatory/${cfg.clusterId}.db";
     };
+    inherit (cfg) monitoring;
   });
 
   # The node's own check, at build time; interfaces and names are looked up at start instead.
@@ -177,6 +178,21 @@ in
       enable = mkEnableOption "the polars-node observatory (OTLP 5049, REST API and dashboard 3001)";
       otlpService = serviceOptions "observatory OTLP receiver" 5049;
       restService = serviceOptions "observatory REST API and dashboard" 3001;
+    };
+    monitoring = {
+      enable = mkOption {
+        type = types.nullOr types.bool;
+        default = null;
+        description = ''
+          Send this node's traces and host metrics to the observatory. Unset: on when this host
+          runs the observatory or `leader.observatoryAddress` is set.
+        '';
+      };
+      hostMetrics = mkOption {
+        type = types.bool;
+        default = true;
+        description = "Send CPU and memory metrics (with monitoring on).";
+      };
     };
   };
 

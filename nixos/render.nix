@@ -87,7 +87,14 @@ let
       worker = cfg.worker or { };
       observatory = cfg.observatory or { };
       leader = cfg.leader or { };
+      monitoring = cfg.monitoring or { };
       enabled = role: role.enable or false;
+      # On by default wherever the observatory is known: on this host or at leader.observatoryAddress.
+      monitored =
+        if (monitoring.enable or null) != null then
+          monitoring.enable
+        else
+          enabled observatory || (leader.observatoryAddress or null) != null;
     in
     compact (
       recursiveMerge
@@ -124,6 +131,14 @@ let
                 service = service 5049 (observatory.otlpService or { });
                 rest_api.service = service 3001 (observatory.restService or { });
                 database_path = observatory.databasePath or "/var/lib/polars/observatory/data.db";
+              }
+            else
+              null;
+          monitoring =
+            if monitored then
+              {
+                enabled = true;
+                host_metrics.enabled = monitoring.hostMetrics or true;
               }
             else
               null;

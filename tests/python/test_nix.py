@@ -69,6 +69,30 @@ def test_examples_render_to_configurations_the_node_accepts(rendered):
     assert "lost_after_missed_heartbeats = 5" in rendered["all-in-one"].read_text()
 
 
+def test_the_readme_nixos_example_renders_as_shown_and_the_node_accepts_it(tmp_path):
+    """README's NixOS section: each `services.polars` value it shows (a ```nix block that is an
+    attribute set) renders with nixos/render.nix to exactly the ```toml block after it, which
+    `check-config` accepts; monitoring is on for both hosts (the observatory is known)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## NixOS\n", 1)[1].split("\n## ", 1)[0]
+    pairs = re.findall(r"```nix\n(\{\n  instanceId.*?\n\})\n```.*?```toml\n(.*?)```", section, re.S)
+    assert len(pairs) == 2, section
+    for i, (options, shown) in enumerate(pairs):
+        expr = tmp_path / f"{i}.nix"
+        expr.write_text(f"(import {ROOT}/nixos/render.nix).render ({options})")
+        out = run(tool("nix-instantiate"), "--eval", "--strict", "--json", str(expr))
+        assert out.returncode == 0, out.stderr
+        rendered = json.loads(out.stdout)
+        assert rendered == shown, f"README shows:\n{shown}\nrender.nix gives:\n{rendered}"
+        assert "[monitoring]\nenabled = true" in rendered
+        path = tmp_path / f"{i}.toml"
+        path.write_text(rendered)
+        checked = subprocess.run([BIN, "check-config", "--no-resolve", str(path)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+
+
 def test_a_bad_address_option_is_a_clear_evaluation_error(tmp_path):
     expr = tmp_path / "bad.nix"
     expr.write_text(f'(import {ROOT}/nixos/render.nix).render {{ worker = {{ enable = true; taskService.bind = 1.5; }}; }}')
