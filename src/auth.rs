@@ -131,9 +131,9 @@ impl JwksAuth {
         if !self.inner.config.issuers.is_empty() {
             validation.set_issuer(&self.inner.config.issuers);
         }
-        match &self.inner.config.audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
+        match self.inner.config.audience.is_empty() {
+            false => validation.set_audience(&self.inner.config.audience),
+            true => validation.validate_aud = false,
         }
         let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| refused(e.to_string()))?;
         Ok(data.claims.sub)

@@ -28,7 +28,7 @@ pub struct Config {
     pub cluster_id: String,
     /// Memory limit for query execution, in bytes, enforced through a delegated cgroup
     /// (v2, or the v1 memory controller). Unset: no limit.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", deserialize_with = "optional_byte_size")]
     pub memory_limit: Option<u64>,
     /// CPUs reserved for the node itself; a scheduling hint, not enforced.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -181,6 +181,7 @@ pub struct WorkerConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_location: Option<StorageLocation>,
     /// Extra environment variables for query execution.
+    #[serde(deserialize_with = "env_values")]
     pub env_vars: BTreeMap<String, String>,
 }
 
@@ -210,6 +211,7 @@ pub struct ObservatoryConfig {
     /// SQLite database; the cluster_id goes into the file name.
     pub database_path: PathBuf,
     /// Bound on stored metrics; the oldest are dropped first.
+    #[serde(deserialize_with = "byte_size")]
     pub max_metrics_bytes_total: u64,
     /// Path the database is periodically exported to. Unset: no export.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -416,9 +418,9 @@ pub struct JwksConfig {
     /// Accepted token issuers: one issuer as a string (as Polars' own tooling writes it) or a list.
     #[serde(default, deserialize_with = "one_or_many")]
     pub issuers: Vec<String>,
-    /// Required token audience.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub audience: Option<String>,
+    /// Required token audience: one string or a list (a token for any of them is accepted).
+    #[serde(default, deserialize_with = "one_or_many", skip_serializing_if = "Vec::is_empty")]
+    pub audience: Vec<String>,
 }
 
 /// Where a role keeps files: `{ local = { path } }`, `{ shared_filesystem = { path } }`,
@@ -484,9 +486,81 @@ impl Serialize for ConfigDuration {
 
 impl<'de> Deserialize<'de> for ConfigDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        ConfigDuration::parse(&text).map_err(serde::de::Error::custom)
+        match TextOrNumber::deserialize(d)? {
+            TextOrNumber::Text(text) => ConfigDuration::parse(&text).map_err(serde::de::Error::custom),
+            // A bare number is seconds, as tools that write `heartbeat_period = 5` mean it.
+            TextOrNumber::Number(secs) => Ok(ConfigDuration(Duration::from_secs(secs))),
+        }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "a string or a whole number")]
+enum TextOrNumber {
+    Number(u64),
+    Text(String),
+}
+
+/// A size in bytes: a whole number, or a string with a unit (`"16GiB"`, `"100 MB"`, `"512k"`:
+/// decimal units are powers of 1000, binary ones of 1024).
+fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match TextOrNumber::deserialize(d)? {
+        TextOrNumber::Number(n) => Ok(n),
+        TextOrNumber::Text(text) => parse_byte_size(&text).map_err(serde::de::Error::custom),
+    }
+}
+
+fn optional_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    byte_size(d).map(Some)
+}
+
+fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = (t[..split].trim(), t[split..].trim());
+    let factor: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "ki" | "kib" => 1 << 10,
+        "mi" | "mib" => 1 << 20,
+        "gi" | "gib" => 1 << 30,
+        "ti" | "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "`{text}` is not a size: write bytes (17179869184) or with a unit (\"16GiB\", \"100 MB\")"
+            ));
+        }
+    };
+    let value: f64 = number.parse().map_err(|_| format!("`{text}` is not a size: it starts with no number"))?;
+    Ok((value * factor as f64).round() as u64)
+}
+
+/// Environment variables: strings, or numbers and booleans written as TOML values (`4`, `true`).
+fn env_values<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "a string, a number or a boolean")]
+    enum Value {
+        Text(String),
+        Int(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    let raw = BTreeMap::<String, Value>::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::Text(t) => t,
+                Value::Int(i) => i.to_string(),
+                Value::Float(f) => f.to_string(),
+                Value::Bool(b) => b.to_string(),
+            };
+            (k, v)
+        })
+        .collect())
 }
 
 /// A key that takes one string or a list of strings; both become a list.
@@ -1057,6 +1131,41 @@ observatory_service.public_addr = "192.168.1.2:5049"
             let errors = load(&format!("[{section}]\n{}", jwks("5"))).err().unwrap();
             assert!(errors.iter().any(|e| e.contains("a string or a list of strings")), "{errors:?}");
         }
+    }
+
+    /// The forms Polars' own tooling and users write for the same keys: every one is read.
+    #[test]
+    fn keys_take_every_form_their_writers_use() {
+        let c = load(
+            "memory_limit = \"16GiB\"\ncpu_reserved = \"1.5\"\n[worker]\nheartbeat_period = 5\n\
+             env_vars = { POLARS_MAX_THREADS = 4, POLARS_VERBOSE = true, RATIO = 0.5, NAME = \"x\" }\n\
+             [scheduler]\ncheckpoint.period = 60\nclient_service.bind_addr = \":5051\"\n\
+             client_service.auth.jwks = { url = \"https://idp/jwks\", audience = [\"a\", \"b\"] }\n\
+             [observatory]\nmax_metrics_bytes_total = \"100 MB\"\n\
+             rest_api.service.auth.jwks = { url = \"https://idp/jwks\", audience = \"c\" }\n",
+        )
+        .unwrap()
+        .config;
+        assert_eq!(c.memory_limit, Some(16 << 30));
+        assert_eq!(c.worker.heartbeat_period.0, Duration::from_secs(5));
+        assert_eq!(c.scheduler.checkpoint.unwrap().period.unwrap().0, Duration::from_secs(60));
+        assert_eq!(c.scheduler.client_service.bind_addr, Address::any(5051));
+        assert_eq!(c.scheduler.client_service.auth.unwrap().jwks.audience, ["a", "b"]);
+        assert_eq!(c.observatory.rest_api.service.auth.unwrap().jwks.audience, ["c"]);
+        assert_eq!(c.observatory.max_metrics_bytes_total, 100_000_000);
+        let env: Vec<(&str, &str)> = c.worker.env_vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(env, [("NAME", "x"), ("POLARS_MAX_THREADS", "4"), ("POLARS_VERBOSE", "true"), ("RATIO", "0.5")]);
+        let c = load("memory_limit = 17179869184\ncpu_reserved = 2\n[observatory]\nmax_metrics_bytes_total = 1000\n")
+            .unwrap()
+            .config;
+        assert_eq!((c.memory_limit, c.observatory.max_metrics_bytes_total), (Some(17179869184), 1000));
+        for (size, bytes) in [("512k", 512_000), ("1.5 GiB", 1_610_612_736), ("7", 7), ("2TB", 2_000_000_000_000)] {
+            assert_eq!(parse_byte_size(size), Ok(bytes), "{size}");
+        }
+        let errors = load("memory_limit = \"lots\"\n").err().unwrap();
+        assert!(errors[0].contains("`lots` is not a size"), "{errors:?}");
+        let errors = load("[worker]\nheartbeat_period = -5\n").err().unwrap();
+        assert!(errors[0].contains("a string or a whole number"), "{errors:?}");
     }
 
     #[test]
