@@ -1,31 +1,27 @@
-//! polars-node: one binary for every role of a self-hosted Polars cluster.
+//! polars-node: one binary for every role of a self-hosted Polars cluster, a folder per role:
 //!
-//! `config` is the schema, `layout` checks it as a whole and resolves addresses, `activation`
-//! acquires the listening sockets, `node` runs the services, `membership` keeps the live set
-//! of workers, `notify` talks to systemd and `cgroup` enforces the memory limit.
-//! `client_service` is the API of the official client, `queries` the lifecycle of its queries
-//! on the scheduler, `stages` the execution of split queries stage by stage, `task` the
-//! execution of tasks on a worker, `executor` the processes that run them, and `shuffle` the data stages exchange.
-pub mod activation;
-pub mod address;
-pub mod auth;
-pub mod cgroup;
-pub mod client_service;
+//! - `config`: the schema (defaults, docs, loading), `config::address` (address forms) and
+//!   `config::layout` (whole-configuration checks, the services this node runs).
+//! - `scheduler`: the client service and Arrow Flight of the official client, the queries and
+//!   their lifecycle, the execution of split queries stage by stage, the registry of workers.
+//! - `worker`: the task service, the execution processes that run tasks, the shuffle storage and
+//!   service, the registration with the scheduler.
+//! - `observatory`: the OTLP receiver, its store, the REST API and dashboard.
+//! - `systemd` (socket activation, sd-notify, the memory cgroup), `security` (TLS, bearer
+//!   tokens), `monitoring` (this node's traces and metrics), `logging`.
+//! - `node` assembles the roles a configuration enables; `main.rs` is the command line.
 pub mod config;
-pub mod executor;
-pub mod flight;
-pub mod layout;
 pub mod logging;
-pub mod membership;
 pub mod monitoring;
 pub mod node;
-pub mod notify;
 pub mod observatory;
-pub mod queries;
-pub mod shuffle;
-pub mod stages;
-pub mod task;
-pub mod tls;
+pub mod scheduler;
+pub mod security;
+pub mod systemd;
+pub mod worker;
+
+/// This build's version: a worker registers only with a scheduler of the same one.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Code generated from `proto/`: the project's own protocols (`polars_node.v1`) and the
 /// client protocol of the official `polars-cloud` client, nested as its packages are.

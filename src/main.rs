@@ -4,13 +4,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use polars_node::activation::{self, Activated};
-use polars_node::cgroup::MemoryCgroup;
+use polars_node::config::layout::{self, Layout};
 use polars_node::config::{self, Loaded};
-use polars_node::layout::{self, Layout};
 use polars_node::logging::{self, LogFormat};
 use polars_node::node;
 use polars_node::proto::{ListWorkersRequest, WorkerState, membership_client::MembershipClient};
+use polars_node::systemd::activation::{self, Activated};
+use polars_node::systemd::cgroup::MemoryCgroup;
 
 /// Polars runs as it does in the client's wheel: on jemalloc (glibc's malloc is markedly slower
 /// for its many-threaded allocations), with its memory estimate kept.
@@ -96,7 +96,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::BenchShuffle { peer, path, tcp_bytes, copy_to } => tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
-            .and_then(|rt| rt.block_on(polars_node::shuffle::measure(&peer, &path, tcp_bytes, copy_to.as_deref())))
+            .and_then(|rt| {
+                rt.block_on(polars_node::worker::shuffle::measure(&peer, &path, tcp_bytes, copy_to.as_deref()))
+            })
             .map(|((fb, fs), (tb, ts))| {
                 println!(
                     "{}",
@@ -123,7 +125,7 @@ fn main() -> ExitCode {
                 .and_then(|loaded| run_node(loaded, Some(banner)))
         }
         Command::Workers { scheduler, json } => list_workers(&scheduler, json),
-        Command::ExecTask => polars_node::task::exec_task(),
+        Command::ExecTask => polars_node::worker::task::exec_task(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,25 +14,26 @@ use tokio::task::JoinSet;
 use tonic::transport::server::TcpIncoming;
 use tracing::{error, info, warn};
 
-use crate::activation::Listeners;
-use crate::auth::JwksAuth;
-use crate::client_service::ClientApi;
 use crate::config::Config;
 use crate::config::StorageLocation;
-use crate::flight::FlightApi;
-use crate::layout::{Layout, ServiceKind};
-use crate::membership::{self, Registration, Registry};
+use crate::config::layout::{Layout, ServiceKind};
 use crate::monitoring;
-use crate::notify;
 use crate::observatory::otlp::{self, Receiver};
 use crate::observatory::store::{Store, database_file};
 use crate::proto::WorkerInfo;
 use crate::proto::client::client_service_server::ClientServiceServer;
 use crate::proto::membership_server::MembershipServer;
 use crate::proto::task_server::TaskServer;
-use crate::queries::{Policy, Queries, WorkerBounds};
-use crate::shuffle::ShuffleStore;
-use crate::task::TaskService;
+use crate::scheduler::client_service::ClientApi;
+use crate::scheduler::flight::FlightApi;
+use crate::scheduler::queries::{Policy, Queries, WorkerBounds};
+use crate::scheduler::registry::Registry;
+use crate::security::auth::JwksAuth;
+use crate::systemd::activation::Listeners;
+use crate::systemd::notify;
+use crate::worker::registration::{self, Registration};
+use crate::worker::shuffle::ShuffleStore;
+use crate::worker::task::TaskService;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
@@ -128,7 +129,7 @@ impl Roles {
         let rest_auth =
             rest.auth.as_ref().filter(|_| config.observatory.enabled).map(|a| JwksAuth::new(a.jwks.clone()));
         let rest_tls = match rest.connection.as_ref().and_then(|c| c.tls.as_ref()) {
-            Some(tls) if config.observatory.enabled => Some(crate::tls::server_config(
+            Some(tls) if config.observatory.enabled => Some(crate::security::tls::server_config(
                 &tls.certificate_key_file,
                 &tls.private_key_file,
                 "observatory.rest_api.service.connection.tls",
@@ -227,12 +228,12 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
             shuffle_addr: layout.endpoint(ServiceKind::Shuffle).map(|e| e.advertised()),
             cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
             memory_bytes: config.memory_limit.unwrap_or_else(total_memory),
-            version: membership::VERSION.into(),
+            version: crate::VERSION.into(),
             heartbeat_period_ms: config.worker.heartbeat_period.0.as_millis() as u64,
         };
         let scheduler_addr = layout.scheduler_addr.clone().expect("a worker knows its scheduler");
         worker_loop =
-            Some(tokio::spawn(membership::run_worker(info, scheduler_addr, registration_tx, stop_rx.clone())));
+            Some(tokio::spawn(registration::run_worker(info, scheduler_addr, registration_tx, stop_rx.clone())));
     }
 
     let mut live_rx = registry.as_ref().map(|r| r.live_workers());
@@ -370,7 +371,7 @@ fn serve(
         }
         return Ok(match roles.rest_tls.clone() {
             Some(tls) => {
-                let listener = crate::tls::TlsListener::new(listener, tls)?;
+                let listener = crate::security::tls::TlsListener::new(listener, tls)?;
                 Box::pin(async move {
                     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("REST server")
                 })
@@ -381,14 +382,14 @@ fn serve(
         });
     }
     if kind == ServiceKind::Shuffle {
-        // Shuffle files travel over upgraded HTTP/1 connections (src/shuffle/transfer.rs: far
+        // Shuffle files travel over upgraded HTTP/1 connections (src/worker/shuffle/transfer.rs: far
         // faster than gRPC messages); gRPC health checks are answered on the same port.
         let store = roles.shuffle.expect("a worker has shuffle storage");
         let (reporter, health) = tonic_health::server::health_reporter();
-        let app = tonic::service::Routes::new(health).into_axum_router().merge(crate::shuffle::router(store));
+        let app = tonic::service::Routes::new(health).into_axum_router().merge(crate::worker::shuffle::router(store));
         return Ok(Box::pin(async move {
             reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-            crate::shuffle::serve(listener, app, shutdown).await;
+            crate::worker::shuffle::serve(listener, app, shutdown).await;
             Ok(())
         }));
     }

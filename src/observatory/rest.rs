@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::store::{SpanRow, Store};
-use crate::auth::JwksAuth;
+use crate::security::auth::JwksAuth;
 
 fn internal(e: impl std::fmt::Display) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e.to_string() }))).into_response()

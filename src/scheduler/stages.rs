@@ -20,7 +20,7 @@ use crate::proto::{
     RangeOutput, ResultTarget, RunTaskRequest, ShuffleFile, StageInput, StageTask, TaskSuccess, WorkerInfo,
     run_task_response::Outcome,
 };
-use crate::queries::{Attempts, Distribution, Queries, Query, StageStats};
+use crate::scheduler::queries::{Attempts, Distribution, Queries, Query, StageStats};
 
 /// What a finished task left behind.
 #[derive(Clone)]
@@ -365,7 +365,7 @@ impl<'a> StageRun<'a> {
             engine: self.query.submission.engine as i32,
             optimization_flags: self.query.submission.optimization_flags,
             result_dir: self.query.result_dir.display().to_string(),
-            head_rows: crate::queries::HEAD_ROWS,
+            head_rows: crate::scheduler::queries::HEAD_ROWS,
             target: target as i32,
             stage: Some(StageTask {
                 stage: stage as u32,

@@ -5,8 +5,8 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::address::{Address, Host};
 use crate::config::Config;
+use crate::config::address::{Address, Host};
 
 /// The network services a node can run. The names are also the socket-activation descriptor
 /// names (`FileDescriptorName=` of the socket unit).
@@ -160,7 +160,7 @@ pub fn plan(config: &Config) -> Result<Layout, Vec<String>> {
 
 pub fn plan_with(config: &Config, resolution: Resolution) -> Result<Layout, Vec<String>> {
     let mut placeholders: Vec<String> = Vec::new();
-    let mut resolve = |addr: &Address| -> Result<SocketAddr, crate::address::AddressError> {
+    let mut resolve = |addr: &Address| -> Result<SocketAddr, crate::config::address::AddressError> {
         match (&addr.host, resolution) {
             (Host::Name(_) | Host::Interface { .. }, Resolution::Offline) => {
                 let key = addr.host_key();
@@ -302,7 +302,7 @@ pub fn plan_with(config: &Config, resolution: Resolution) -> Result<Layout, Vec<
 fn check_public(
     key: &str,
     addr: &Address,
-    resolve: &mut impl FnMut(&Address) -> Result<SocketAddr, crate::address::AddressError>,
+    resolve: &mut impl FnMut(&Address) -> Result<SocketAddr, crate::config::address::AddressError>,
     problems: &mut Vec<String>,
 ) {
     if addr.is_unspecified() {

@@ -4,6 +4,9 @@
 //! prints them next to every default. Semantic checks that need resolved addresses live in
 //! `layout`.
 
+pub mod address;
+pub mod layout;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
@@ -14,7 +17,7 @@ use std::time::Duration;
 use documented::DocumentedFields;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::address::Address;
+use crate::config::address::Address;
 
 /// Prefix of environment variables that override keys: `PC_CUBLET__worker__heartbeat_period=10s`.
 pub const ENV_PREFIX: &str = "PC_CUBLET__";

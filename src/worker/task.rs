@@ -1,5 +1,5 @@
 //! The worker's task service: runs each query task in an execution process (see
-//! [`crate::executor`]), where `worker.env_vars` reach the engine without touching the
+//! [`crate::worker::executor`]), where `worker.env_vars` reach the engine without touching the
 //! worker's own environment.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -12,14 +12,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::executor::Executors;
 use crate::proto::ResultTarget;
 use crate::proto::task_server::Task;
 use crate::proto::{
     CancelTaskRequest, CancelTaskResponse, FetchResultRequest, ReleaseQueryRequest, ReleaseQueryResponse, ResultChunk,
     RunTaskRequest, RunTaskResponse, TaskFailure, run_task_response::Outcome,
 };
-use crate::shuffle::ShuffleStore;
+use crate::worker::executor::Executors;
+use crate::worker::shuffle::ShuffleStore;
 use polars_node_engine as engine;
 
 #[derive(Clone)]
@@ -54,7 +54,7 @@ impl TaskService {
     /// Runs a task in `executor`, known as running (for cancellation) while it does.
     async fn run_in(
         &self,
-        executor: &mut crate::executor::Executor,
+        executor: &mut crate::worker::executor::Executor,
         key: &str,
         query_id: &str,
         request: &[u8],
@@ -232,7 +232,7 @@ impl Task for TaskService {
 /// whole file went out.
 async fn stream_file(path: PathBuf, tx: tokio::sync::mpsc::Sender<Result<ResultChunk, Status>>) -> bool {
     tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
-        Ok(file) => crate::shuffle::read_chunks(file, |chunk| {
+        Ok(file) => crate::worker::shuffle::read_chunks(file, |chunk| {
             tx.blocking_send(chunk.map(|data| ResultChunk { data }).map_err(|e| Status::internal(e.to_string())))
                 .is_ok()
         }),
@@ -251,7 +251,7 @@ pub fn exec_task() -> Result<(), String> {
     // Initialise before a task arrives: a spare process is ready when it does.
     engine::init();
     engine::warm_up();
-    crate::executor::serve(|input| match RunTaskRequest::decode(input) {
+    crate::worker::executor::serve(|input| match RunTaskRequest::decode(input) {
         Ok(request) => engine::guard_panics(|| Ok(run_task_here(&request)))
             .unwrap_or_else(|e| failure(&engine::describe_error(&e), false))
             .encode_to_vec(),

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::proto::FetchResultRequest;
-use crate::queries::{Queries, Query, Status as QState};
+use crate::scheduler::queries::{Queries, Query, Status as QState};
 
 /// How long one PollFlightInfo waits for the query before telling the client to poll again.
 const POLL_WAIT: Duration = Duration::from_secs(20);

@@ -14,12 +14,12 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::membership::Registry;
 use crate::proto::task_client::TaskClient;
 use crate::proto::{
     CancelTaskRequest, EngineChoice, ResultTarget, RunTaskRequest, WorkerInfo, run_task_response::Outcome,
 };
-use crate::stages::StageRun;
+use crate::scheduler::registry::Registry;
+use crate::scheduler::stages::StageRun;
 use engine::planner::{Limits, Split, StageGraph};
 
 /// How long a query waits for a live worker before it fails.

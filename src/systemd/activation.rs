@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
-use crate::layout::{Endpoint, ServiceKind};
+use crate::config::layout::{Endpoint, ServiceKind};
 
 /// Descriptors passed by systemd (`LISTEN_PID`/`LISTEN_FDS`/`LISTEN_FDNAMES`), by name.
 #[derive(Debug, Default)]

@@ -1,0 +1,7 @@
+//! The scheduler: the official client's services, its queries and how they run.
+
+pub mod client_service;
+pub mod flight;
+pub mod queries;
+pub mod registry;
+pub mod stages;

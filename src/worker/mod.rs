@@ -1,0 +1,6 @@
+//! A worker: runs query tasks and keeps the shuffle files stages exchange.
+
+pub mod executor;
+pub mod registration;
+pub mod shuffle;
+pub mod task;
