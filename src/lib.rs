@@ -2,8 +2,9 @@
 //!
 //! - `config`: the schema (defaults, docs, loading), `config::address` (address forms) and
 //!   `config::layout` (whole-configuration checks, the services this node runs).
-//! - `scheduler`: the client service and Arrow Flight of the official client, the queries and
-//!   their lifecycle, the execution of split queries stage by stage, the registry of workers.
+//! - `scheduler`: the client service and Arrow Flight of the official client, the query record
+//!   (`query`) that its lifecycle (`queries`) and the stage runner (`stages`) share, the
+//!   scheduler's hold on its workers (`workers`), the registry of live workers.
 //! - `worker`: the task service, the execution processes that run tasks, the shuffle storage and
 //!   service, the registration with the scheduler.
 //! - `observatory`: the OTLP receiver, its store, the REST API and dashboard.

@@ -19,7 +19,8 @@ use crate::proto::client::{
 use crate::proto::common::{
     self, ComputeVersions, Destination, FileType, PlanFormat, QueryId, QueryOutput, QueryPlans,
 };
-use crate::scheduler::queries::{Distribution, Queries, Query, ShuffleSettings, Status as QState, Submission};
+use crate::scheduler::queries::Queries;
+use crate::scheduler::query::{Distribution, Query, ShuffleSettings, Status as QState, Submission};
 use polars_node_engine as engine;
 
 pub struct ClientApi {

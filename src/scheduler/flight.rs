@@ -19,7 +19,8 @@ use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
 use crate::proto::FetchResultRequest;
-use crate::scheduler::queries::{Queries, Query, Status as QState};
+use crate::scheduler::queries::Queries;
+use crate::scheduler::query::{Query, Status as QState};
 
 /// How long one PollFlightInfo waits for the query before telling the client to poll again.
 const POLL_WAIT: Duration = Duration::from_secs(20);
@@ -116,8 +117,13 @@ impl FlightService for FlightApi {
         let worker = self.queries.worker_of(&query).ok_or_else(|| Status::internal("no worker ran this query"))?;
         let path =
             query.outcome().files.first().cloned().ok_or_else(|| Status::internal("the query wrote no result"))?;
-        let chunks =
-            self.queries.task_client(&worker.task_addr)?.fetch_result(FetchResultRequest { path }).await?.into_inner();
+        let chunks = self
+            .queries
+            .workers()
+            .task_client(&worker.task_addr)?
+            .fetch_result(FetchResultRequest { path })
+            .await?
+            .into_inner();
         Ok(Response::new(Box::pin(ipc_messages(chunks))))
     }
 

@@ -3,5 +3,7 @@
 pub mod client_service;
 pub mod flight;
 pub mod queries;
+pub mod query;
 pub mod registry;
 pub mod stages;
+pub mod workers;

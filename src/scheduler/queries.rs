@@ -1,9 +1,9 @@
 //! The scheduler's queries: their lifecycle (SCHEDULED -> RUNNING -> SUCCESS / FAILED /
-//! CANCELED), where each one runs, and what the client gets back.
+//! CANCELED), where each one runs, and what the client gets back. The records are in `query`,
+//! the workers they run on in `workers`, split queries run in `stages`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,77 +14,17 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::proto::task_client::TaskClient;
-use crate::proto::{
-    CancelTaskRequest, EngineChoice, ResultTarget, RunTaskRequest, WorkerInfo, run_task_response::Outcome,
-};
+use crate::proto::{CancelTaskRequest, EngineChoice, RunTaskRequest, WorkerInfo, run_task_response::Outcome};
+use crate::scheduler::query::{HEAD_ROWS, Query, StageStats, Status, Submission};
 use crate::scheduler::registry::Registry;
 use crate::scheduler::stages::StageRun;
+use crate::scheduler::workers::Workers;
 use engine::planner::{Limits, Split, StageGraph};
 
-/// How long a query waits for a live worker before it fails.
-const WORKER_WAIT: Duration = Duration::from_secs(30);
 /// `ExecuteUntil::PLAN` of the client protocol: build the physical plan, do not execute.
 const PLAN: i32 = 2;
-/// Rows returned inline with a stored result (`.head`).
-pub(crate) const HEAD_ROWS: u32 = 10;
 /// Fewest rows of one file worth a task of their own when a single file is split.
 const MIN_ROWS_PER_TASK: u64 = 10_000;
-
-/// Lifecycle states, numbered as the client protocol's QueryStatus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Scheduled = 1,
-    Running = 2,
-    Success = 3,
-    Failed = 4,
-    Canceled = 5,
-}
-
-impl Status {
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Success | Status::Failed | Status::Canceled)
-    }
-}
-
-/// What a query asked for.
-#[derive(Debug, Clone)]
-pub struct Submission {
-    pub plan: Vec<u8>,
-    pub engine: EngineChoice,
-    pub optimization_flags: Option<u32>,
-    pub n_retries: u32,
-    /// Plan only (`explain`): OPTIMIZE_IR or PLAN of the protocol's ExecuteUntil.
-    pub plan_only: Option<i32>,
-    pub user: Option<String>,
-    /// Set for `execute()` in distributed mode (the client's default); unset for `.single_node()`.
-    pub distribution: Option<Distribution>,
-}
-
-/// How a distributed query may be split (the client's `DistributedOpts` and worker bounds).
-#[derive(Debug, Clone)]
-pub struct Distribution {
-    pub shuffle: ShuffleSettings,
-    /// Workers asked for: `n_workers` (a number is min = max), unset = scheduler defaults.
-    pub min_workers: u32,
-    pub max_workers: Option<u32>,
-    pub partitions_per_worker: Option<u32>,
-    pub broadcast_limit: u64,
-    /// `single_worker_ops = FORBID`: fail rather than run the whole query on one worker.
-    pub forbid_single_worker: bool,
-    /// Aggregate within each part before shuffling (`allow_pre_aggregation`).
-    pub pre_aggregate: bool,
-    /// Sort by range partitions (`allow_partitioned_sort`).
-    pub partitioned_sort: bool,
-}
-
-/// Shuffle file format, resolved (AUTO = IPC with LZ4).
-#[derive(Debug, Clone, Copy)]
-pub struct ShuffleSettings {
-    pub format: crate::proto::ShuffleFormat,
-    pub compression: crate::proto::ShuffleCompression,
-    pub level: Option<i32>,
-}
 
 /// Scheduler-wide bounds (`[scheduler]` keys of the same names).
 #[derive(Debug, Clone, Copy, Default)]
@@ -92,86 +32,6 @@ pub struct WorkerBounds {
     pub default_workers_per_query: Option<u32>,
     pub max_workers_per_query: Option<u32>,
     pub default_partitions_per_worker: Option<u32>,
-}
-
-/// What one stage did, for the client (`num_workers_used`) and the observatory.
-#[derive(Debug, Clone, Default)]
-pub struct StageStats {
-    pub label: String,
-    pub tasks: u32,
-    pub rows: u64,
-    pub bytes: u64,
-    pub workers: Vec<String>,
-    pub finished: bool,
-}
-
-/// The outcome the client reads once the query is terminal.
-#[derive(Debug, Clone, Default)]
-pub struct QueryOutcome {
-    pub files: Vec<String>,
-    pub n_rows: u64,
-    pub head_ipc: Vec<u8>,
-    /// Schema message of a Flight result.
-    pub flight_schema: Vec<u8>,
-    /// `"<PolarsException>: message"` of a failed query.
-    pub error: Option<String>,
-    pub workers_used: u32,
-    /// One entry per stage (one stage for a query run whole).
-    pub stages: Vec<StageStats>,
-    /// The stage graph, as text (empty for a query run whole).
-    pub stage_graph: String,
-    /// The stage graph as JSON for the observatory: `[{stage, label, tasks, inputs, output}]`.
-    pub stage_graph_json: String,
-    /// The optimized logical plan of a split query (EXPLAIN format).
-    pub logical_plan: String,
-    /// The stage graph in the MessagePack form the official client draws (GetQueryPlans).
-    pub stage_graph_msgpack: Vec<u8>,
-}
-
-pub struct Query {
-    pub id: Uuid,
-    pub submission: Submission,
-    pub target: engine::Target,
-    status: watch::Sender<Status>,
-    outcome: Mutex<QueryOutcome>,
-    /// Where the query runs now (for a split query: where its result task ran).
-    worker: Mutex<Option<WorkerInfo>>,
-    /// Every worker that ran a task of the query (to cancel and release it there).
-    participants: Mutex<Vec<WorkerInfo>>,
-    pub result_dir: PathBuf,
-    /// The plan scans files (only such plans are split).
-    reads_files: bool,
-}
-
-impl Query {
-    pub fn status(&self) -> Status {
-        *self.status.borrow()
-    }
-
-    pub fn watch(&self) -> watch::Receiver<Status> {
-        self.status.subscribe()
-    }
-
-    pub fn outcome(&self) -> QueryOutcome {
-        self.outcome.lock().unwrap().clone()
-    }
-
-    /// Moves to `next` unless the query is already terminal (a canceled query stays canceled).
-    fn advance(&self, next: Status) -> bool {
-        self.status.send_if_modified(|s| {
-            if s.is_terminal() || *s == next {
-                false
-            } else {
-                *s = next;
-                true
-            }
-        })
-    }
-
-    fn fail(&self, message: String) {
-        self.outcome.lock().unwrap().error = Some(message);
-        self.advance(Status::Failed);
-    }
 }
 
 /// What the scheduler allows queries to do (`[scheduler]` keys of the same names).
@@ -190,24 +50,19 @@ pub struct Queries {
 }
 
 struct Inner {
-    registry: Registry,
+    workers: Workers,
     policy: Policy,
     result_root: PathBuf,
-    /// One HTTP/2 connection per worker task service, shared by all queries.
-    workers: Mutex<HashMap<String, TaskClient<tonic::transport::Channel>>>,
     queries: Mutex<HashMap<Uuid, Arc<Query>>>,
-    next_worker: AtomicUsize,
 }
 
 impl Queries {
     pub fn new(registry: Registry, policy: Policy, result_root: PathBuf) -> Self {
         let inner = Inner {
-            registry,
+            workers: Workers::new(registry, policy.max_task_attempts),
             policy,
             result_root,
-            workers: Mutex::default(),
             queries: Mutex::default(),
-            next_worker: AtomicUsize::new(0),
         };
         Queries { inner: Arc::new(inner) }
     }
@@ -321,23 +176,14 @@ impl Queries {
         span.end();
     }
 
-    /// The failed runs one task of `query` may have before the query fails.
-    pub(crate) fn attempts_for(&self, query: &Query, task: String) -> Attempts {
-        Attempts {
-            task,
-            allowed: self.inner.policy.max_task_attempts.saturating_add(query.submission.n_retries),
-            failed: Vec::new(),
-        }
-    }
-
     /// Runs a query on one worker, moving to another when its worker is lost or its execution
     /// process dies, up to the task attempts allowed.
     async fn run_attempts(&self, query: &Arc<Query>) {
         let query = query.clone();
-        let mut attempts = self.attempts_for(&query, "the query's task".into());
+        let mut attempts = self.inner.workers.attempts_for(&query, "the query's task".into());
         let mut lost_workers: Vec<String> = Vec::new();
         loop {
-            let Some(worker) = self.pick_worker(&lost_workers).await else {
+            let Some(worker) = self.inner.workers.pick_worker(&lost_workers).await else {
                 query.fail(
                     "ComputeError: no live worker is registered with the scheduler: start a node with [worker] enabled = true \
                      whose static_leader.scheduler_service.public_addr points at this scheduler"
@@ -346,7 +192,7 @@ impl Queries {
                 return;
             };
             *query.worker.lock().unwrap() = Some(worker.clone());
-            self.note_participant(&query, &worker);
+            query.note_participant(&worker);
             if !query.advance(Status::Running) && query.status().is_terminal() {
                 return;
             }
@@ -403,7 +249,7 @@ impl Queries {
                 }
                 Err(status) => {
                     warn!(query = %query.id, worker = %worker.instance_id, "worker lost during the query: {}", status.message());
-                    self.inner.registry.suspect(&worker.instance_id);
+                    self.inner.workers.registry().suspect(&worker.instance_id);
                     if let Some(message) = attempts.failed(&worker.instance_id, status.message(), false) {
                         query.fail(message);
                     }
@@ -417,8 +263,8 @@ impl Queries {
     }
 
     async fn run_on(&self, query: &Query, worker: &WorkerInfo) -> Result<Outcome, tonic::Status> {
-        let mut client = self.task_client(&worker.task_addr)?;
-        let target = self.result_target(query);
+        let mut client = self.inner.workers.task_client(&worker.task_addr)?;
+        let target = query.result_target();
         let request = RunTaskRequest {
             query_id: query.id.to_string(),
             plan: query.submission.plan.clone(),
@@ -435,26 +281,6 @@ impl Queries {
         response.outcome.ok_or_else(|| tonic::Status::internal("the worker sent no outcome"))
     }
 
-    /// The next live worker, round robin, preferring those that have not failed this query;
-    /// waits a bounded time for one to register.
-    async fn pick_worker(&self, avoid: &[String]) -> Option<WorkerInfo> {
-        let mut live = self.inner.registry.live_workers();
-        let deadline = tokio::time::Instant::now() + WORKER_WAIT;
-        loop {
-            let mut workers = self.inner.registry.live_worker_infos();
-            if workers.iter().any(|w| !avoid.contains(&w.instance_id)) {
-                workers.retain(|w| !avoid.contains(&w.instance_id));
-            }
-            if !workers.is_empty() {
-                let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % workers.len();
-                return Some(workers[i].clone());
-            }
-            if tokio::time::timeout_at(deadline, live.changed()).await.is_err() {
-                return None;
-            }
-        }
-    }
-
     /// Stops a query: the worker kills its execution process.
     pub async fn cancel(&self, query: &Query) {
         if !query.advance(Status::Canceled) {
@@ -463,7 +289,7 @@ impl Queries {
         info!(query = %query.id, "query canceled");
         let workers = query.participants.lock().unwrap().clone();
         for worker in workers {
-            if let Ok(mut client) = self.task_client(&worker.task_addr) {
+            if let Ok(mut client) = self.inner.workers.task_client(&worker.task_addr) {
                 let _ = client.cancel_task(CancelTaskRequest { query_id: query.id.to_string() }).await;
             }
         }
@@ -497,9 +323,9 @@ impl Queries {
             .unwrap_or(u32::MAX)
             .min(cap)
             .max(distribution.min_workers);
-        let live = self.wait_for_workers(distribution.min_workers.max(1)).await?;
+        let live = self.inner.workers.wait_for_workers(distribution.min_workers.max(1)).await?;
         // Spread queries over the cluster: each starts at the next worker.
-        let start = self.inner.next_worker.fetch_add(1, Ordering::Relaxed);
+        let start = self.inner.workers.next_start();
         let workers: Vec<String> =
             (0..live.len().min(max as usize)).map(|i| live[(start + i) % live.len()].instance_id.clone()).collect();
         let per_worker =
@@ -588,7 +414,7 @@ impl Queries {
             return;
         }
         let distribution = query.submission.distribution.clone().expect("split queries are distributed");
-        let run = StageRun::new(self, query, graph, &distribution, workers);
+        let run = StageRun::new(&self.inner.workers, query, graph, &distribution, workers);
         match run.run().await {
             _ if query.status().is_terminal() => {}
             Ok((success, worker, stages)) => {
@@ -615,63 +441,12 @@ impl Queries {
     async fn release(&self, query: &Query) {
         let workers = query.participants.lock().unwrap().clone();
         for worker in workers {
-            if let Ok(mut client) = self.task_client(&worker.task_addr) {
+            if let Ok(mut client) = self.inner.workers.task_client(&worker.task_addr) {
                 let request = crate::proto::ReleaseQueryRequest { query_id: query.id.to_string() };
                 if let Err(e) = tokio::time::timeout(Duration::from_secs(10), client.release_query(request)).await {
                     warn!(query = %query.id, worker = %worker.instance_id, "cannot release the query's shuffle files: {e}");
                 }
             }
-        }
-    }
-
-    pub(crate) fn note_participant(&self, query: &Query, worker: &WorkerInfo) {
-        let mut all = query.participants.lock().unwrap();
-        if !all.iter().any(|w| w.instance_id == worker.instance_id) {
-            all.push(worker.clone());
-        }
-    }
-
-    /// A stage of a split query finished (progress for the client and the observatory).
-    pub(crate) fn stage_finished(&self, query: &Query, stage: usize, stats: &[StageStats]) {
-        let mut outcome = query.outcome.lock().unwrap();
-        outcome.stages = stats.to_vec();
-        if let Some(s) = outcome.stages.get_mut(stage) {
-            s.finished = true;
-        }
-        for (i, s) in outcome.stages.iter_mut().enumerate() {
-            s.finished |= i < stage;
-        }
-    }
-
-    /// The live workers once there are at least `min`, or an error naming the shortfall after
-    /// a bounded wait.
-    pub(crate) async fn wait_for_workers(&self, min: u32) -> Result<Vec<WorkerInfo>, String> {
-        let deadline = tokio::time::Instant::now() + WORKER_WAIT;
-        let mut changed = self.inner.registry.live_workers();
-        loop {
-            let live = self.inner.registry.live_worker_infos();
-            if live.len() >= min as usize {
-                return Ok(live);
-            }
-            if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
-                return Err(format!(
-                    "ComputeError: the query needs at least {min} live worker(s) and {} are live (waited {}s); start more workers or ask for fewer (n_workers)",
-                    live.len(),
-                    WORKER_WAIT.as_secs()
-                ));
-            }
-        }
-    }
-
-    pub(crate) fn registry(&self) -> &Registry {
-        &self.inner.registry
-    }
-
-    pub(crate) fn result_target(&self, query: &Query) -> ResultTarget {
-        match query.target {
-            engine::Target::InMemory => ResultTarget::Stored,
-            engine::Target::Flight => ResultTarget::Flight,
-            engine::Target::User => ResultTarget::User,
         }
     }
 
@@ -698,21 +473,9 @@ impl Queries {
         }
     }
 
-    /// A client of the task service at `addr`, over the connection kept for that worker (made
-    /// lazily, re-established by itself when the worker comes back).
-    pub fn task_client(&self, addr: &str) -> Result<TaskClient<tonic::transport::Channel>, tonic::Status> {
-        let mut workers = self.inner.workers.lock().unwrap();
-        if let Some(client) = workers.get(addr) {
-            return Ok(client.clone());
-        }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| tonic::Status::internal(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20));
-        let client = TaskClient::new(endpoint.connect_lazy()).max_decoding_message_size(256 << 20);
-        workers.insert(addr.to_string(), client.clone());
-        Ok(client)
+    /// The cluster's workers as queries use them.
+    pub fn workers(&self) -> &Workers {
+        &self.inner.workers
     }
 
     /// The worker that ran a query.
@@ -860,38 +623,4 @@ fn remove_older_than(root: &std::path::Path, age: Duration) -> std::io::Result<u
         }
     }
     Ok(removed)
-}
-
-/// The failed runs of one task: a lost worker or a dead execution process means another run
-/// elsewhere, until the task has failed `allowed` times, or its execution process died twice
-/// with the same error (an engine crash that a rerun would only repeat).
-pub(crate) struct Attempts {
-    task: String,
-    allowed: u32,
-    /// (worker, why, whether the worker answered: its execution process died).
-    failed: Vec<(String, String, bool)>,
-}
-
-impl Attempts {
-    /// Records a failed run; the query's error when the task may not run again.
-    pub(crate) fn failed(&mut self, worker: &str, why: &str, crashed: bool) -> Option<String> {
-        let same_crash = crashed && self.failed.iter().any(|(_, w, c)| *c && w == why);
-        self.failed.push((worker.to_string(), why.to_string(), crashed));
-        let runs = || self.failed.iter().map(|(w, why, _)| format!("on `{w}`: {why}")).collect::<Vec<_>>().join("; ");
-        if same_crash {
-            return Some(format!(
-                "ComputeError: {} crashed its execution process twice with the same error ({})",
-                self.task,
-                runs()
-            ));
-        }
-        (self.failed.len() as u32 >= self.allowed).then(|| {
-            format!(
-                "ComputeError: {} failed {} time(s), as many as scheduler.max_task_attempts (plus the query's n_retries) allows ({})",
-                self.task,
-                self.failed.len(),
-                runs()
-            )
-        })
-    }
 }

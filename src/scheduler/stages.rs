@@ -20,7 +20,8 @@ use crate::proto::{
     RangeOutput, ResultTarget, RunTaskRequest, ShuffleFile, StageInput, StageTask, TaskSuccess, WorkerInfo,
     run_task_response::Outcome,
 };
-use crate::scheduler::queries::{Attempts, Distribution, Queries, Query, StageStats};
+use crate::scheduler::query::{Attempts, Distribution, Query, StageStats};
+use crate::scheduler::workers::Workers;
 
 /// What a finished task left behind.
 #[derive(Clone)]
@@ -30,7 +31,8 @@ struct Done {
 }
 
 pub(crate) struct StageRun<'a> {
-    queries: &'a Queries,
+    /// The cluster's workers: connections, the live set, task attempts.
+    cluster: &'a Workers,
     query: &'a Arc<Query>,
     graph: &'a StageGraph,
     distribution: &'a Distribution,
@@ -66,14 +68,14 @@ enum TaskError {
 
 impl<'a> StageRun<'a> {
     pub(crate) fn new(
-        queries: &'a Queries,
+        cluster: &'a Workers,
         query: &'a Arc<Query>,
         graph: &'a StageGraph,
         distribution: &'a Distribution,
         workers: Vec<String>,
     ) -> Self {
         StageRun {
-            queries,
+            cluster,
             query,
             graph,
             distribution,
@@ -121,7 +123,7 @@ impl<'a> StageRun<'a> {
                 return Err("ComputeError: the query was canceled".into());
             }
             for &stage in &stages {
-                self.queries.stage_finished(self.query, stage, &self.stats);
+                self.query.stage_finished(stage, &self.stats);
             }
         }
         let done = self.outputs[last][0].clone().expect("the result stage ran");
@@ -233,12 +235,12 @@ impl<'a> StageRun<'a> {
                     Err(TaskError::Fatal(message)) => return Err(message),
                     Err(TaskError::Retry { worker: ran_on, lost_input, crashed, why }) => {
                         warn!(query = %self.query.id, stage, task, worker = %ran_on, "task must run again: {why}");
-                        self.queries.registry().suspect(lost_input.as_deref().unwrap_or(&ran_on));
+                        self.cluster.registry().suspect(lost_input.as_deref().unwrap_or(&ran_on));
                         let label = format!("task {task} of stage {stage} ({})", self.graph.stages[stage].label);
                         let attempts = self
                             .attempts
                             .entry((stage, task))
-                            .or_insert_with(|| self.queries.attempts_for(self.query, label));
+                            .or_insert_with(|| self.cluster.attempts_for(self.query, label));
                         if let Some(message) = attempts.failed(&ran_on, &why, crashed && lost_input.is_none()) {
                             return Err(message);
                         }
@@ -251,7 +253,7 @@ impl<'a> StageRun<'a> {
     /// Drops outputs held by workers that are no longer live: their files are gone with them.
     fn forget_lost_outputs(&mut self) {
         let live: BTreeSet<String> =
-            self.queries.registry().live_worker_infos().into_iter().map(|w| w.instance_id).collect();
+            self.cluster.registry().live_worker_infos().into_iter().map(|w| w.instance_id).collect();
         for (stage, tasks) in self.outputs.iter_mut().enumerate() {
             for (task, out) in tasks.iter_mut().enumerate() {
                 if let Some(done) = out
@@ -267,7 +269,7 @@ impl<'a> StageRun<'a> {
     /// The query's workers that are live now, with other live workers in place of lost ones;
     /// waits a bounded time when there are fewer than the query's minimum.
     async fn live_workers(&self) -> Result<Vec<WorkerInfo>, String> {
-        let all = self.queries.wait_for_workers(self.distribution.min_workers.max(1)).await?;
+        let all = self.cluster.wait_for_workers(self.distribution.min_workers.max(1)).await?;
         let mut chosen: Vec<WorkerInfo> =
             self.workers.iter().filter_map(|id| all.iter().find(|w| &w.instance_id == id).cloned()).collect();
         for w in &all {
@@ -353,7 +355,7 @@ impl<'a> StageRun<'a> {
         };
         let shuffle = &self.distribution.shuffle;
         let target = match plan.output {
-            StageOutput::Result => self.queries.result_target(self.query),
+            StageOutput::Result => self.query.result_target(),
             _ => ResultTarget::Shuffle,
         };
         RunTaskRequest {
@@ -365,7 +367,7 @@ impl<'a> StageRun<'a> {
             engine: self.query.submission.engine as i32,
             optimization_flags: self.query.submission.optimization_flags,
             result_dir: self.query.result_dir.display().to_string(),
-            head_rows: crate::scheduler::queries::HEAD_ROWS,
+            head_rows: crate::scheduler::query::HEAD_ROWS,
             target: target as i32,
             stage: Some(StageTask {
                 stage: stage as u32,
@@ -399,9 +401,9 @@ impl<'a> StageRun<'a> {
                 KeyValue::new("polars.worker", worker.instance_id.clone()),
             ],
         );
-        self.queries.note_participant(self.query, worker);
+        self.query.note_participant(worker);
         let started = Instant::now();
-        let result = match self.queries.task_client(&worker.task_addr) {
+        let result = match self.cluster.task_client(&worker.task_addr) {
             Ok(mut client) => client.run_task(request).await.map(|r| r.into_inner().outcome),
             Err(status) => Err(status),
         };

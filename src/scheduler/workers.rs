@@ -1,0 +1,102 @@
+//! The scheduler's hold on its workers as queries use them: the live set (from the registry),
+//! one connection per worker's task service, waits for workers, and how often a task may fail.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::proto::WorkerInfo;
+use crate::proto::task_client::TaskClient;
+use crate::scheduler::query::{Attempts, Query};
+use crate::scheduler::registry::Registry;
+
+/// How long a query waits for a live worker before it fails.
+const WORKER_WAIT: Duration = Duration::from_secs(30);
+#[derive(Clone)]
+pub struct Workers {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    /// `scheduler.max_task_attempts`.
+    max_task_attempts: u32,
+    /// One HTTP/2 connection per worker task service, shared by all queries.
+    clients: Mutex<HashMap<String, TaskClient<tonic::transport::Channel>>>,
+    next_worker: AtomicUsize,
+}
+
+impl Workers {
+    pub fn new(registry: Registry, max_task_attempts: u32) -> Self {
+        let inner = Inner { registry, max_task_attempts, clients: Mutex::default(), next_worker: AtomicUsize::new(0) };
+        Workers { inner: Arc::new(inner) }
+    }
+
+    /// The next worker a whole query starts at, round robin (queries spread over the cluster).
+    pub(crate) fn next_start(&self) -> usize {
+        self.inner.next_worker.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The failed runs one task of `query` may have before the query fails.
+    pub(crate) fn attempts_for(&self, query: &Query, task: String) -> Attempts {
+        Attempts::new(task, self.inner.max_task_attempts.saturating_add(query.submission.n_retries))
+    }
+    /// The next live worker, round robin, preferring those that have not failed this query;
+    /// waits a bounded time for one to register.
+    pub(crate) async fn pick_worker(&self, avoid: &[String]) -> Option<WorkerInfo> {
+        let mut live = self.inner.registry.live_workers();
+        let deadline = tokio::time::Instant::now() + WORKER_WAIT;
+        loop {
+            let mut workers = self.inner.registry.live_worker_infos();
+            if workers.iter().any(|w| !avoid.contains(&w.instance_id)) {
+                workers.retain(|w| !avoid.contains(&w.instance_id));
+            }
+            if !workers.is_empty() {
+                let i = self.inner.next_worker.fetch_add(1, Ordering::Relaxed) % workers.len();
+                return Some(workers[i].clone());
+            }
+            if tokio::time::timeout_at(deadline, live.changed()).await.is_err() {
+                return None;
+            }
+        }
+    }
+    /// The live workers once there are at least `min`, or an error naming the shortfall after
+    /// a bounded wait.
+    pub(crate) async fn wait_for_workers(&self, min: u32) -> Result<Vec<WorkerInfo>, String> {
+        let deadline = tokio::time::Instant::now() + WORKER_WAIT;
+        let mut changed = self.inner.registry.live_workers();
+        loop {
+            let live = self.inner.registry.live_worker_infos();
+            if live.len() >= min as usize {
+                return Ok(live);
+            }
+            if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
+                return Err(format!(
+                    "ComputeError: the query needs at least {min} live worker(s) and {} are live (waited {}s); start more workers or ask for fewer (n_workers)",
+                    live.len(),
+                    WORKER_WAIT.as_secs()
+                ));
+            }
+        }
+    }
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+    /// A client of the task service at `addr`, over the connection kept for that worker (made
+    /// lazily, re-established by itself when the worker comes back).
+    pub fn task_client(&self, addr: &str) -> Result<TaskClient<tonic::transport::Channel>, tonic::Status> {
+        let mut workers = self.inner.clients.lock().unwrap();
+        if let Some(client) = workers.get(addr) {
+            return Ok(client.clone());
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let client = TaskClient::new(endpoint.connect_lazy()).max_decoding_message_size(256 << 20);
+        workers.insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
+}
