@@ -5,9 +5,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use polars_node_engine::planner::{Limits, Split, StageGraph, StageOutput, input_path, plan_stages};
+use polars_node_engine::planner::{Limits, Split, plan_stages};
 use polars_node_engine::polars::prelude::*;
 use polars_node_engine::shuffle::{Codec, ShuffleFormat, read_boundaries};
+use polars_node_engine::stage_graph::{StageGraph, StageOutput, input_path};
 use polars_node_engine::{EngineChoice, Plan, Target};
 
 const LIMITS: Limits = Limits {

@@ -19,7 +19,8 @@ use crate::scheduler::query::{HEAD_ROWS, Query, StageStats, Status, Submission};
 use crate::scheduler::registry::Registry;
 use crate::scheduler::stages::StageRun;
 use crate::scheduler::workers::Workers;
-use engine::planner::{Limits, Split, StageGraph};
+use engine::planner::{Limits, Split};
+use engine::stage_graph::StageGraph;
 
 /// `ExecuteUntil::PLAN` of the client protocol: build the physical plan, do not execute.
 const PLAN: i32 = 2;
@@ -393,9 +394,9 @@ impl Queries {
                 .map_err(|e| format!("ComputeError: the planner failed: {e}"))?
                 .map_err(|e| engine::describe_error(&e))?;
         let graph = StageGraph {
-            stages: vec![engine::planner::StagePlan {
+            stages: vec![engine::stage_graph::StagePlan {
                 tasks: vec![Vec::new()],
-                output: engine::planner::StageOutput::Result,
+                output: engine::stage_graph::StageOutput::Result,
                 inputs: Vec::new(),
                 label: format!("the whole query on one worker\n{ir}"),
             }],
@@ -494,7 +495,7 @@ fn forbidden(why: &str) -> String {
 
 /// The stage graph as the observatory stores it (an attribute of the query's span).
 fn stage_graph_json(graph: &StageGraph) -> String {
-    use engine::planner::StageOutput;
+    use engine::stage_graph::StageOutput;
     let stages: Vec<serde_json::Value> = graph
         .stages
         .iter()
@@ -518,7 +519,7 @@ fn stage_graph_json(graph: &StageGraph) -> String {
 /// MessagePack): stages (the result stage first), each a small chain of nodes: what the stage
 /// does, the shuffle it writes and the shuffles it reads, with an edge per shuffle.
 fn stage_graph_msgpack(graph: &StageGraph, query_id: &str) -> Vec<u8> {
-    use engine::planner::StageOutput;
+    use engine::stage_graph::StageOutput;
     use serde_json::json;
     let partitioning = |output: &StageOutput| match output {
         StageOutput::Hash { keys, .. } => json!({ "partition_type": "Hash", "by": keys.join(", ") }),

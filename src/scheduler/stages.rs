@@ -13,7 +13,8 @@ use std::time::Instant;
 use futures_util::future::join_all;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::Span as _;
-use polars_node_engine::planner::{self, StageGraph, StageOutput, input_path};
+use polars_node_engine::planner;
+use polars_node_engine::stage_graph::{StageGraph, StageOutput, input_path};
 use tracing::{info, warn};
 
 use crate::proto::{

@@ -320,7 +320,7 @@ fn run_stage(
     target: engine::Target,
 ) -> RunTaskResponse {
     use crate::proto::{ShuffleCompression, ShuffleFormat, TaskSuccess};
-    use engine::planner::StageOutput;
+    use engine::stage_graph::StageOutput;
 
     let codec = match ShuffleCompression::try_from(stage.compression).unwrap_or_default() {
         ShuffleCompression::Zstd => engine::shuffle::Codec::Zstd,

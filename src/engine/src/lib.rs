@@ -18,6 +18,7 @@ use polars_plan::prelude::PlanCallback;
 pub mod clustering;
 pub mod planner;
 pub mod shuffle;
+pub mod stage_graph;
 
 /// The Polars version whose plans this engine reads.
 pub const POLARS_VERSION: &str = "2.0.0";
@@ -178,14 +179,14 @@ impl Plan {
         &self,
         engine: EngineChoice,
         optimization_flags: Option<u32>,
-        output: &planner::StageOutput,
+        output: &stage_graph::StageOutput,
         boundaries: Option<&Series>,
         format: shuffle::ShuffleFormat,
         dir: &Path,
     ) -> PolarsResult<shuffle::Written> {
         let lf = self.lazy(optimization_flags);
         let streams = matches!(engine, EngineChoice::Auto | EngineChoice::Streaming);
-        if !streams || matches!(output, planner::StageOutput::Boundaries { .. }) {
+        if !streams || matches!(output, stage_graph::StageOutput::Boundaries { .. }) {
             // The boundaries come from all rows at once; the in-memory engine has no stream.
             let df = lf.collect_with_engine(engine.polars()?)?.unwrap_single();
             return shuffle::write_partitions(df, output, boundaries, format, dir);
@@ -200,7 +201,7 @@ impl Plan {
         )?);
         let sink = writers.clone();
         // Order matters where the consumer reads a gathered output or a range in order.
-        let maintain_order = !matches!(output, planner::StageOutput::Hash { .. });
+        let maintain_order = !matches!(output, stage_graph::StageOutput::Hash { .. });
         let callback = PlanCallback::new(move |df: DataFrame| sink.write(df).map(|()| false));
         lf.sink_batches(callback, maintain_order, None)?.collect_with_engine(Engine::Streaming)?;
         let writers =
@@ -426,7 +427,7 @@ pub struct LocalPaths {
 }
 
 /// Runs `$body` with `$p` bound to each input of a DSL node: the one list of the variants that
-/// have inputs, for read-only visits (`walk`) and rewriting ones (`shuffle::rewrite`), so the
+/// have inputs, for read-only visits (`walk`) and rewriting ones (`rewrite`), so the
 /// two cannot drift apart. `$one`/`$many` reach into an `Arc` / `Arc<[_]>`, `$iter` walks a `Vec`.
 macro_rules! for_each_input {
     ($plan:expr, |$p:ident| $body:expr, $one:ident, $many:ident, $iter:ident) => {
@@ -478,7 +479,6 @@ macro_rules! for_each_input {
         }
     };
 }
-pub(crate) use for_each_input;
 
 /// Calls `f` on every node of a plan, parents first.
 fn walk(plan: &DslPlan, f: &mut impl FnMut(&DslPlan)) {
@@ -490,6 +490,19 @@ fn walk(plan: &DslPlan, f: &mut impl FnMut(&DslPlan)) {
     }
     f(plan);
     for_each_input!(plan, |input| walk(input, f), one, many, iter);
+}
+
+/// Calls `f` on every node of `plan`, parents before children, allowing replacement (shared
+/// inputs are copied on write).
+pub(crate) fn rewrite(plan: &mut DslPlan, f: &mut dyn FnMut(&mut DslPlan)) {
+    fn one(a: &mut Arc<DslPlan>) -> &mut DslPlan {
+        Arc::make_mut(a)
+    }
+    fn many(a: &mut Arc<[DslPlan]>) -> &mut [DslPlan] {
+        Arc::make_mut(a)
+    }
+    f(plan);
+    for_each_input!(plan, |input| rewrite(input, f), one, many, iter_mut);
 }
 
 fn create(path: &Path) -> PolarsResult<File> {

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use polars::prelude::*;
 use polars_utils::aliases::{PlSeedableRandomStateQuality, SeedableFromU64SeedExt};
 
-use crate::planner::{StageOutput, parse_input_path};
+use crate::stage_graph::{StageOutput, parse_input_path};
 
 /// The file format of shuffle partitions (the client's `ShuffleOpts`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,7 +370,7 @@ pub fn read_boundaries(files: &[PathBuf]) -> PolarsResult<Series> {
 /// (keyed by placeholder path). A placeholder without files is an error naming it.
 pub fn substitute_inputs(plan: &mut DslPlan, inputs: &HashMap<String, Vec<PathBuf>>) -> PolarsResult<()> {
     let mut missing = None;
-    rewrite(plan, &mut |node| {
+    crate::rewrite(plan, &mut |node| {
         if let DslPlan::Scan { sources: ScanSources::Paths(paths), .. } = node
             && paths.len() == 1
             && parse_input_path(paths[0].as_str()).is_some()
@@ -401,17 +401,4 @@ fn input_scan(files: &[PathBuf]) -> PolarsResult<DslPlan> {
         true => LazyFrame::scan_parquet_sources(sources, Default::default())?,
     };
     Ok(lf.logical_plan)
-}
-
-/// Calls `f` on every node of `plan`, parents before children, allowing replacement (shared
-/// inputs are copied on write).
-pub(crate) fn rewrite(plan: &mut DslPlan, f: &mut dyn FnMut(&mut DslPlan)) {
-    fn one(a: &mut Arc<DslPlan>) -> &mut DslPlan {
-        Arc::make_mut(a)
-    }
-    fn many(a: &mut Arc<[DslPlan]>) -> &mut [DslPlan] {
-        Arc::make_mut(a)
-    }
-    f(plan);
-    crate::for_each_input!(plan, |input| rewrite(input, f), one, many, iter_mut);
 }
