@@ -4,7 +4,7 @@
 # matplotlib, then runs bench/run.py with the given arguments (e.g. --scales 1 10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-engine/fetch-polars.sh
+polars-source/fetch.sh
 export CARGO_TARGET_DIR="${POLARS_NODE_RELEASE_TARGET:-$HOME/.cache/polars-node/target-release}"
 # The CPU level the client's Polars wheel is built for (AVX2 and friends, CPUs since 2013), so
 # both sides run the same machine code; POLARS_NODE_TARGET_CPU=x86-64 builds for any x86-64.

@@ -1,5 +1,5 @@
 # polars-node, built with the exact Rust source of Polars 2.0.0 and the hashbrown it builds with:
-# the same archives, by the same hashes, with the same patches as engine/fetch-polars.sh.
+# the same archives, by the same hashes, with the same patches as polars-source/fetch.sh.
 { lib, rustPlatform, fetchurl, python3 }:
 let
   polarsSource = fetchurl {
@@ -20,21 +20,21 @@ rustPlatform.buildRustPackage {
     src = ../.;
     filter = path: _type:
       let rel = lib.removePrefix (toString ../. + "/") (toString path); in
-        !(lib.hasPrefix ".engine" rel || lib.hasPrefix "target" rel || lib.hasPrefix "tests/python" rel);
+        !(lib.hasPrefix ".polars-source" rel || lib.hasPrefix "target" rel || lib.hasPrefix "tests/python" rel);
   };
 
   cargoLock.lockFile = ../Cargo.lock;
 
   postUnpack = ''
-    mkdir -p "$sourceRoot/.engine/polars-2.0.0"
-    tar -xzf ${polarsSource} -C "$sourceRoot/.engine/polars-2.0.0" --strip-components=1
-    for p in "$sourceRoot"/engine/patches/*.patch; do
-      patch -d "$sourceRoot/.engine/polars-2.0.0" -p1 < "$p"
+    mkdir -p "$sourceRoot/.polars-source/polars-2.0.0"
+    tar -xzf ${polarsSource} -C "$sourceRoot/.polars-source/polars-2.0.0" --strip-components=1
+    for p in "$sourceRoot"/polars-source/patches/*.patch; do
+      patch -d "$sourceRoot/.polars-source/polars-2.0.0" -p1 < "$p"
     done
-    mkdir -p "$sourceRoot/.engine/hashbrown-0.17.2"
-    tar -xzf ${hashbrownSource} -C "$sourceRoot/.engine/hashbrown-0.17.2" --strip-components=1
-    for p in "$sourceRoot"/engine/hashbrown/*.patch; do
-      patch -d "$sourceRoot/.engine/hashbrown-0.17.2" -p1 < "$p"
+    mkdir -p "$sourceRoot/.polars-source/hashbrown-0.17.2"
+    tar -xzf ${hashbrownSource} -C "$sourceRoot/.polars-source/hashbrown-0.17.2" --strip-components=1
+    for p in "$sourceRoot"/polars-source/hashbrown/*.patch; do
+      patch -d "$sourceRoot/.polars-source/hashbrown-0.17.2" -p1 < "$p"
     done
   '';
 

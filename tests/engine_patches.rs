@@ -1,4 +1,4 @@
-//! What this project changes in Polars 2.0.0 as it builds it (engine/patches, engine/hashbrown),
+//! What this project changes in Polars 2.0.0 as it builds it (polars-source/patches, polars-source/hashbrown),
 //! through the engine's public API.
 
 use std::collections::HashMap;
@@ -31,7 +31,7 @@ fn as_map(df: &DataFrame, keys: &[&str], value: &str) -> HashMap<Vec<i64>, i64> 
 }
 
 /// Polars' hash tables with crates.io's hashbrown and the prefetch hints Polars calls
-/// (engine/hashbrown). Group-bys and joins here have enough distinct keys (tables of 2^15
+/// (polars-source/hashbrown). Group-bys and joins here have enough distinct keys (tables of 2^15
 /// buckets or more) to take the prefetching paths of the streaming engine: one integer key
 /// (single-key group and join tables) and two keys (row-encoded key tables). Their results must
 /// equal the same sums computed with std's HashMap.
@@ -70,7 +70,7 @@ fn large_group_bys_and_joins_take_the_prefetching_paths_and_stay_exact() {
 
 /// A group_by of an empty file joined with another table: Polars 2.0.0 panics while estimating
 /// the group count of an input estimated at no rows ("min > max"; the client's wheel does too).
-/// Empty shuffle partitions are read this way. engine/patches/0002 fixes the estimate.
+/// Empty shuffle partitions are read this way. polars-source/patches/0002 fixes the estimate.
 #[test]
 fn a_group_by_of_an_empty_file_can_be_joined() {
     let dir = tempfile::tempdir().unwrap();
@@ -89,7 +89,7 @@ fn a_group_by_of_an_empty_file_can_be_joined() {
     }
 }
 
-/// engine/patches/0003: `to_titlecase` (the client's wheel is a nightly build, so its plans may
+/// polars-source/patches/0003: `to_titlecase` (the client's wheel is a nightly build, so its plans may
 /// hold it) and `erf`/`erfc` on stable Rust, with the titlecase of characters whose titlecase is
 /// not their uppercase.
 #[test]

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Puts the exact Rust source of Polars 2.0.0 (the polars-runtime-64 sdist on PyPI, the source of
-# the wheel that polars-cloud 0.12.0 pins) in .engine/polars-2.0.0, checked against the sha256
-# kept here and patched with engine/patches/*.patch; and the hashbrown crate those sources build
-# with (crates.io, checked against the same sha256 as Cargo.lock's) in .engine/hashbrown-0.17.2,
-# patched with engine/hashbrown/*.patch. Idempotent; nothing of it is committed.
+# the wheel that polars-cloud 0.12.0 pins) in .polars-source/polars-2.0.0, checked against the sha256
+# kept here and patched with polars-source/patches/*.patch; and the hashbrown crate those sources build
+# with (crates.io, checked against the same sha256 as Cargo.lock's) in .polars-source/hashbrown-0.17.2,
+# patched with polars-source/hashbrown/*.patch. Idempotent; nothing of it is committed.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${POLARS_NODE_CACHE:-$HOME/.cache/polars-node}/sdist"
@@ -47,7 +47,7 @@ if ! echo "$sha256  $file" | sha256sum -c --status 2>/dev/null; then
   mkdir -p "$cache"
   rm -f "$file"
   echo "fetching the Polars $version source (polars-runtime-64 sdist) from PyPI" >&2
-  PYTHONPATH="$root/engine/stand-in-backend${PYTHONPATH:+:$PYTHONPATH}" \
+  PYTHONPATH="$root/polars-source/stand-in-backend${PYTHONPATH:+:$PYTHONPATH}" \
     python3 -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation \
       --disable-pip-version-check -d "$cache" "polars-runtime-64==$version"
   if ! echo "$sha256  $file" | sha256sum -c --status; then
@@ -55,7 +55,7 @@ if ! echo "$sha256  $file" | sha256sum -c --status 2>/dev/null; then
     exit 1
   fi
 fi
-unpack "$file" "$root/.engine/polars-$version" "$root/engine/patches"
+unpack "$file" "$root/.polars-source/polars-$version" "$root/polars-source/patches"
 
 # hashbrown: Polars' workspace builds it from a fork (not reachable) for its prefetch hints;
 # Cargo.toml patches crates.io's hashbrown with this copy, which adds them.
@@ -72,4 +72,4 @@ if ! echo "$hb_sha256  $hb_file" | sha256sum -c --status 2>/dev/null; then
   fi
   mv "$hb_file.tmp" "$hb_file"
 fi
-unpack "$hb_file" "$root/.engine/hashbrown-$hb_version" "$root/engine/hashbrown"
+unpack "$hb_file" "$root/.polars-source/hashbrown-$hb_version" "$root/polars-source/hashbrown"
