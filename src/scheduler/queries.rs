@@ -205,7 +205,14 @@ impl Queries {
                     KeyValue::new("polars.worker", worker.instance_id.clone()),
                 ],
             );
-            let result = self.run_on(&query, &worker).await;
+            // A worker declared lost (no heartbeats) loses its task even while its connection
+            // stays open; its late answer is dropped with the call.
+            let result = tokio::select! {
+                result = self.run_on(&query, &worker) => result,
+                () = self.inner.workers.lost(&worker.instance_id) => {
+                    Err(tonic::Status::unavailable("the worker was declared lost (no heartbeats) while it ran the task"))
+                }
+            };
             if let Ok(Outcome::Success(s)) = &result {
                 span.set_attribute(KeyValue::new("polars.rows", s.n_rows as i64));
             }

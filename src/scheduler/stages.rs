@@ -405,7 +405,14 @@ impl<'a> StageRun<'a> {
         self.query.note_participant(worker);
         let started = Instant::now();
         let result = match self.cluster.task_client(&worker.task_addr) {
-            Ok(mut client) => client.run_task(request).await.map(|r| r.into_inner().outcome),
+            // Given up when the worker is declared lost, even if its connection stays open (a
+            // frozen machine); its late answer is dropped with the call.
+            Ok(mut client) => tokio::select! {
+                result = client.run_task(request) => result.map(|r| r.into_inner().outcome),
+                () = self.cluster.lost(&worker.instance_id) => {
+                    Err(tonic::Status::unavailable("the worker was declared lost (no heartbeats) while it ran the task"))
+                }
+            },
             Err(status) => Err(status),
         };
         let result = match result {

@@ -28,6 +28,21 @@ struct Inner {
 }
 
 impl Workers {
+    /// Resolves once `instance_id` is no longer live (its heartbeats stopped, or it was
+    /// suspected): a task running there is then given up, whatever its connection says (a
+    /// frozen machine keeps its TCP connections open).
+    pub(crate) async fn lost(&self, instance_id: &str) {
+        let mut live = self.inner.registry.live_workers();
+        loop {
+            if !self.inner.registry.live_worker_infos().iter().any(|w| w.instance_id == instance_id) {
+                return;
+            }
+            if live.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     pub fn new(registry: Registry, max_task_attempts: u32) -> Self {
         let inner = Inner { registry, max_task_attempts, clients: Mutex::default(), next_worker: AtomicUsize::new(0) };
         Workers { inner: Arc::new(inner) }

@@ -267,6 +267,39 @@ def test_with_the_clients_defaults_a_lost_worker_is_replaced(two_worker_cluster)
     assert killed not in two_worker_cluster.live_workers()
 
 
+def test_a_frozen_worker_loses_its_task_and_is_accepted_back_when_it_wakes(two_worker_cluster):
+    """SIGSTOP (a machine that freezes instead of dying) past the heartbeat timeout, with the
+    client's defaults: the task reruns on the other worker although the frozen one's
+    connection stays open; after SIGCONT the worker registers again and serves queries."""
+    import signal
+
+    c = two_worker_cluster
+    ctx = pc.ClusterContext(uri=c.uri)
+    query = long_query().remote(ctx).execute(blocking=False)
+    deadline = time.time() + 30
+    frozen = None
+    while frozen is None and time.time() < deadline:
+        if query.get_status() == QueryStatus.INPROGRESS:
+            frozen = next((n for n, p in c.procs.items() if n.startswith("worker") and busy_task_processes(p.pid)), None)
+        time.sleep(0.02)
+    assert frozen, "the query never ran on a worker"
+    pids = [c.procs[frozen].pid] + [int(x) for x in subprocess.run(["pgrep", "-P", str(c.procs[frozen].pid)], capture_output=True, text=True).stdout.split()]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        result = query.await_result()
+        assert_frame_equal(result.lazy().collect(), long_query().collect())
+        assert frozen not in c.live_workers()
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    c.wait_for_workers(["worker-a", "worker-b"], timeout=30)
+    for _ in range(4):  # round robin: both workers serve
+        assert_frame_equal(revenue().remote(ctx).execute().lazy().collect(), revenue().collect())
+    log = (c.root / "scheduler.log").read_text()
+    assert "declared lost (no heartbeats)" in log, log[-3000:]
+
+
 def test_a_task_that_failed_max_task_attempts_times_fails_its_query_naming_the_workers(tmp_path):
     from conftest import running_cluster
 
