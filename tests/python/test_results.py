@@ -77,3 +77,10 @@ def test_stored_results_expire_after_the_retention(tmp_path):
         while stored[0].exists() and time.time() < deadline:
             time.sleep(0.2)
         assert not stored[0].exists(), "a stored result outlived its retention"
+
+
+def test_collect_of_an_empty_result(ctx):
+    lf = pl.LazyFrame({"a": [1, 2], "s": ["x", "y"]}).filter(pl.col("a") > 5)
+    got = flight(lf, ctx)
+    assert got.height == 0
+    assert_frame_equal(got, lf.collect())
