@@ -30,8 +30,8 @@ ARGUMENTS = [(), (2,), ("l",), (pl.col("x"),), (1, 2), ("1h",), ("%Y",), (pl.Int
 SKIPPED = {"map_elements", "map_batches", "pipe", "inspect", "deserialize", "from_json", "meta", "plugin", "register_plugin"}
 # Random by design: a cluster and a local run draw other rows.
 RANDOM = {"sample", "shuffle"}
-# Defined up to row order.
-UNORDERED = {"unique", "mode", "value_counts", "unique_counts", "agg_groups"}
+# Defined up to row order (top_k_by/bottom_k_by here sort by a literal: every row ties).
+UNORDERED = {"unique", "mode", "value_counts", "unique_counts", "agg_groups", "top_k_by", "bottom_k_by"}
 # A Categorical's codes are given out per process, in the order it meets the categories: only
 # which rows share a code is defined.
 PROCESS_CODES = {"cat.physical", "cat.to_physical"}
