@@ -221,6 +221,33 @@ def test_worker_killed_during_a_stage(tpch, tmp_path):
         assert max(s.num_workers_used for s in again.stage_statistics()) == 3
 
 
+def test_two_workers_killed_one_after_the_other_in_the_same_query(tpch, tmp_path):
+    """Two of three workers die during one distributed query (the second once the first one's
+    tasks run elsewhere), with the client's defaults: the last worker finishes it, exactly."""
+    workers = {"tw-1": "127.0.0.11", "tw-2": "127.0.0.12", "tw-3": "127.0.0.13"}
+    with running_cluster(tmp_path, workers) as c:
+        ctx = pc.ClusterContext(uri=c.uri)
+        t = pdsh.tables(tpch)
+        q = pdsh.q18(t)
+        expected = q.collect()
+        query = q.remote(ctx).distributed(equi_join_broadcast_limit=0).execute(blocking=False)
+        killed = []
+        deadline = time.time() + 60
+        while len(killed) < 2 and time.time() < deadline:
+            busy = busy_worker(c, [w for w in workers if w not in killed])
+            if busy:
+                c.procs[busy].kill()
+                c.procs[busy].wait()
+                killed.append(busy)
+                time.sleep(0.3)  # the scheduler notices and moves the tasks
+            time.sleep(0.01)
+        assert len(killed) == 2, f"only {killed} ever ran a task"
+        result = query.await_result()
+        assert_frame_equal(result.lazy().collect(), expected, check_exact=False, rel_tol=1e-9)
+        (alive,) = [w for w in workers if w not in killed]
+        assert c.live_workers() == [alive]
+
+
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
     """A real S3-compatible server on loopback (moto's), with a bucket for shuffle files."""
