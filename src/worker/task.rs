@@ -281,7 +281,6 @@ fn run_task_here(request: &RunTaskRequest) -> RunTaskResponse {
 
 /// A whole query, as the client sent it.
 fn run_whole(request: &RunTaskRequest, choice: engine::EngineChoice, target: engine::Target) -> RunTaskResponse {
-    use crate::proto::TaskSuccess;
     use polars_node_engine as engine;
     let outcome = engine::Plan::read(&request.plan).and_then(|plan| {
         if plan.target != target {
@@ -297,17 +296,20 @@ fn run_whole(request: &RunTaskRequest, choice: engine::EngineChoice, target: eng
             .map(|done| (done, ir_plan))
     });
     match outcome {
-        Ok((done, ir_plan)) => RunTaskResponse {
-            outcome: Some(Outcome::Success(TaskSuccess {
-                files: done.files.iter().map(|p| p.display().to_string()).collect(),
-                n_rows: done.n_rows,
-                head_ipc: done.head_ipc,
-                flight_schema: done.flight_schema,
-                ir_plan,
-                bytes_written: 0,
-            })),
-        },
+        Ok((done, ir_plan)) => RunTaskResponse { outcome: Some(Outcome::Success(result_success(done, ir_plan))) },
         Err(e) => failure(&engine::describe_error(&e), false),
+    }
+}
+
+/// What a task that wrote the query's result reports.
+fn result_success(done: engine::Executed, ir_plan: String) -> crate::proto::TaskSuccess {
+    crate::proto::TaskSuccess {
+        files: done.files.iter().map(|p| p.display().to_string()).collect(),
+        n_rows: done.n_rows,
+        head_ipc: done.head_ipc,
+        flight_schema: done.flight_schema,
+        ir_plan,
+        bytes_written: 0,
     }
 }
 
@@ -349,14 +351,7 @@ fn run_stage(
                 Path::new(&request.result_dir),
                 request.head_rows as usize,
             )?;
-            return Ok(TaskSuccess {
-                files: done.files.iter().map(|p| p.display().to_string()).collect(),
-                n_rows: done.n_rows,
-                head_ipc: done.head_ipc,
-                flight_schema: done.flight_schema,
-                ir_plan,
-                bytes_written: 0,
-            });
+            return Ok(result_success(done, ir_plan));
         }
         let (output, boundaries) = match &stage.range {
             Some(r) if r.boundaries_only => (

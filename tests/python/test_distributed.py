@@ -188,6 +188,23 @@ def busy_worker(cluster, names) -> str | None:
     return None
 
 
+def kill_busy_workers(cluster, names, n) -> list[str]:
+    """SIGKILLs `n` of the workers `names`, each while it runs a task, one after the other
+    (the next once the scheduler has had time to move the first one's tasks)."""
+    killed = []
+    deadline = time.time() + 60
+    while len(killed) < n and time.time() < deadline:
+        busy = busy_worker(cluster, [w for w in names if w not in killed])
+        if busy:
+            cluster.procs[busy].kill()
+            cluster.procs[busy].wait()
+            killed.append(busy)
+            time.sleep(0.3)
+        time.sleep(0.01)
+    assert len(killed) == n, f"only {killed} ever ran a task"
+    return killed
+
+
 def test_worker_killed_during_a_stage(tpch, tmp_path):
     """A worker dies while the query runs: its tasks and the shuffle files it held are
     recomputed on the others, and the result is exactly the local one."""
@@ -199,15 +216,8 @@ def test_worker_killed_during_a_stage(tpch, tmp_path):
         expected = q.collect()
         # The client's defaults (n_retries=0): task attempts are the scheduler's business.
         query = q.remote(ctx).distributed(equi_join_broadcast_limit=0).execute(blocking=False)
-        deadline = time.time() + 60
-        killed = None
         # Kill a worker while it runs a task (outputs of earlier stages may live on it too).
-        while killed is None and time.time() < deadline:
-            killed = busy_worker(c, list(workers))
-            time.sleep(0.01)
-        assert killed, "no worker ever ran a task"
-        c.procs[killed].kill()
-        c.procs[killed].wait()
+        (killed,) = kill_busy_workers(c, list(workers), 1)
         result = query.await_result()
         assert_frame_equal(result.lazy().collect(), expected, check_exact=False, rel_tol=1e-9)
         log = (c.root / "scheduler.log").read_text()
@@ -231,17 +241,7 @@ def test_two_workers_killed_one_after_the_other_in_the_same_query(tpch, tmp_path
         q = pdsh.q18(t)
         expected = q.collect()
         query = q.remote(ctx).distributed(equi_join_broadcast_limit=0).execute(blocking=False)
-        killed = []
-        deadline = time.time() + 60
-        while len(killed) < 2 and time.time() < deadline:
-            busy = busy_worker(c, [w for w in workers if w not in killed])
-            if busy:
-                c.procs[busy].kill()
-                c.procs[busy].wait()
-                killed.append(busy)
-                time.sleep(0.3)  # the scheduler notices and moves the tasks
-            time.sleep(0.01)
-        assert len(killed) == 2, f"only {killed} ever ran a task"
+        killed = kill_busy_workers(c, list(workers), 2)
         result = query.await_result()
         assert_frame_equal(result.lazy().collect(), expected, check_exact=False, rel_tol=1e-9)
         (alive,) = [w for w in workers if w not in killed]
