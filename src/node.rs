@@ -31,6 +31,7 @@ use crate::scheduler::registry::Registry;
 use crate::security::auth::JwksAuth;
 use crate::systemd::activation::Listeners;
 use crate::systemd::notify;
+use crate::worker::python::PythonEnv;
 use crate::worker::registration::{self, Registration};
 use crate::worker::shuffle::ShuffleStore;
 use crate::worker::task::TaskService;
@@ -49,6 +50,8 @@ struct Roles {
     registry: Option<Registry>,
     queries: Option<Queries>,
     tasks: Option<TaskService>,
+    /// The worker's Python for queries that call Python (`worker.python_executable`).
+    python: Option<PythonEnv>,
     /// The worker's shuffle files (served on the shuffle port).
     shuffle: Option<ShuffleStore>,
     deny_anonymous_users: bool,
@@ -105,10 +108,21 @@ impl Roles {
                 )
             }
         };
-        let tasks = match &shuffle {
-            Some(store) => {
-                Some(TaskService::new(config.worker.env_vars.clone(), store.clone()).context("task service")?)
+        // A worker whose Python cannot run plans does not start (rather than fail its first
+        // query that calls Python).
+        let python = match (&config.worker.python_executable, config.worker.enabled) {
+            (Some(path), true) => {
+                let env = PythonEnv::probe(path).map_err(anyhow::Error::msg)?;
+                info!(python = %env.executable.display(), version = %env.version, "Python environment for Python functions");
+                Some(env)
             }
+            _ => None,
+        };
+        let tasks = match &shuffle {
+            Some(store) => Some(
+                TaskService::new(config.worker.env_vars.clone(), store.clone(), python.clone())
+                    .context("task service")?,
+            ),
             None => None,
         };
         let client_tls = if scheduler.enabled { client_identity(config)? } else { None };
@@ -143,6 +157,7 @@ impl Roles {
             queries,
             shuffle,
             tasks,
+            python,
             deny_anonymous_users: scheduler.deny_anonymous_users,
             client_tls,
             client_auth,
@@ -230,6 +245,7 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
             memory_bytes: config.memory_limit.unwrap_or_else(total_memory),
             version: crate::VERSION.into(),
             heartbeat_period_ms: config.worker.heartbeat_period.0.as_millis() as u64,
+            python_version: roles.python.as_ref().map(|p| p.version.to_string()).unwrap_or_default(),
         };
         let scheduler_addr = layout.scheduler_addr.clone().expect("a worker knows its scheduler");
         worker_loop =

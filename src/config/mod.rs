@@ -193,6 +193,9 @@ pub struct WorkerConfig {
     /// Extra environment variables for query execution.
     #[serde(deserialize_with = "env_values")]
     pub env_vars: BTreeMap<String, String>,
+    /// Python that runs queries calling Python functions (`map_elements`, `map_batches`, Python scans): an environment with polars==2.0.0 and cloudpickle, of the clients' exact 3.minor.micro. Unset: such queries are refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python_executable: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -205,6 +208,7 @@ impl Default for WorkerConfig {
             shuffle_location: StorageLocation::Local(LocalPath { path: "/tmp/polars/shuffle-data".into() }),
             checkpoint_location: None,
             env_vars: BTreeMap::new(),
+            python_executable: None,
         }
     }
 }

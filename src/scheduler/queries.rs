@@ -20,6 +20,7 @@ use crate::scheduler::registry::Registry;
 use crate::scheduler::stages::StageRun;
 use crate::scheduler::workers::Workers;
 use engine::planner::{Limits, Split};
+use engine::python::{PythonPlan, PythonVersion};
 use engine::stage_graph::StageGraph;
 
 /// `ExecuteUntil::PLAN` of the client protocol: build the physical plan, do not execute.
@@ -76,11 +77,16 @@ impl Queries {
     /// an id, so the client reads the failure the usual way).
     pub fn submit(&self, submission: Submission, client_polars: Option<&str>) -> Arc<Query> {
         let id = Uuid::new_v4();
-        let read = check_version(client_polars, &submission.plan)
-            .and_then(|()| engine::Plan::read(&submission.plan).map_err(|e| engine::describe_error(&e)))
-            .and_then(|plan| check_policy(self.inner.policy, &plan).map(|()| plan));
-        let target = read.as_ref().map(|p| p.target.clone()).unwrap_or(engine::Target::InMemory);
-        let reads_files = read.as_ref().is_ok_and(|p| p.reads_files());
+        // Plans that call Python cannot be read here (no interpreter): what the scheduler needs
+        // of them (target, Python versions) is found in their bytes.
+        let python = PythonPlan::find(&submission.plan);
+        let read = check_version(client_polars, &submission.plan).and_then(|()| match &python {
+            Some(python) => check_python_policy(self.inner.policy).map(|()| (python.target.clone(), false)),
+            None => engine::Plan::read(&submission.plan).map_err(|e| engine::describe_error(&e)).and_then(|plan| {
+                check_policy(self.inner.policy, &plan).map(|()| (plan.target.clone(), plan.reads_files()))
+            }),
+        });
+        let (target, reads_files) = read.clone().unwrap_or((engine::Target::InMemory, false));
         let query = Arc::new(Query {
             id,
             result_dir: self.inner.result_root.join(id.to_string()),
@@ -91,6 +97,7 @@ impl Queries {
             worker: Mutex::default(),
             participants: Mutex::default(),
             reads_files,
+            python,
         });
         self.inner.queries.lock().unwrap().insert(id, query.clone());
         match read {
@@ -184,7 +191,14 @@ impl Queries {
         let mut attempts = self.inner.workers.attempts_for(&query, "the query's task".into());
         let mut lost_workers: Vec<String> = Vec::new();
         loop {
-            let Some(worker) = self.inner.workers.pick_worker(&lost_workers).await else {
+            let can_run = |w: &WorkerInfo| query.python.as_ref().is_none_or(|p| p.refusal(python_of(w)).is_none());
+            if let Some(python) = &query.python
+                && let Err(message) = python_workers(python, &self.inner.workers.registry().live_worker_infos())
+            {
+                query.fail(message);
+                return;
+            }
+            let Some(worker) = self.inner.workers.pick_worker(&lost_workers, &can_run).await else {
                 query.fail(
                     "ComputeError: no live worker is registered with the scheduler: start a node with [worker] enabled = true \
                      whose static_leader.scheduler_service.public_addr points at this scheduler"
@@ -284,6 +298,8 @@ impl Queries {
             stage: None,
             output_dir: String::new(),
             report_ir_plan: false,
+            python: query.python.is_some(),
+            python_executable: String::new(),
         };
         let response = client.run_task(request).await?.into_inner();
         response.outcome.ok_or_else(|| tonic::Status::internal("the worker sent no outcome"))
@@ -309,6 +325,13 @@ impl Queries {
         let Some(distribution) = query.submission.distribution.clone() else {
             return Ok(None);
         };
+        if query.python.is_some() {
+            // py-polars runs the plan on one worker: this engine cannot read it to split it.
+            return match distribution.forbid_single_worker {
+                true => Err(forbidden("the query calls Python functions, which run whole in one worker's Python")),
+                false => Ok(None),
+            };
+        }
         if !query.reads_files {
             // In-memory frames only: nothing to split, no planning pass needed to know it.
             return match distribution.forbid_single_worker {
@@ -395,11 +418,15 @@ impl Queries {
     async fn note_whole_plan(&self, query: &Arc<Query>) -> Result<(), String> {
         let plan = query.submission.plan.clone();
         let flags = query.submission.optimization_flags;
-        let ir =
-            tokio::task::spawn_blocking(move || engine::guard_panics(|| engine::Plan::read(&plan)?.explain(flags)))
-                .await
-                .map_err(|e| format!("ComputeError: the planner failed: {e}"))?
-                .map_err(|e| engine::describe_error(&e))?;
+        let ir = match query.python {
+            Some(_) => "a plan that calls Python: the worker's py-polars optimizes and runs it".to_string(),
+            None => {
+                tokio::task::spawn_blocking(move || engine::guard_panics(|| engine::Plan::read(&plan)?.explain(flags)))
+                    .await
+                    .map_err(|e| format!("ComputeError: the planner failed: {e}"))?
+                    .map_err(|e| engine::describe_error(&e))?
+            }
+        };
         let graph = StageGraph {
             stages: vec![engine::stage_graph::StagePlan {
                 tasks: vec![Vec::new()],
@@ -584,6 +611,46 @@ fn check_policy(policy: Policy, plan: &engine::Plan) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A Python function can read and write any file the worker can: where the scheduler
+/// forbids local scans or sinks, it forbids Python functions too.
+fn check_python_policy(policy: Policy) -> Result<(), String> {
+    let forbidden = match (policy.allow_local_scans, policy.allow_local_sinks) {
+        (true, true) => return Ok(()),
+        (false, _) => "scheduler.allow_local_scans = false",
+        (true, false) => "scheduler.allow_local_sinks = false",
+    };
+    Err(format!(
+        "InvalidOperationError: the query calls Python functions, which can read and write any file of the worker, and this cluster does not allow queries to touch the local file system ({forbidden}); express them with Polars expressions, or run the query locally"
+    ))
+}
+
+/// The Python of a worker (`worker.python_executable`), as it registered.
+fn python_of(worker: &WorkerInfo) -> Option<PythonVersion> {
+    PythonVersion::parse(&worker.python_version)
+}
+
+/// A query that calls Python needs a live worker whose Python loads its pickles: when workers
+/// are live and none can, the query fails before any of them runs it, saying why for each.
+fn python_workers(python: &PythonPlan, live: &[WorkerInfo]) -> Result<(), String> {
+    let refusals: Vec<String> = live
+        .iter()
+        .map(|w| python.refusal(python_of(w)).map(|why| format!("{}: {why}", w.instance_id)))
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_default();
+    if refusals.is_empty() {
+        return Ok(());
+    }
+    let wanted = match python.pickled_by.as_slice() {
+        [one] => format!("Python {one} (the client's)"),
+        _ => "the client's Python".to_string(),
+    };
+    Err(format!(
+        "ComputeError: the query calls Python functions, and no live worker can run them ({}); set worker.python_executable on the workers to {wanted} with polars=={} and cloudpickle installed",
+        refusals.join("; "),
+        engine::POLARS_VERSION
+    ))
 }
 
 /// A client of another Polars version sends plans this cluster cannot read: say which

@@ -115,6 +115,8 @@ pub struct Query {
     pub result_dir: PathBuf,
     /// The plan scans files (only such plans are split).
     pub(crate) reads_files: bool,
+    /// The plan calls Python functions (it runs whole, in a worker's py-polars).
+    pub(crate) python: Option<engine::python::PythonPlan>,
 }
 
 impl Query {

@@ -383,6 +383,8 @@ impl<'a> StageRun<'a> {
             }),
             output_dir: String::new(),
             report_ir_plan: false,
+            python: false,
+            python_executable: String::new(),
         }
     }
 

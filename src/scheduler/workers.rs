@@ -59,11 +59,16 @@ impl Workers {
     }
     /// The next live worker, round robin, preferring those that have not failed this query;
     /// waits a bounded time for one to register.
-    pub(crate) async fn pick_worker(&self, avoid: &[String]) -> Option<WorkerInfo> {
+    pub(crate) async fn pick_worker(
+        &self,
+        avoid: &[String],
+        can_run: &(dyn Fn(&WorkerInfo) -> bool + Sync),
+    ) -> Option<WorkerInfo> {
         let mut live = self.inner.registry.live_workers();
         let deadline = tokio::time::Instant::now() + WORKER_WAIT;
         loop {
             let mut workers = self.inner.registry.live_worker_infos();
+            workers.retain(|w| can_run(w));
             if workers.iter().any(|w| !avoid.contains(&w.instance_id)) {
                 workers.retain(|w| !avoid.contains(&w.instance_id));
             }

@@ -19,6 +19,7 @@ use crate::proto::{
     RunTaskRequest, RunTaskResponse, TaskFailure, run_task_response::Outcome,
 };
 use crate::worker::executor::Executors;
+use crate::worker::python::{self, PythonEnv};
 use crate::worker::shuffle::ShuffleStore;
 use polars_node_engine as engine;
 
@@ -30,6 +31,8 @@ pub struct TaskService {
 struct Inner {
     executors: Executors,
     shuffle: ShuffleStore,
+    /// `worker.python_executable`, for plans that call Python.
+    python: Option<PythonEnv>,
     /// Execution process id of each running task (by query id, stage and task), with its query.
     running: Mutex<HashMap<String, (String, u32)>>,
     /// Queries canceled while running: their process was killed on purpose.
@@ -39,11 +42,16 @@ struct Inner {
 }
 
 impl TaskService {
-    pub fn new(env_vars: BTreeMap<String, String>, shuffle: ShuffleStore) -> std::io::Result<Self> {
+    pub fn new(
+        env_vars: BTreeMap<String, String>,
+        shuffle: ShuffleStore,
+        python: Option<PythonEnv>,
+    ) -> std::io::Result<Self> {
         Ok(TaskService {
             inner: Arc::new(Inner {
                 executors: Executors::new(env_vars)?,
                 shuffle,
+                python,
                 running: Mutex::default(),
                 canceled: Mutex::default(),
                 written: Mutex::default(),
@@ -88,6 +96,18 @@ impl TaskService {
                 self.inner.shuffle.output_dir(&query_id, stage.stage, stage.task).display().to_string();
         }
         request.report_ir_plan = crate::monitoring::exporting();
+        if request.python {
+            match &self.inner.python {
+                Some(env) => request.python_executable = env.executable.display().to_string(),
+                // The scheduler sends such plans only to workers with Python: another may have one.
+                None => {
+                    return Ok(failure(
+                        "ComputeError: this worker has no Python environment (worker.python_executable)",
+                        true,
+                    ));
+                }
+            }
+        }
         let encoded = request.encode_to_vec();
         let mut executor =
             self.inner.executors.take().map_err(|e| format!("cannot start an execution process: {e}"))?;
@@ -282,6 +302,9 @@ fn run_task_here(request: &RunTaskRequest) -> RunTaskResponse {
 /// A whole query, as the client sent it.
 fn run_whole(request: &RunTaskRequest, choice: engine::EngineChoice, target: engine::Target) -> RunTaskResponse {
     use polars_node_engine as engine;
+    if request.python {
+        return run_in_python(request, choice, target);
+    }
     let outcome = engine::Plan::read(&request.plan).and_then(|plan| {
         if plan.target != target {
             polars_node_engine::polars::prelude::polars_bail!(ComputeError: "the plan's sink does not match the task's result target");
@@ -298,6 +321,43 @@ fn run_whole(request: &RunTaskRequest, choice: engine::EngineChoice, target: eng
     match outcome {
         Ok((done, ir_plan)) => RunTaskResponse { outcome: Some(Outcome::Success(result_success(done, ir_plan))) },
         Err(e) => failure(&engine::describe_error(&e), false),
+    }
+}
+
+/// A whole query that calls Python: py-polars runs it in a directory of its own, where the
+/// client's placeholder sink writes its output; that output then becomes the result as any
+/// other query's does (a user's sink was written by py-polars itself).
+fn run_in_python(request: &RunTaskRequest, choice: engine::EngineChoice, target: engine::Target) -> RunTaskResponse {
+    let dir = Path::new(&request.result_dir).join(format!("python-{}", std::process::id()));
+    let engine_name = match choice {
+        engine::EngineChoice::Streaming => "streaming",
+        engine::EngineChoice::InMemory => "in-memory",
+        _ => "auto",
+    };
+    let ran = std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("ComputeError: cannot create {}: {e}", dir.display()))
+        .and_then(|()| python::run(Path::new(&request.python_executable), &request.plan, engine_name, &dir));
+    let outcome = ran.and_then(|()| {
+        let output = match target {
+            engine::Target::InMemory => dir.join("<in-memory>"),
+            engine::Target::Flight => dir.join("<flight>"),
+            engine::Target::User => {
+                return Ok(engine::Executed {
+                    n_rows: 0,
+                    files: Vec::new(),
+                    head_ipc: Vec::new(),
+                    flight_schema: Vec::new(),
+                });
+            }
+        };
+        engine::Plan::python_output(&output, target)
+            .and_then(|plan| plan.execute(choice, None, Path::new(&request.result_dir), request.head_rows as usize))
+            .map_err(|e| engine::describe_error(&e))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    match outcome {
+        Ok(done) => RunTaskResponse { outcome: Some(Outcome::Success(result_success(done, String::new()))) },
+        Err(message) => failure(&message, false),
     }
 }
 

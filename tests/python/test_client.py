@@ -193,8 +193,9 @@ def test_collect_over_flight(ctx):
 
 
 def test_python_functions_fail_with_a_clear_error_not_a_lost_worker(ctx, cluster, tmp_path):
-    """Workers run Polars without Python: a Python function in a plan is the user's query
-    failing, named and not retried, never a machine lost; the workers keep serving."""
+    """These workers have no Python (worker.python_executable): a Python function in a plan is
+    refused before any worker runs it, never a machine lost; the workers keep serving.
+    (tests/python/test_python_udfs.py runs them on workers with Python.)"""
     path = tmp_path / "a.parquet"
     pl.DataFrame({"a": [1, 2, 3]}).write_parquet(path)
     queries = {
@@ -206,7 +207,7 @@ def test_python_functions_fail_with_a_clear_error_not_a_lost_worker(ctx, cluster
     for name, query in queries.items():
         for lf in (pl.LazyFrame({"a": [1, 2, 3]}), pl.scan_parquet(path)):
             for spec in (query(lf).remote(ctx), query(lf).remote(ctx).single_node()):
-                with pytest.raises(pl.exceptions.InvalidOperationError, match="calls a Python function") as raised:
+                with pytest.raises(pl.exceptions.ComputeError, match="no live worker can run them") as raised:
                     spec.execute().lazy().collect()
                 assert "lost" not in str(raised.value), name
     assert cluster.live_workers() == ["worker-1", "worker-2"]

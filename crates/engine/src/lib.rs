@@ -17,6 +17,7 @@ use polars_plan::prelude::PlanCallback;
 
 pub mod clustering;
 pub mod planner;
+pub mod python;
 pub mod shuffle;
 pub mod stage_graph;
 
