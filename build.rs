@@ -9,7 +9,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/polars_cloud/compute_plane/client/v1/client.proto",
     ];
     let descriptors = protox::compile(protos, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // The scheduler keeps submissions in its query table (src/scheduler/store.rs): the enums
+    // they carry are stored by name.
+    let mut config = tonic_prost_build::configure();
+    for name in ["EngineChoice", "ShuffleFormat", "ShuffleCompression"] {
+        config =
+            config.enum_attribute(format!(".polars_node.v1.{name}"), "#[derive(serde::Serialize, serde::Deserialize)]");
+    }
+    config.compile_fds(descriptors)?;
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -44,6 +44,7 @@ enabled = true
 client_service.bind_addr = "127.0.0.1:{self.client}"
 worker_service.bind_addr = "127.0.0.1:{self.worker_port}"
 anonymous_result_location.local.path = "{root / 'results'}"
+database_path = "{root / 'scheduler' / 'queries.db'}"
 """)
         for i in range(1, workers + 1):
             shuffle_port = free_port()

@@ -70,6 +70,7 @@ let
     scheduler = {
       inherit (cfg.scheduler) enable nWorkers clientService workerService;
       resultPath = "/var/lib/polars/results";
+      databasePath = "/var/lib/polars/scheduler/queries.db";
     };
     worker = {
       inherit (cfg.worker) enable heartbeatPeriod taskService shuffleService;

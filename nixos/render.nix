@@ -110,6 +110,7 @@ let
                 worker_service = service 5050 (scheduler.workerService or { });
                 n_workers = scheduler.nWorkers or null;
                 anonymous_result_location.local.path = scheduler.resultPath or "/var/lib/polars/results";
+                database_path = scheduler.databasePath or "/var/lib/polars/scheduler/queries.db";
               }
             else
               null;

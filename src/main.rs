@@ -187,6 +187,7 @@ enabled = true
 client_service.bind_addr = "127.0.0.1:5051"
 worker_service.bind_addr = "127.0.0.1:5050"
 anonymous_result_location.local.path = "{d}/anonymous-results"
+database_path = "{d}/scheduler/queries.db"
 [worker]
 enabled = true
 task_service.bind_addr = "127.0.0.1:5052"

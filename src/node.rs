@@ -28,6 +28,7 @@ use crate::scheduler::client_service::ClientApi;
 use crate::scheduler::flight::FlightApi;
 use crate::scheduler::queries::{Policy, Queries, WorkerBounds};
 use crate::scheduler::registry::Registry;
+use crate::scheduler::store::QueryStore;
 use crate::security::auth::JwksAuth;
 use crate::systemd::activation::Listeners;
 use crate::systemd::notify;
@@ -74,7 +75,19 @@ impl Roles {
         let registry = scheduler
             .enabled
             .then(|| Registry::new(&layout.instance_id, &layout.cluster_id, scheduler.lost_after_missed_heartbeats));
-        let queries = registry.as_ref().map(|r| {
+        // The query table is opened before anything binds: a second scheduler on the same
+        // file stops here, with nothing half-started.
+        let store = match scheduler.enabled {
+            true => {
+                let path = database_file(&scheduler.database_path, &config.cluster_id);
+                let store = QueryStore::open(&path).map_err(anyhow::Error::msg)?;
+                info!(database = %path.display(), "scheduler query table open");
+                Some(store)
+            }
+            false => None,
+        };
+        let checkpoint_period = checkpoint_period(config);
+        let queries = registry.as_ref().zip(store).map(|(r, store)| {
             let root = match &scheduler.anonymous_result_location {
                 StorageLocation::Local(l) | StorageLocation::SharedFilesystem(l) => l.path.clone(),
                 // Object stores arrive with distributed execution; `load` warns about it.
@@ -90,7 +103,7 @@ impl Roles {
                     default_partitions_per_worker: scheduler.default_partitions_per_worker,
                 },
             };
-            Queries::new(r.clone(), policy, root)
+            Queries::new(r.clone(), policy, root, store, checkpoint_period)
         });
         let shuffle = match (&config.worker.shuffle_location, config.worker.enabled) {
             (_, false) => None,
@@ -220,7 +233,12 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
         background.spawn(registry.clone().watch_heartbeats());
     }
     if let Some(queries) = roles.queries.clone() {
-        background.spawn(queries.expire_results(config.scheduler.result_retention.0));
+        background.spawn(queries.clone().expire_results(config.scheduler.result_retention.0));
+        // Queries an earlier run of the scheduler left: served, run, resumed or failed.
+        queries.restore();
+        if let Some(period) = checkpoint_period(&config) {
+            background.spawn(queries.write_checkpoints(period));
+        }
     }
     background.spawn(notify::watchdog());
 
@@ -488,4 +506,9 @@ fn total_memory() -> u64 {
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
+}
+
+/// `scheduler.checkpoint.period`, when checkpoints are on.
+fn checkpoint_period(config: &Config) -> Option<std::time::Duration> {
+    config.scheduler.checkpoint.as_ref().and_then(|c| c.period.as_ref()).map(|p| p.0)
 }

@@ -15,7 +15,8 @@ fn service_with(config: &str) -> (std::process::Output, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.toml");
     std::fs::write(&path, config).unwrap();
-    let out = run(&["service", "--config-path", path.to_str().unwrap()], &[]);
+    let db = dir.path().join("queries.db");
+    let out = run(&["service", "--config-path", path.to_str().unwrap()], &[(DATABASE_ENV, db.to_str().unwrap())]);
     (out, dir)
 }
 
@@ -185,13 +186,12 @@ fn a_real_unimplemented_key_warns_and_the_node_starts() {
         "scheduler",
         dir.path(),
         &format!(
-            "[scheduler]\nenabled = true\ncheckpoint.period = \"1m\"\nclient_service.bind_addr = \"127.0.0.1:{client}\"\n\
+            "[scheduler]\nenabled = true\nclient_service.bind_addr = \"127.0.0.1:{client}\"\n\
              worker_service.bind_addr = \"127.0.0.1:{worker}\"\n[lineage.transport.http]\nendpoint = \"http://x\"\n"
         ),
     );
     node.wait_log("node ready", Duration::from_secs(10));
     let log = node.log();
-    assert_eq!(log.matches("`scheduler.checkpoint` is accepted but not implemented yet").count(), 1, "{log}");
     assert_eq!(log.matches("`lineage` is accepted but not implemented yet").count(), 1, "{log}");
 }
 

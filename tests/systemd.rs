@@ -23,6 +23,7 @@ fn activate(dir: &Path, name: &str, sockets: &[(&str, u16)], config: &str, env: 
     if !names.is_empty() {
         cmd.arg(format!("--fdname={}", names.join(":")));
     }
+    cmd.arg("-E").arg(format!("{DATABASE_ENV}={}", dir.join(format!("{name}-queries.db")).display()));
     for (k, v) in env {
         cmd.arg("-E").arg(format!("{k}={v}"));
     }

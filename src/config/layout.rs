@@ -279,6 +279,11 @@ pub fn plan_with(config: &Config, resolution: Resolution) -> Result<Layout, Vec<
     if s.lost_after_missed_heartbeats == 0 {
         problems.push("`scheduler.lost_after_missed_heartbeats` must be at least 1".to_string());
     }
+    if s.checkpoint.as_ref().and_then(|c| c.period).is_some_and(|p| p.0.is_zero()) {
+        problems.push(
+            "`scheduler.checkpoint.period` must be longer than zero (remove it to turn checkpoints off)".to_string(),
+        );
+    }
     if config.memory_limit == Some(0) {
         problems.push("`memory_limit` is 0 bytes; give a limit in bytes or remove the key".to_string());
     }
@@ -512,12 +517,15 @@ mod tests {
 
     #[test]
     fn numeric_rules() {
-        let errors =
-            plan_of("memory_limit = 0\n[scheduler]\nenabled = true\nlost_after_missed_heartbeats = 0\n").unwrap_err();
+        let errors = plan_of(
+            "memory_limit = 0\n[scheduler]\nenabled = true\nlost_after_missed_heartbeats = 0\ncheckpoint.period = 0\n",
+        )
+        .unwrap_err();
         assert_eq!(
             errors,
             vec![
                 "`scheduler.lost_after_missed_heartbeats` must be at least 1",
+                "`scheduler.checkpoint.period` must be longer than zero (remove it to turn checkpoints off)",
                 "`memory_limit` is 0 bytes; give a limit in bytes or remove the key",
             ]
         );

@@ -131,7 +131,12 @@ pub struct SchedulerConfig {
     /// How long a stored result is kept after it was written; older ones are removed (also
     /// those a previous run of the scheduler left). `delete()` removes one at once.
     pub result_retention: ConfigDuration,
-    /// Periodic checkpoints of the scheduler's state.
+    /// The scheduler's query table (SQLite): every query's plan, state and result survive a
+    /// restart of the scheduler. The cluster_id goes into the file name; one scheduler per file.
+    pub database_path: PathBuf,
+    /// Checkpoints of running queries: with a period set, the finished stages of split
+    /// queries are recorded, and a query that was running when the scheduler stopped resumes
+    /// from them after a restart. Unset: such queries fail at restart, saying how to turn it on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointConfig>,
     /// A worker is marked lost after this many heartbeat periods without a heartbeat.
@@ -159,6 +164,7 @@ impl Default for SchedulerConfig {
                 path: "/tmp/polars/anonymous-results".into(),
             }),
             result_retention: ConfigDuration(Duration::from_secs(24 * 3600)),
+            database_path: "/tmp/polars/scheduler/queries.db".into(),
             checkpoint: None,
             lost_after_missed_heartbeats: 3,
             max_task_attempts: 4,
@@ -169,7 +175,8 @@ impl Default for SchedulerConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, DocumentedFields)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
-    /// How often the scheduler checkpoints its state. Unset: never.
+    /// How often the finished stages of running queries are recorded (at most this long after
+    /// a stage finished). Unset: never.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub period: Option<ConfigDuration>,
 }

@@ -6,4 +6,5 @@ pub mod queries;
 pub mod query;
 pub mod registry;
 pub mod stages;
+pub mod store;
 pub mod workers;

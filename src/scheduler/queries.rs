@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use opentelemetry::KeyValue;
 use opentelemetry::trace::Span as _;
@@ -18,6 +18,7 @@ use crate::proto::{CancelTaskRequest, EngineChoice, RunTaskRequest, WorkerInfo, 
 use crate::scheduler::query::{HEAD_ROWS, Query, StageStats, Status, Submission};
 use crate::scheduler::registry::Registry;
 use crate::scheduler::stages::StageRun;
+use crate::scheduler::store::{Checkpointer, QueryStore, StoredQuery};
 use crate::scheduler::workers::Workers;
 use engine::planner::{Limits, Split};
 use engine::python::{PythonPlan, PythonVersion};
@@ -27,6 +28,9 @@ use engine::stage_graph::StageGraph;
 const PLAN: i32 = 2;
 /// Fewest rows of one file worth a task of their own when a single file is split.
 const MIN_ROWS_PER_TASK: u64 = 10_000;
+/// How long a query resumed after a restart waits for the workers that hold its checkpointed
+/// outputs to register again (their outputs are recomputed elsewhere after that).
+const RESUME_WAIT: Duration = Duration::from_secs(30);
 
 /// Scheduler-wide bounds (`[scheduler]` keys of the same names).
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,15 +60,28 @@ struct Inner {
     policy: Policy,
     result_root: PathBuf,
     queries: Mutex<HashMap<Uuid, Arc<Query>>>,
+    /// The query table: what a restarted scheduler reads back.
+    store: QueryStore,
+    /// Finished stages of running split queries, when checkpoints are on.
+    checkpoints: Option<Checkpointer>,
 }
 
 impl Queries {
-    pub fn new(registry: Registry, policy: Policy, result_root: PathBuf) -> Self {
+    /// `checkpoint_period`: `scheduler.checkpoint.period` (checkpoints on when set).
+    pub fn new(
+        registry: Registry,
+        policy: Policy,
+        result_root: PathBuf,
+        store: QueryStore,
+        checkpoint_period: Option<Duration>,
+    ) -> Self {
         let inner = Inner {
             workers: Workers::new(registry, policy.max_task_attempts),
             policy,
             result_root,
             queries: Mutex::default(),
+            checkpoints: checkpoint_period.map(|_| Checkpointer::new(store.clone())),
+            store,
         };
         Queries { inner: Arc::new(inner) }
     }
@@ -98,14 +115,43 @@ impl Queries {
             participants: Mutex::default(),
             reads_files,
             python,
+            store: self.inner.store.clone(),
         });
+        self.record(&query);
         self.inner.queries.lock().unwrap().insert(id, query.clone());
         match read {
             Err(message) => {
                 info!(query = %id, "query refused: {message}");
                 query.fail(message);
             }
-            Ok(_) if query.submission.plan_only.is_some() => {
+            Ok(_) => self.start(query.clone()),
+        }
+        query
+    }
+
+    /// Writes a new query, with its plan, to the query table (before its id is handed out).
+    fn record(&self, query: &Query) {
+        let stored = StoredQuery {
+            id: query.id,
+            submitted_at: SystemTime::now(),
+            submission: query.submission.clone(),
+            target: query.target.clone(),
+            reads_files: query.reads_files,
+            status: query.status(),
+            outcome: query.outcome(),
+            worker: None,
+            participants: Vec::new(),
+        };
+        if let Err(e) = self.inner.store.insert(&stored, &query.submission.plan) {
+            warn!(query = %query.id, "cannot write the query to the query table: {e}");
+        }
+    }
+
+    /// Starts an accepted query: plans only (`explain`), or runs it.
+    fn start(&self, query: Arc<Query>) {
+        let id = query.id;
+        match () {
+            _ if query.submission.plan_only.is_some() => {
                 // `explain(plan_stage="physical")` asks for the stage graph: plan, do not run.
                 let queries = self.clone();
                 let query = query.clone();
@@ -128,12 +174,96 @@ impl Queries {
                     query.advance(Status::Success);
                 });
             }
-            Ok(_) => {
+            _ => {
                 info!(query = %id, user = query.submission.user.as_deref().unwrap_or("-"), "query submitted");
-                tokio::spawn(self.clone().run(query.clone()));
+                tokio::spawn(self.clone().run(query));
             }
         }
-        query
+    }
+
+    /// Reads back the queries an earlier run of this scheduler left in the query table:
+    /// finished ones are served as before, queued ones run, and running ones resume from
+    /// their checkpoints (checkpoints on) or fail saying how to turn them on.
+    pub fn restore(&self) {
+        let loaded = match self.inner.store.load() {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                warn!(database = %self.inner.store.path().display(), "cannot read the query table: {e}");
+                return;
+            }
+        };
+        let (mut served, mut queued, mut resumed, mut failed) = (0, 0, 0, 0);
+        for (stored, plan) in loaded {
+            let mut submission = stored.submission;
+            submission.plan = plan;
+            let python = match stored.status.is_terminal() {
+                true => None,
+                false => PythonPlan::find(&submission.plan),
+            };
+            let query = Arc::new(Query {
+                id: stored.id,
+                result_dir: self.inner.result_root.join(stored.id.to_string()),
+                submission,
+                target: stored.target,
+                status: watch::channel(stored.status).0,
+                outcome: Mutex::new(stored.outcome),
+                worker: Mutex::new(stored.worker),
+                participants: Mutex::new(stored.participants),
+                reads_files: stored.reads_files,
+                python,
+                store: self.inner.store.clone(),
+            });
+            self.inner.queries.lock().unwrap().insert(query.id, query.clone());
+            match stored.status {
+                s if s.is_terminal() => served += 1,
+                Status::Scheduled => {
+                    info!(query = %query.id, "query queued before the scheduler restarted: it runs now");
+                    queued += 1;
+                    self.start(query);
+                }
+                _ if self.inner.checkpoints.is_some() => {
+                    info!(query = %query.id, "query running when the scheduler stopped: it resumes from its checkpoint");
+                    resumed += 1;
+                    self.start(query);
+                }
+                _ => {
+                    failed += 1;
+                    query.fail(format!(
+                        "ComputeError: the scheduler restarted while query {} ran, and checkpoints are off, so it could not \
+                         resume: run it again. To have running queries resume after a scheduler restart, set \
+                         scheduler.checkpoint.period (for example \"30s\")",
+                        query.id
+                    ));
+                    let queries = self.clone();
+                    tokio::spawn(async move { queries.release_everywhere(&query).await });
+                }
+            }
+        }
+        if served + queued + resumed + failed > 0 {
+            info!(
+                served,
+                queued, resumed, failed, "queries of the scheduler's previous run read back from the query table"
+            );
+        }
+    }
+
+    /// Writes the finished stages of running queries to the query table every `period`.
+    pub async fn write_checkpoints(self, period: Duration) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let queries = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(checkpoints) = &queries.inner.checkpoints {
+                    let written = checkpoints.flush();
+                    if written > 0 {
+                        info!(outputs = written, "checkpoint written");
+                    }
+                }
+            })
+            .await;
+        }
     }
 
     /// Runs a query, traced as a `query` span (exported when `[monitoring]` is on).
@@ -145,10 +275,16 @@ impl Queries {
                 KeyValue::new("polars.user", query.submission.user.clone().unwrap_or_default()),
             ],
         );
-        match self.plan(&query).await {
-            Ok(Some((graph, workers))) => self.run_split(&query, &graph, workers).await,
-            Ok(None) => self.run_attempts(&query).await,
-            Err(message) => query.fail(message),
+        match self.resume(&query).await {
+            Some(checkpoint) => self.run_split(&query, &checkpoint.graph, checkpoint.workers, checkpoint.outputs).await,
+            None => match self.plan(&query).await {
+                Ok(Some((graph, workers))) => self.run_split(&query, &graph, workers, Vec::new()).await,
+                Ok(None) => self.run_attempts(&query).await,
+                Err(message) => query.fail(message),
+            },
+        }
+        if let Some(checkpoints) = &self.inner.checkpoints {
+            checkpoints.forget(query.id);
         }
         self.release(&query).await;
         let outcome = query.outcome();
@@ -444,12 +580,63 @@ impl Queries {
         Ok(())
     }
 
-    async fn run_split(&self, query: &Arc<Query>, graph: &StageGraph, workers: Vec<String>) {
+    /// The checkpoint of a query that was running when the scheduler stopped (checkpoints
+    /// on), once the workers holding its outputs registered again (or after [`RESUME_WAIT`]:
+    /// the outputs of workers still missing are recomputed).
+    async fn resume(&self, query: &Arc<Query>) -> Option<crate::scheduler::store::Checkpoint> {
+        self.inner.checkpoints.as_ref()?;
+        if query.status() != Status::Running {
+            return None;
+        }
+        let store = self.inner.store.clone();
+        let id = query.id;
+        let read = tokio::task::spawn_blocking(move || store.checkpoint_of(id)).await;
+        let checkpoint = match read.unwrap_or_else(|e| Err(e.to_string())) {
+            Ok(Some(checkpoint)) => checkpoint,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(query = %id, "cannot read the query's checkpoint; it runs from the start: {e}");
+                return None;
+            }
+        };
+        let holders: std::collections::BTreeSet<String> =
+            checkpoint.outputs.iter().map(|(_, _, w, _)| w.instance_id.clone()).collect();
+        let deadline = tokio::time::Instant::now() + RESUME_WAIT;
+        loop {
+            let live: Vec<String> =
+                self.inner.workers.registry().live_worker_infos().into_iter().map(|w| w.instance_id).collect();
+            let missing: Vec<&String> = holders.iter().filter(|h| !live.contains(h)).collect();
+            if missing.is_empty() || tokio::time::Instant::now() >= deadline {
+                info!(query = %id, outputs = checkpoint.outputs.len(), ?missing, "query resumes from its checkpoint");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Some(checkpoint)
+    }
+
+    /// Runs a split query; `done`: outputs of its tasks that ran before (a checkpoint).
+    async fn run_split(
+        &self,
+        query: &Arc<Query>,
+        graph: &StageGraph,
+        workers: Vec<String>,
+        done: Vec<(usize, usize, WorkerInfo, crate::proto::TaskSuccess)>,
+    ) {
         if !query.advance(Status::Running) && query.status().is_terminal() {
             return;
         }
         let distribution = query.submission.distribution.clone().expect("split queries are distributed");
-        let run = StageRun::new(&self.inner.workers, query, graph, &distribution, workers);
+        if let Some(checkpoints) = &self.inner.checkpoints
+            && done.is_empty()
+        {
+            checkpoints.graph(query.id, graph, &workers);
+        }
+        let mut run = StageRun::new(&self.inner.workers, query, graph, &distribution, workers);
+        run.checkpoint_to(self.inner.checkpoints.as_ref());
+        for (stage, task, worker, success) in done {
+            run.restore(stage, task, worker, success);
+        }
         match run.run().await {
             _ if query.status().is_terminal() => {}
             Ok((success, worker, stages)) => {
@@ -475,6 +662,31 @@ impl Queries {
     /// Removes the query's shuffle files from every worker that ran a part of it.
     async fn release(&self, query: &Query) {
         let workers = query.participants.lock().unwrap().clone();
+        self.release_on(query, workers).await;
+    }
+
+    /// Removes the query's shuffle files from every worker that registers within
+    /// [`RESUME_WAIT`] (after a restart, those that ran a part of it are not all known, and
+    /// they register again one by one).
+    async fn release_everywhere(&self, query: &Query) {
+        let mut released: Vec<String> = Vec::new();
+        let deadline = tokio::time::Instant::now() + RESUME_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            let fresh: Vec<WorkerInfo> = self
+                .inner
+                .workers
+                .registry()
+                .live_worker_infos()
+                .into_iter()
+                .filter(|w| !released.contains(&w.instance_id))
+                .collect();
+            released.extend(fresh.iter().map(|w| w.instance_id.clone()));
+            self.release_on(query, fresh).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn release_on(&self, query: &Query, workers: Vec<WorkerInfo>) {
         for worker in workers {
             if let Ok(mut client) = self.inner.workers.task_client(&worker.task_addr) {
                 let request = crate::proto::ReleaseQueryRequest { query_id: query.id.to_string() };
@@ -497,6 +709,19 @@ impl Queries {
                 Ok(Ok(n)) => tracing::info!(removed = n, retention = ?retention, "stored results expired"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "cannot sweep the stored results"),
             }
+            // The records of finished queries go with their results.
+            let store = self.inner.store.clone();
+            let before = SystemTime::now().checked_sub(retention).unwrap_or(std::time::UNIX_EPOCH);
+            match tokio::task::spawn_blocking(move || store.prune(before)).await {
+                Ok(Ok(ids)) => {
+                    let mut queries = self.inner.queries.lock().unwrap();
+                    for id in ids {
+                        queries.remove(&id);
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot prune the query table"),
+                Err(_) => {}
+            }
         }
     }
 
@@ -513,9 +738,12 @@ impl Queries {
         &self.inner.workers
     }
 
-    /// The worker that ran a query.
+    /// The worker that ran a query, as it is registered now (it may have registered again,
+    /// at another address, since).
     pub fn worker_of(&self, query: &Query) -> Option<WorkerInfo> {
-        query.worker.lock().unwrap().clone()
+        let ran = query.worker.lock().unwrap().clone()?;
+        let live = self.inner.workers.registry().live_worker_infos();
+        Some(live.into_iter().find(|w| w.instance_id == ran.instance_id).unwrap_or(ran))
     }
 }
 

@@ -6,10 +6,12 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use polars_node_engine as engine;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::proto::{EngineChoice, ResultTarget, WorkerInfo};
+use crate::scheduler::store::QueryStore;
 
 /// Rows returned inline with a stored result (`.head`).
 pub(crate) const HEAD_ROWS: u32 = 10;
@@ -27,11 +29,19 @@ impl Status {
     pub fn is_terminal(self) -> bool {
         matches!(self, Status::Success | Status::Failed | Status::Canceled)
     }
+
+    /// The state as the query table keeps it (the protocol's number).
+    pub fn from_number(n: i64) -> Option<Status> {
+        [Status::Scheduled, Status::Running, Status::Success, Status::Failed, Status::Canceled]
+            .into_iter()
+            .find(|s| *s as i64 == n)
+    }
 }
 
-/// What a query asked for.
-#[derive(Debug, Clone)]
+/// What a query asked for (kept in the query table: the plan in a column of its own).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Submission {
+    #[serde(skip)]
     pub plan: Vec<u8>,
     pub engine: EngineChoice,
     pub optimization_flags: Option<u32>,
@@ -44,7 +54,7 @@ pub struct Submission {
 }
 
 /// How a distributed query may be split (the client's `DistributedOpts` and worker bounds).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Distribution {
     pub shuffle: ShuffleSettings,
     /// Workers asked for: `n_workers` (a number is min = max), unset = scheduler defaults.
@@ -61,7 +71,7 @@ pub struct Distribution {
 }
 
 /// Shuffle file format, resolved (AUTO = IPC with LZ4).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct ShuffleSettings {
     pub format: crate::proto::ShuffleFormat,
     pub compression: crate::proto::ShuffleCompression,
@@ -69,7 +79,7 @@ pub struct ShuffleSettings {
 }
 
 /// What one stage did, for the client (`num_workers_used`) and the observatory.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StageStats {
     pub label: String,
     pub tasks: u32,
@@ -80,7 +90,7 @@ pub struct StageStats {
 }
 
 /// The outcome the client reads once the query is terminal.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct QueryOutcome {
     pub files: Vec<String>,
     pub n_rows: u64,
@@ -117,6 +127,8 @@ pub struct Query {
     pub(crate) reads_files: bool,
     /// The plan calls Python functions (it runs whole, in a worker's py-polars).
     pub(crate) python: Option<engine::python::PythonPlan>,
+    /// The query table, where every state is written before anyone can see it.
+    pub(crate) store: QueryStore,
 }
 
 impl Query {
@@ -133,15 +145,27 @@ impl Query {
     }
 
     /// Moves to `next` unless the query is already terminal (a canceled query stays canceled).
+    /// The new state (with the outcome and workers as they are) is in the query table before
+    /// it is published: a client told SUCCESS finds the query again after a restart.
     pub(crate) fn advance(&self, next: Status) -> bool {
         self.status.send_if_modified(|s| {
             if s.is_terminal() || *s == next {
-                false
-            } else {
-                *s = next;
-                true
+                return false;
             }
+            self.save(next);
+            *s = next;
+            true
         })
+    }
+
+    /// Writes the query's record in state `status` to the query table.
+    pub(crate) fn save(&self, status: Status) {
+        let outcome = self.outcome();
+        let worker = self.worker.lock().unwrap().clone();
+        let participants = self.participants.lock().unwrap().clone();
+        if let Err(e) = self.store.update(self.id, status, &outcome, worker.as_ref(), &participants) {
+            tracing::warn!(query = %self.id, "cannot write the query's state to the query table: {e}");
+        }
     }
 
     pub(crate) fn fail(&self, message: String) {

@@ -22,6 +22,7 @@ use crate::proto::{
     run_task_response::Outcome,
 };
 use crate::scheduler::query::{Attempts, Distribution, Query, StageStats};
+use crate::scheduler::store::Checkpointer;
 use crate::scheduler::workers::Workers;
 
 /// What a finished task left behind.
@@ -51,6 +52,8 @@ pub(crate) struct StageRun<'a> {
     /// stages read).
     inputs: Vec<Vec<usize>>,
     fused: Vec<bool>,
+    /// Where finished tasks are recorded (checkpoints on).
+    checkpoints: Option<&'a Checkpointer>,
 }
 
 /// A gather stage whose only reader is the result, and whose inputs add up to at most this
@@ -92,6 +95,34 @@ impl<'a> StageRun<'a> {
             result_task: None,
             inputs: graph.stages.iter().map(|s| s.inputs.clone()).collect(),
             fused: vec![false; graph.stages.len()],
+            checkpoints: None,
+        }
+    }
+
+    /// Records every finished task (but the result's) in `checkpoints`.
+    pub(crate) fn checkpoint_to(&mut self, checkpoints: Option<&'a Checkpointer>) {
+        self.checkpoints = checkpoints;
+    }
+
+    /// A task's output from before a restart (a checkpoint): it is not run again while its
+    /// worker is live (and recomputed like any lost output when it is not).
+    pub(crate) fn restore(&mut self, stage: usize, task: usize, worker: WorkerInfo, success: TaskSuccess) {
+        if self.outputs.get(stage).and_then(|s| s.get(task)).is_none() {
+            warn!(query = %self.query.id, stage, task, "the checkpoint names a task the stage graph does not have");
+            return;
+        }
+        self.query.note_participant(&worker);
+        self.note_output(stage, &worker, &success);
+        self.outputs[stage][task] = Some(Done { worker, success });
+    }
+
+    /// Counts a task's output in its stage's figures.
+    fn note_output(&mut self, stage: usize, worker: &WorkerInfo, success: &TaskSuccess) {
+        let stats = &mut self.stats[stage];
+        stats.rows += success.n_rows;
+        stats.bytes += success.bytes_written;
+        if !stats.workers.contains(&worker.instance_id) {
+            stats.workers.push(worker.instance_id.clone());
         }
     }
 
@@ -225,11 +256,11 @@ impl<'a> StageRun<'a> {
             for (stage, task, worker, result) in results {
                 match result {
                     Ok(success) => {
-                        let stats = &mut self.stats[stage];
-                        stats.rows += success.n_rows;
-                        stats.bytes += success.bytes_written;
-                        if !stats.workers.contains(&worker.instance_id) {
-                            stats.workers.push(worker.instance_id.clone());
+                        self.note_output(stage, &worker, &success);
+                        if let Some(checkpoints) = self.checkpoints
+                            && stage != self.graph.stages.len() - 1
+                        {
+                            checkpoints.task_done(self.query.id, stage, task, &worker, &success);
                         }
                         self.outputs[stage][task] = Some(Done { worker, success });
                     }

@@ -69,6 +69,8 @@ impl Node {
         let file = std::fs::File::create(&log).unwrap();
         cmd.stdout(file.try_clone().unwrap()).stderr(file).stdin(Stdio::null());
         cmd.env("PLC_LOG_LEVEL", "info").env_remove("NOTIFY_SOCKET");
+        // Each scheduler its own query table (one scheduler per file), in the test's directory.
+        cmd.env(DATABASE_ENV, dir.join(format!("{name}-queries.db")));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -117,6 +119,9 @@ impl Drop for Node {
         }
     }
 }
+
+/// Overrides `scheduler.database_path` (the default is shared by every scheduler of a host).
+pub const DATABASE_ENV: &str = "PC_CUBLET__scheduler__database_path";
 
 /// Runs the binary to completion.
 pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ enabled = true
 client_service.bind_addr = "127.0.0.1:{self.client_port}"
 worker_service.bind_addr = "127.0.0.1:{self.worker_port}"
 anonymous_result_location.local.path = "{self.results}"
+database_path = "{self.root / 'scheduler' / 'queries.db'}"
 {tables}
 """,
         )
@@ -183,3 +185,50 @@ def ctx(cluster):
     import polars_cloud as pc
 
     return pc.ClusterContext(uri=cluster.uri)
+
+
+# TPC-H data and worker kills, for the distributed tests and the fault drills.
+SCALE = os.environ.get("PDSH_SCALE", "0.1")
+
+
+def tpchgen() -> str:
+    exe = Path(sys.executable).parent / "tpchgen-cli"
+    if not exe.exists():
+        pytest.fail("tpchgen-cli is not installed next to the test interpreter: run .ci/run (it installs it)")
+    return str(exe)
+
+
+@pytest.fixture(scope="session")
+def tpch(tmp_path_factory):
+    """TPC-H tables as Parquet: lineitem in 4 files (split by file), the others in one file
+    each (orders is split by row ranges)."""
+    d = tmp_path_factory.mktemp("tpch")
+    others = "region,nation,supplier,customer,part,partsupp,orders"
+    subprocess.run([tpchgen(), "parquet", "-s", SCALE, f"--tables={others}", f"--output-dir={d}"], check=True)
+    subprocess.run([tpchgen(), "parquet", "-s", SCALE, "--tables=lineitem", "--parts=4", f"--output-dir={d}"], check=True)
+    return d
+
+
+def busy_worker(cluster, names) -> str | None:
+    """A worker that runs a task now (an execution process of its is working)."""
+    for name in names:
+        if busy_task_processes(cluster.procs[name].pid):
+            return name
+    return None
+
+
+def kill_busy_workers(cluster, names, n) -> list[str]:
+    """SIGKILLs `n` of the workers `names`, each while it runs a task, one after the other
+    (the next once the scheduler has had time to move the first one's tasks)."""
+    killed = []
+    deadline = time.time() + 60
+    while len(killed) < n and time.time() < deadline:
+        busy = busy_worker(cluster, [w for w in names if w not in killed])
+        if busy:
+            cluster.procs[busy].kill()
+            cluster.procs[busy].wait()
+            killed.append(busy)
+            time.sleep(0.3)
+        time.sleep(0.01)
+    assert len(killed) == n, f"only {killed} ever ran a task"
+    return killed

@@ -400,6 +400,7 @@ def test_logs_carry_no_colour_escapes_and_no_timestamps_under_journald(tmp_path,
     config.write_text(
         f'[scheduler]\nenabled = true\nclient_service.bind_addr = "127.0.0.1:{free_port()}"\n'
         f'worker_service.bind_addr = "127.0.0.1:{free_port()}"\nanonymous_result_location.local.path = "{tmp_path}/r"\n'
+        f'database_path = "{tmp_path}/queries.db"\n'
     )
     log_path = tmp_path / "node.log"
     with open(log_path, "w") as log:

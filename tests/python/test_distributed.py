@@ -17,28 +17,7 @@ from polars_cloud.query.query_status import QueryStatus
 
 sys.path.insert(0, str(Path(__file__).parent))
 import pdsh  # noqa: E402
-from conftest import busy_task_processes, free_port, running_cluster  # noqa: E402
-
-SCALE = os.environ.get("PDSH_SCALE", "0.1")
-
-
-def tpchgen() -> str:
-    exe = Path(sys.executable).parent / "tpchgen-cli"
-    if not exe.exists():
-        pytest.fail("tpchgen-cli is not installed next to the test interpreter: run .ci/run (it installs it)")
-    return str(exe)
-
-
-@pytest.fixture(scope="module")
-def tpch(tmp_path_factory):
-    """TPC-H tables as Parquet: lineitem in 4 files (split by file), the others in one file
-    each (orders is split by row ranges)."""
-    d = tmp_path_factory.mktemp("tpch")
-    others = "region,nation,supplier,customer,part,partsupp,orders"
-    subprocess.run([tpchgen(), "parquet", "-s", SCALE, f"--tables={others}", f"--output-dir={d}"], check=True)
-    subprocess.run([tpchgen(), "parquet", "-s", SCALE, "--tables=lineitem", "--parts=4", f"--output-dir={d}"], check=True)
-    return d
-
+from conftest import free_port, kill_busy_workers, running_cluster  # noqa: E402
 
 @pytest.fixture(scope="module")
 def dcluster(tmp_path_factory):
@@ -178,31 +157,6 @@ def test_hash_joins(tpch, dcluster, dctx):
         result = q.remote(dctx).distributed(equi_join_broadcast_limit=0).execute()
         assert_frame_equal(result.lazy().collect(), q.collect(), check_exact=False, rel_tol=1e-9, abs_tol=1e-9)
     assert "hash join on" in split_log(dcluster)
-
-
-def busy_worker(cluster, names) -> str | None:
-    """A worker that runs a task now (an execution process of its is working)."""
-    for name in names:
-        if busy_task_processes(cluster.procs[name].pid):
-            return name
-    return None
-
-
-def kill_busy_workers(cluster, names, n) -> list[str]:
-    """SIGKILLs `n` of the workers `names`, each while it runs a task, one after the other
-    (the next once the scheduler has had time to move the first one's tasks)."""
-    killed = []
-    deadline = time.time() + 60
-    while len(killed) < n and time.time() < deadline:
-        busy = busy_worker(cluster, [w for w in names if w not in killed])
-        if busy:
-            cluster.procs[busy].kill()
-            cluster.procs[busy].wait()
-            killed.append(busy)
-            time.sleep(0.3)
-        time.sleep(0.01)
-    assert len(killed) == n, f"only {killed} ever ran a task"
-    return killed
 
 
 def test_worker_killed_during_a_stage(tpch, tmp_path):

@@ -61,7 +61,7 @@ pub fn own_schema_hash() -> &'static str {
 }
 
 /// Where the client wants the result.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Target {
     /// `execute()`: the cluster stores the result and hands back its location.
     InMemory,

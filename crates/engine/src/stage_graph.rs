@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 pub const INPUT_SCHEME: &str = "polars-node-input://";
 
 /// How a stage hands its output to the next one.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum StageOutput {
     /// Each task writes one partition; the consumer reads all of them.
     Single,
@@ -46,7 +46,7 @@ impl StageOutput {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StagePlan {
     /// The DSL each task runs (serialized, versioned like a client plan).
     pub tasks: Vec<Vec<u8>>,
@@ -57,7 +57,7 @@ pub struct StagePlan {
     pub label: String,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct StageGraph {
     /// In execution order; the last one produces the result.
     pub stages: Vec<StagePlan>,
