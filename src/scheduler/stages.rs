@@ -64,10 +64,10 @@ const FUSE_LIMIT: u64 = 16 << 20;
 enum TaskError {
     /// The query fails with this message (`"<PolarsException>: message"`).
     Fatal(String),
-    /// The task may run again: its worker was lost (`worker`), or it could not read the
-    /// shuffle files of `lost_input`.
+    /// The task may run again: its worker was lost (`worker`), it could not read the
+    /// shuffle files of `lost_input`, or some of its input files were damaged (`corrupt`).
     /// `crashed`: the worker answered (its execution process died), it was not lost.
-    Retry { worker: String, lost_input: Option<String>, crashed: bool, why: String },
+    Retry { worker: String, lost_input: Option<String>, corrupt: Vec<String>, crashed: bool, why: String },
 }
 
 impl<'a> StageRun<'a> {
@@ -265,18 +265,39 @@ impl<'a> StageRun<'a> {
                         self.outputs[stage][task] = Some(Done { worker, success });
                     }
                     Err(TaskError::Fatal(message)) => return Err(message),
-                    Err(TaskError::Retry { worker: ran_on, lost_input, crashed, why }) => {
+                    Err(TaskError::Retry { worker: ran_on, lost_input, corrupt, crashed, why }) => {
                         warn!(query = %self.query.id, stage, task, worker = %ran_on, "task must run again: {why}");
-                        self.cluster.registry().suspect(lost_input.as_deref().unwrap_or(&ran_on));
+                        match corrupt.is_empty() {
+                            // Damaged files are written again; their worker is not lost.
+                            false => self.forget_outputs_with(&corrupt),
+                            true => self.cluster.registry().suspect(lost_input.as_deref().unwrap_or(&ran_on)),
+                        }
+                        // The task itself did not crash when its inputs were the problem.
+                        let input_problem = lost_input.is_some() || !corrupt.is_empty();
                         let label = format!("task {task} of stage {stage} ({})", self.graph.stages[stage].label);
                         let attempts = self
                             .attempts
                             .entry((stage, task))
                             .or_insert_with(|| self.cluster.attempts_for(self.query, label));
-                        if let Some(message) = attempts.failed(&ran_on, &why, crashed && lost_input.is_none()) {
+                        if let Some(message) = attempts.failed(&ran_on, &why, crashed && !input_problem) {
                             return Err(message);
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Drops the outputs that wrote any of `files` (damaged on disk or on the way): they are
+    /// computed again before the tasks that read them run.
+    fn forget_outputs_with(&mut self, files: &[String]) {
+        for (stage, tasks) in self.outputs.iter_mut().enumerate() {
+            for (task, out) in tasks.iter_mut().enumerate() {
+                if let Some(done) = out
+                    && done.success.files.iter().any(|f| files.contains(f))
+                {
+                    warn!(query = %self.query.id, stage, task, worker = %done.worker.instance_id, "stage output damaged; it will be recomputed");
+                    *out = None;
                 }
             }
         }
@@ -344,6 +365,7 @@ impl<'a> StageRun<'a> {
                             path: done.success.files[part.unwrap_or(0)].clone(),
                             shuffle_addr: done.worker.shuffle_addr.clone().unwrap_or_default(),
                             worker_id: done.worker.instance_id.clone(),
+                            checksum: done.success.checksums.get(part.unwrap_or(0)).copied(),
                         }
                     })
                     .collect();
@@ -458,18 +480,21 @@ impl<'a> StageRun<'a> {
             Ok(Some(Outcome::Failure(f))) => Err(TaskError::Retry {
                 worker: worker.instance_id.clone(),
                 lost_input: Some(f.lost_worker).filter(|w| !w.is_empty()),
+                corrupt: f.corrupt_files,
                 crashed: true,
                 why: f.message,
             }),
             Ok(None) => Err(TaskError::Retry {
                 worker: worker.instance_id.clone(),
                 lost_input: None,
+                corrupt: Vec::new(),
                 crashed: false,
                 why: "the worker sent no outcome".into(),
             }),
             Err(status) => Err(TaskError::Retry {
                 worker: worker.instance_id.clone(),
                 lost_input: None,
+                corrupt: Vec::new(),
                 crashed: false,
                 why: status.message().to_string(),
             }),

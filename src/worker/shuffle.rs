@@ -126,11 +126,14 @@ impl ShuffleStore {
 
     /// Makes every input file of `stage` readable here: files of this worker and files on
     /// shared storage are read in place, others are copied from their worker's shuffle
-    /// service. Rewrites the paths in `stage` to the local ones.
-    /// A failure names the worker whose files could not be fetched.
-    pub async fn fetch_inputs(&self, query_id: &str, stage: &mut StageTask) -> Result<(), (String, String)> {
+    /// service. Rewrites the paths in `stage` to the local ones. Then checks every file
+    /// against its checksum. A failure names the worker whose files could not be fetched, or
+    /// the files that are damaged.
+    pub async fn fetch_inputs(&self, query_id: &str, stage: &mut StageTask) -> Result<(), InputError> {
         let dir = self.query_dir(query_id).join("fetched").join(format!("{}-{}", stage.stage, stage.task));
         let mut jobs = Vec::new();
+        // (the path the scheduler knows, the path read here, the checksum written, its writer)
+        let mut checks: Vec<(String, PathBuf, u32, String)> = Vec::new();
         let remote_url = self.inner.remote.as_ref().map(|r| r.url.clone());
         for (i, input) in stage.inputs.iter_mut().enumerate() {
             for (j, file) in input.files.iter_mut().enumerate() {
@@ -138,10 +141,16 @@ impl ShuffleStore {
                 if !in_store
                     && (self.inner.shared || file.worker_id == self.inner.instance_id || file.shuffle_addr.is_empty())
                 {
+                    if let Some(sum) = file.checksum {
+                        checks.push((file.path.clone(), PathBuf::from(&file.path), sum, file.worker_id.clone()));
+                    }
                     continue;
                 }
                 let ext = Path::new(&file.path).extension().and_then(|e| e.to_str()).unwrap_or("bin").to_string();
                 let local = dir.join(format!("{i}-{j}.{ext}"));
+                if let Some(sum) = file.checksum {
+                    checks.push((file.path.clone(), local.clone(), sum, file.worker_id.clone()));
+                }
                 jobs.push((
                     file.shuffle_addr.clone(),
                     file.worker_id.clone(),
@@ -151,12 +160,23 @@ impl ShuffleStore {
                 file.path = local.display().to_string();
             }
         }
-        if jobs.is_empty() {
-            return Ok(());
+        if !jobs.is_empty() {
+            tokio::fs::create_dir_all(&dir).await.map_err(|e| InputError {
+                message: format!("cannot create {}: {e}", dir.display()),
+                ..Default::default()
+            })?;
+            self.fetch_all(query_id, stage, jobs).await?;
         }
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| (String::new(), format!("cannot create {}: {e}", dir.display())))?;
+        verify(checks).await
+    }
+
+    /// Copies `jobs` (shuffle address, worker, remote path, local path) here.
+    async fn fetch_all(
+        &self,
+        query_id: &str,
+        stage: &StageTask,
+        jobs: Vec<(String, String, String, PathBuf)>,
+    ) -> Result<(), InputError> {
         use opentelemetry::trace::Span as _;
         let mut span = crate::monitoring::span(
             "shuffle.read",
@@ -173,11 +193,10 @@ impl ShuffleStore {
                     }
                     _ => self.fetch(&addr, &remote, &local).await,
                 };
-                fetched.map_err(|e| {
-                    (
-                        worker.clone(),
-                        format!("cannot fetch shuffle file {remote} from worker `{worker}` at {addr}: {e}"),
-                    )
+                fetched.map_err(|e| InputError {
+                    message: format!("cannot fetch shuffle file {remote} from worker `{worker}` at {addr}: {e}"),
+                    lost_worker: worker.clone(),
+                    corrupt_files: Vec::new(),
                 })
             })
             .buffer_unordered(PARALLEL_FETCHES)
@@ -189,8 +208,8 @@ impl ShuffleStore {
             bytes += tokio::fs::metadata(local).await.map(|m| m.len()).unwrap_or(0);
         }
         span.set_attribute(opentelemetry::KeyValue::new("polars.shuffle.bytes_read", bytes as i64));
-        if let Err((_, e)) = &fetched {
-            span.set_status(opentelemetry::trace::Status::error(e.clone()));
+        if let Err(e) = &fetched {
+            span.set_status(opentelemetry::trace::Status::error(e.message.clone()));
         }
         span.end();
         fetched
@@ -230,6 +249,58 @@ impl ShuffleStore {
             path.starts_with(&self.inner.root) && !path.components().any(|c| matches!(c, Component::ParentDir));
         inside.then_some(path)
     }
+}
+
+/// Why a task's inputs cannot be read here.
+#[derive(Debug, Default)]
+pub struct InputError {
+    pub message: String,
+    /// The worker whose files could not be fetched (gone, or its files are).
+    pub lost_worker: String,
+    /// Files (as the scheduler names them) whose contents do not match their checksums.
+    pub corrupt_files: Vec<String>,
+}
+
+/// CRC-32 of a file's contents.
+pub fn checksum(path: &Path) -> std::io::Result<u32> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf)?;
+        if n == 0 {
+            return Ok(hasher.finalize());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// Checks input files against the checksums their writers reported.
+async fn verify(checks: Vec<(String, PathBuf, u32, String)>) -> Result<(), InputError> {
+    if checks.is_empty() {
+        return Ok(());
+    }
+    let bad = tokio::task::spawn_blocking(move || {
+        checks
+            .into_iter()
+            .filter_map(|(name, path, sum, worker)| match checksum(&path) {
+                Ok(found) if found == sum => None,
+                Ok(found) => Some((name, format!("checksum {found:08x}, written as {sum:08x}"), worker)),
+                Err(e) => Some((name, e.to_string(), worker)),
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| InputError { message: format!("cannot check the input files: {e}"), ..Default::default() })?;
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let described: Vec<String> = bad.iter().map(|(f, why, w)| format!("{f} of worker `{w}` ({why})")).collect();
+    Err(InputError {
+        message: format!("damaged shuffle files, to be written again: {}", described.join("; ")),
+        lost_worker: String::new(),
+        corrupt_files: bad.into_iter().map(|(f, _, _)| f).collect(),
+    })
 }
 
 /// Throughput figures for the benchmark harness (`polars-node bench-shuffle`): fetching one

@@ -85,10 +85,11 @@ impl TaskService {
             None => query_id.clone(),
         };
         if let Some(stage) = request.stage.as_mut() {
-            if let Err((worker, message)) = self.inner.shuffle.fetch_inputs(&query_id, stage).await {
-                let mut response = failure(&format!("ComputeError: {message}"), true);
+            if let Err(e) = self.inner.shuffle.fetch_inputs(&query_id, stage).await {
+                let mut response = failure(&format!("ComputeError: {}", e.message), true);
                 if let Some(Outcome::Failure(f)) = response.outcome.as_mut() {
-                    f.lost_worker = worker;
+                    f.lost_worker = e.lost_worker;
+                    f.corrupt_files = e.corrupt_files;
                 }
                 return Ok(response);
             }
@@ -138,6 +139,14 @@ impl TaskService {
                         opentelemetry::KeyValue::new("polars.shuffle.bytes_written", s.bytes_written as i64),
                     ]),
                 );
+                // Checksums of the files as written, for their readers to check.
+                let files = s.files.clone();
+                s.checksums = tokio::task::spawn_blocking(move || {
+                    files.iter().map(|f| crate::worker::shuffle::checksum(Path::new(f))).collect::<Result<Vec<_>, _>>()
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("cannot read back a shuffle file to checksum it: {e}"))?;
                 let published = self.inner.shuffle.publish(&query_id, std::mem::take(&mut s.files)).await;
                 if let Err(e) = &published {
                     span.set_status(opentelemetry::trace::Status::error(e.clone()));
@@ -154,7 +163,12 @@ impl TaskService {
 
 fn failure(message: &str, retryable: bool) -> RunTaskResponse {
     RunTaskResponse {
-        outcome: Some(Outcome::Failure(TaskFailure { message: message.into(), retryable, lost_worker: String::new() })),
+        outcome: Some(Outcome::Failure(TaskFailure {
+            message: message.into(),
+            retryable,
+            lost_worker: String::new(),
+            corrupt_files: Vec::new(),
+        })),
     }
 }
 
@@ -370,6 +384,7 @@ fn result_success(done: engine::Executed, ir_plan: String) -> crate::proto::Task
         flight_schema: done.flight_schema,
         ir_plan,
         bytes_written: 0,
+        checksums: Vec::new(),
     }
 }
 

@@ -19,14 +19,17 @@ from conftest import running_cluster
 from polars_cloud.query.query_status import QueryStatus
 
 
-def restart_scheduler(cluster, down_for: float = 0.0) -> None:
-    """SIGKILLs the scheduler and starts it again with the same configuration."""
+def restart_scheduler(cluster, down_for: float = 0.0, while_down=None) -> None:
+    """SIGKILLs the scheduler and starts it again with the same configuration (calling
+    `while_down` in between)."""
     proc = cluster.procs["scheduler"]
     proc.kill()
     proc.wait()
     log = cluster.root / "scheduler.log"
     (cluster.root / "scheduler-before-restart.log").write_text(log.read_text())
     time.sleep(down_for)
+    if while_down:
+        while_down()
     cluster.start("scheduler", (cluster.root / "scheduler.toml").read_text())
 
 
