@@ -401,7 +401,8 @@ impl Queries {
                 }
                 Ok(Outcome::Failure(f)) => {
                     warn!(query = %query.id, worker = %worker.instance_id, "the query's task failed on its worker: {}", f.message);
-                    if let Some(message) = attempts.failed(&worker.instance_id, &f.message, true) {
+                    // A full disk is the worker's fault, not a crash that repeats elsewhere.
+                    if let Some(message) = attempts.failed(&worker.instance_id, &f.message, !f.worker_fault) {
                         query.fail(message);
                     }
                 }

@@ -54,6 +54,9 @@ pub(crate) struct StageRun<'a> {
     fused: Vec<bool>,
     /// Where finished tasks are recorded (checkpoints on).
     checkpoints: Option<&'a Checkpointer>,
+    /// Workers whose own resources failed during this query (a full disk): given no more of
+    /// its tasks while others are live.
+    avoid: Vec<String>,
 }
 
 /// A gather stage whose only reader is the result, and whose inputs add up to at most this
@@ -67,7 +70,16 @@ enum TaskError {
     /// The task may run again: its worker was lost (`worker`), it could not read the
     /// shuffle files of `lost_input`, or some of its input files were damaged (`corrupt`).
     /// `crashed`: the worker answered (its execution process died), it was not lost.
-    Retry { worker: String, lost_input: Option<String>, corrupt: Vec<String>, crashed: bool, why: String },
+    /// `worker_fault`: the worker's own resources failed (a full disk): the rest of the query
+    /// avoids it.
+    Retry {
+        worker: String,
+        lost_input: Option<String>,
+        corrupt: Vec<String>,
+        crashed: bool,
+        worker_fault: bool,
+        why: String,
+    },
 }
 
 impl<'a> StageRun<'a> {
@@ -96,6 +108,7 @@ impl<'a> StageRun<'a> {
             inputs: graph.stages.iter().map(|s| s.inputs.clone()).collect(),
             fused: vec![false; graph.stages.len()],
             checkpoints: None,
+            avoid: Vec::new(),
         }
     }
 
@@ -265,12 +278,14 @@ impl<'a> StageRun<'a> {
                         self.outputs[stage][task] = Some(Done { worker, success });
                     }
                     Err(TaskError::Fatal(message)) => return Err(message),
-                    Err(TaskError::Retry { worker: ran_on, lost_input, corrupt, crashed, why }) => {
+                    Err(TaskError::Retry { worker: ran_on, lost_input, corrupt, crashed, worker_fault, why }) => {
                         warn!(query = %self.query.id, stage, task, worker = %ran_on, "task must run again: {why}");
-                        match corrupt.is_empty() {
+                        match (corrupt.is_empty(), worker_fault) {
                             // Damaged files are written again; their worker is not lost.
-                            false => self.forget_outputs_with(&corrupt),
-                            true => self.cluster.registry().suspect(lost_input.as_deref().unwrap_or(&ran_on)),
+                            (false, _) => self.forget_outputs_with(&corrupt),
+                            // A worker whose disk is full serves, but not the rest of this query.
+                            (true, true) => self.avoid.push(ran_on.clone()),
+                            (true, false) => self.cluster.registry().suspect(lost_input.as_deref().unwrap_or(&ran_on)),
                         }
                         // The task itself did not crash when its inputs were the problem.
                         let input_problem = lost_input.is_some() || !corrupt.is_empty();
@@ -322,7 +337,10 @@ impl<'a> StageRun<'a> {
     /// The query's workers that are live now, with other live workers in place of lost ones;
     /// waits a bounded time when there are fewer than the query's minimum.
     async fn live_workers(&self) -> Result<Vec<WorkerInfo>, String> {
-        let all = self.cluster.wait_for_workers(self.distribution.min_workers.max(1)).await?;
+        let mut all = self.cluster.wait_for_workers(self.distribution.min_workers.max(1)).await?;
+        if all.iter().any(|w| !self.avoid.contains(&w.instance_id)) {
+            all.retain(|w| !self.avoid.contains(&w.instance_id));
+        }
         let mut chosen: Vec<WorkerInfo> =
             self.workers.iter().filter_map(|id| all.iter().find(|w| &w.instance_id == id).cloned()).collect();
         for w in &all {
@@ -481,7 +499,8 @@ impl<'a> StageRun<'a> {
                 worker: worker.instance_id.clone(),
                 lost_input: Some(f.lost_worker).filter(|w| !w.is_empty()),
                 corrupt: f.corrupt_files,
-                crashed: true,
+                crashed: !f.worker_fault,
+                worker_fault: f.worker_fault,
                 why: f.message,
             }),
             Ok(None) => Err(TaskError::Retry {
@@ -489,6 +508,7 @@ impl<'a> StageRun<'a> {
                 lost_input: None,
                 corrupt: Vec::new(),
                 crashed: false,
+                worker_fault: false,
                 why: "the worker sent no outcome".into(),
             }),
             Err(status) => Err(TaskError::Retry {
@@ -496,6 +516,7 @@ impl<'a> StageRun<'a> {
                 lost_input: None,
                 corrupt: Vec::new(),
                 crashed: false,
+                worker_fault: false,
                 why: status.message().to_string(),
             }),
         };

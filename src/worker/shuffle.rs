@@ -115,6 +115,16 @@ impl ShuffleStore {
         tokio::fs::write(local, &data).await.map_err(|e| e.to_string())
     }
 
+    /// This worker's local shuffle directory (or staging directory of an object store).
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// This worker's name.
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance_id
+    }
+
     fn query_dir(&self, query_id: &str) -> PathBuf {
         self.inner.root.join(sanitize(query_id)).join(sanitize(&self.inner.instance_id))
     }

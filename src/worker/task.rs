@@ -128,6 +128,22 @@ impl TaskService {
         self.inner.executors.give_back(executor);
         let mut response =
             RunTaskResponse::decode(out.as_slice()).map_err(|e| format!("unreadable task result: {e}"))?;
+        if let Some(Outcome::Failure(f)) = &mut response.outcome
+            && out_of_space(&f.message)
+        {
+            // The worker's disk is full, not the query wrong: the task runs elsewhere.
+            let place = match request.target == ResultTarget::Shuffle as i32 {
+                true => format!("its shuffle files under {}", self.inner.shuffle.root().display()),
+                false => format!("the result under {}", request.result_dir),
+            };
+            f.message = format!(
+                "ComputeError: worker `{}` has no space left on device for {place}: {}",
+                self.inner.shuffle.instance_id(),
+                f.message
+            );
+            f.retryable = true;
+            f.worker_fault = true;
+        }
         if let Some(Outcome::Success(s)) = &mut response.outcome {
             if request.target == ResultTarget::Shuffle as i32 {
                 // Shuffle outputs go where readers find them (an object store uploads them).
@@ -161,6 +177,11 @@ impl TaskService {
     }
 }
 
+/// An error of a full file system (ENOSPC), as the engine reports it.
+fn out_of_space(message: &str) -> bool {
+    message.contains("No space left on device") || message.contains("os error 28")
+}
+
 fn failure(message: &str, retryable: bool) -> RunTaskResponse {
     RunTaskResponse {
         outcome: Some(Outcome::Failure(TaskFailure {
@@ -168,6 +189,7 @@ fn failure(message: &str, retryable: bool) -> RunTaskResponse {
             retryable,
             lost_worker: String::new(),
             corrupt_files: Vec::new(),
+            worker_fault: false,
         })),
     }
 }

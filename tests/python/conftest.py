@@ -53,9 +53,12 @@ database_path = "{self.root / 'scheduler' / 'queries.db'}"
 """,
         )
 
-    def start_worker(self, name: str, ip: str, tables: str = "", leader: str = "", shuffle_port: int | None = None) -> None:
+    def start_worker(
+        self, name: str, ip: str, tables: str = "", leader: str = "", shuffle_port: int | None = None, shuffle_dir: Path | None = None
+    ) -> None:
         """`tables`: further TOML tables; `leader`: further keys of [static_leader]; its shuffle
-        service on `shuffle_port` (default: a free one), its files under <root>/<name>/shuffle."""
+        service on `shuffle_port` (default: a free one), its files under `shuffle_dir` (default
+        <root>/<name>/shuffle)."""
         self.start(
             name,
             f"""instance_id = "{name}"
@@ -64,7 +67,7 @@ enabled = true
 heartbeat_period = "300ms"
 task_service.bind_addr = "{ip}:{free_port(ip)}"
 shuffle_service.bind_addr = "{ip}:{shuffle_port or free_port(ip)}"
-shuffle_location.local.path = "{self.root / name / 'shuffle'}"
+shuffle_location.local.path = "{shuffle_dir or self.root / name / 'shuffle'}"
 {tables}
 [static_leader]
 scheduler_service.public_addr = "127.0.0.1:{self.worker_port}"

@@ -60,3 +60,74 @@ def test_damaged_shuffle_files_are_detected_and_recomputed(tpch, tmp_path):
         assert "stage output damaged; it will be recomputed" in log, log[-5000:]
         assert "worker lost" not in log, log[-5000:]
         assert c.live_workers() == sorted(workers)
+
+
+def test_a_worker_killed_while_its_files_are_fetched(tpch, tmp_path):
+    """Drill 3: as soon as a worker starts fetching stage outputs, another worker that holds
+    some of them is SIGKILLed: the fetches from it fail, its outputs are recomputed on the
+    survivors, and the rows are local Polars' (client defaults)."""
+    workers = {"xw-1": "127.0.0.46", "xw-2": "127.0.0.47", "xw-3": "127.0.0.48"}
+    with running_cluster(tmp_path, workers) as c:
+        ctx = pc.ClusterContext(uri=c.uri)
+        q = pdsh.q18(pdsh.tables(tpch))
+        expected = q.collect()
+        query = q.remote(ctx).distributed(equi_join_broadcast_limit=0).execute(blocking=False)
+        victim = None
+        deadline = time.time() + 60
+        while victim is None:
+            assert time.time() < deadline, "no worker ever fetched a shuffle file"
+            fetching = [w for w in workers if list((c.root / w / "shuffle").glob("*/*/fetched/*/*"))]
+            holders = [w for w in workers if w not in fetching and shuffle_outputs(c, [w], query._query_id)]
+            if fetching and holders:
+                victim = holders[0]
+                c.procs[victim].kill()
+                c.procs[victim].wait()
+            time.sleep(0.005)
+        result = query.await_result()
+        assert_frame_equal(result.lazy().collect(), expected, check_exact=False, rel_tol=1e-9)
+        log = (c.root / "scheduler.log").read_text()
+        assert "recomputed" in log or "task must run again" in log, log[-5000:]
+        assert c.live_workers() == sorted(w for w in workers if w != victim)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (the machine's root may mount one): a shuffle location that fills up."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the disk-full drill (run the tests as root, as CI does): {out.stderr}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_full_shuffle_disk_moves_the_work_elsewhere_and_the_worker_serves_again(tpch, tmp_path, small_disk):
+    """Drill 7: one worker's shuffle location is a 1 MiB file system that fills up during a
+    distributed query: its tasks run again on the other workers (the error names the worker and
+    the path), the rows are local Polars'; once space is back the worker serves again."""
+    workers = {"dw-a": "127.0.0.43", "dw-b": "127.0.0.44", "dw-full": "127.0.0.45"}
+    with running_cluster(tmp_path, {}) as c:
+        for name, ip in workers.items():
+            c.start_worker(name, ip, shuffle_dir=small_disk if name == "dw-full" else None)
+        c.wait_for_workers(list(workers))
+        ctx = pc.ClusterContext(uri=c.uri)
+        t = pdsh.tables(tpch)
+        q = pdsh.q18(t)
+        result = q.remote(ctx).distributed(equi_join_broadcast_limit=0).execute()
+        assert_frame_equal(result.lazy().collect(), q.collect(), check_exact=False, rel_tol=1e-9)
+        log = (c.root / "scheduler.log").read_text()
+        full = [line for line in log.splitlines() if "No space left on device" in line]
+        assert full, log[-5000:]
+        assert "dw-full" in full[0] and str(small_disk) in full[0], full[0]
+        assert c.live_workers() == sorted(workers)
+        # The query's files are released from the full disk too; then space is back (the
+        # file system grows) and the worker runs tasks of the next query.
+        assert not [p for p in small_disk.rglob("*") if p.is_file()]
+        subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
+        q1 = pdsh.q1(t)
+        again = q1.remote(ctx).distributed().execute()
+        assert_frame_equal(again.lazy().collect(), q1.collect(), check_exact=False, rel_tol=1e-9)
+        assert max(s.num_workers_used for s in again.stage_statistics()) == 3
