@@ -92,14 +92,13 @@ impl ClientService for ClientApi {
         let distribution = distribution_of(&settings);
         let submission = Submission {
             distribution,
-            plan: body.plan,
             engine,
             optimization_flags: settings.optimization_flags,
             n_retries: settings.n_retries,
             plan_only,
             user,
         };
-        let query = self.queries.submit(submission, client_polars.as_deref());
+        let query = self.queries.submit(body.plan, submission, client_polars.as_deref());
         Ok(Response::new(SubmitQueryResponse { query_id: Some(QueryId { query_id: query.id.to_string() }) }))
     }
 
@@ -186,8 +185,9 @@ impl ClientService for ClientApi {
         let ir = match outcome.logical_plan.is_empty() {
             false => outcome.logical_plan.clone(),
             true => {
-                let plan = engine::Plan::read(&query.submission.plan)
-                    .map_err(|e| Status::failed_precondition(engine::describe_error(&e)))?;
+                let bytes = query.plan().map_err(Status::unavailable)?;
+                let plan =
+                    engine::Plan::read(&bytes).map_err(|e| Status::failed_precondition(engine::describe_error(&e)))?;
                 let flags = query.submission.optimization_flags;
                 tokio::task::spawn_blocking(move || plan.explain(flags))
                     .await

@@ -92,20 +92,22 @@ impl Queries {
 
     /// Accepts a query. A plan this cluster cannot read fails at once (the query still gets
     /// an id, so the client reads the failure the usual way).
-    pub fn submit(&self, submission: Submission, client_polars: Option<&str>) -> Arc<Query> {
+    pub fn submit(&self, plan: Vec<u8>, submission: Submission, client_polars: Option<&str>) -> Arc<Query> {
         let id = Uuid::new_v4();
         // Plans that call Python cannot be read here (no interpreter): what the scheduler needs
         // of them (target, Python versions) is found in their bytes.
-        let python = PythonPlan::find(&submission.plan);
-        let read = check_version(client_polars, &submission.plan).and_then(|()| match &python {
+        let python = PythonPlan::find(&plan);
+        let read = check_version(client_polars, &plan).and_then(|()| match &python {
             Some(python) => check_python_policy(self.inner.policy).map(|()| (python.target.clone(), false)),
-            None => engine::Plan::read(&submission.plan).map_err(|e| engine::describe_error(&e)).and_then(|plan| {
-                check_policy(self.inner.policy, &plan).map(|()| (plan.target.clone(), plan.reads_files()))
+            None => engine::Plan::read(&plan).map_err(|e| engine::describe_error(&e)).and_then(|read| {
+                check_policy(self.inner.policy, &read).map(|()| (read.target.clone(), read.reads_files()))
             }),
         });
         let (target, reads_files) = read.clone().unwrap_or((engine::Target::InMemory, false));
+        let plan = bytes::Bytes::from(plan);
         let query = Arc::new(Query {
             id,
+            plan: Mutex::new(Some(plan.clone())),
             result_dir: self.inner.result_root.join(id.to_string()),
             submission,
             target,
@@ -117,7 +119,7 @@ impl Queries {
             python,
             store: self.inner.store.clone(),
         });
-        self.record(&query);
+        self.record(&query, &plan);
         self.inner.queries.lock().unwrap().insert(id, query.clone());
         match read {
             Err(message) => {
@@ -130,7 +132,7 @@ impl Queries {
     }
 
     /// Writes a new query, with its plan, to the query table (before its id is handed out).
-    fn record(&self, query: &Query) {
+    fn record(&self, query: &Query, plan: &[u8]) {
         let stored = StoredQuery {
             id: query.id,
             submitted_at: SystemTime::now(),
@@ -142,7 +144,7 @@ impl Queries {
             worker: None,
             participants: Vec::new(),
         };
-        if let Err(e) = self.inner.store.insert(&stored, &query.submission.plan) {
+        if let Err(e) = self.inner.store.insert(&stored, plan) {
             warn!(query = %query.id, "cannot write the query to the query table: {e}");
         }
     }
@@ -194,16 +196,15 @@ impl Queries {
         };
         let (mut served, mut queued, mut resumed, mut failed) = (0, 0, 0, 0);
         for (stored, plan) in loaded {
-            let mut submission = stored.submission;
-            submission.plan = plan;
             let python = match stored.status.is_terminal() {
                 true => None,
-                false => PythonPlan::find(&submission.plan),
+                false => PythonPlan::find(&plan),
             };
             let query = Arc::new(Query {
                 id: stored.id,
+                plan: Mutex::new((!stored.status.is_terminal()).then(|| plan.into())),
                 result_dir: self.inner.result_root.join(stored.id.to_string()),
-                submission,
+                submission: stored.submission,
                 target: stored.target,
                 status: watch::channel(stored.status).0,
                 outcome: Mutex::new(stored.outcome),
@@ -426,7 +427,7 @@ impl Queries {
         let target = query.result_target();
         let request = RunTaskRequest {
             query_id: query.id.to_string(),
-            plan: query.submission.plan.clone(),
+            plan: query.plan().map_err(tonic::Status::internal)?.to_vec(),
             engine: query.submission.engine as i32,
             optimization_flags: query.submission.optimization_flags,
             result_dir: query.result_dir.display().to_string(),
@@ -505,7 +506,7 @@ impl Queries {
             pre_aggregate: distribution.pre_aggregate,
             partitioned_sort: distribution.partitioned_sort,
         };
-        let plan = query.submission.plan.clone();
+        let plan = query.plan()?;
         let flags = query.submission.optimization_flags;
         let mut span = crate::monitoring::span(
             "planning",
@@ -553,7 +554,7 @@ impl Queries {
     /// The stage graph of a query that runs whole: one stage, the optimized plan, so that
     /// `explain()` shows what will run for every query.
     async fn note_whole_plan(&self, query: &Arc<Query>) -> Result<(), String> {
-        let plan = query.submission.plan.clone();
+        let plan = query.plan()?;
         let flags = query.submission.optimization_flags;
         let ir = match query.python {
             Some(_) => "a plan that calls Python: the worker's py-polars optimizes and runs it".to_string(),

@@ -38,11 +38,9 @@ impl Status {
     }
 }
 
-/// What a query asked for (kept in the query table: the plan in a column of its own).
+/// What a query asked for, but its plan (kept in the query table).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Submission {
-    #[serde(skip)]
-    pub plan: Vec<u8>,
     pub engine: EngineChoice,
     pub optimization_flags: Option<u32>,
     pub n_retries: u32,
@@ -114,6 +112,9 @@ pub struct QueryOutcome {
 
 pub struct Query {
     pub id: Uuid,
+    /// The serialized plan, while the query may still need it: a finished query's plan is
+    /// read back from the query table when asked for (`explain`), not kept in memory.
+    pub(crate) plan: Mutex<Option<bytes::Bytes>>,
     pub submission: Submission,
     pub target: engine::Target,
     pub(crate) status: watch::Sender<Status>,
@@ -154,8 +155,24 @@ impl Query {
             }
             self.save(next);
             *s = next;
+            if next.is_terminal() {
+                // Plans may carry whole data frames: a finished query's is read back if needed.
+                self.plan.lock().unwrap().take();
+            }
             true
         })
+    }
+
+    /// The query's serialized plan.
+    pub fn plan(&self) -> Result<bytes::Bytes, String> {
+        if let Some(plan) = self.plan.lock().unwrap().clone() {
+            return Ok(plan);
+        }
+        match self.store.plan_of(self.id) {
+            Ok(Some(plan)) => Ok(plan.into()),
+            Ok(None) => Err(format!("the plan of query {} is no longer kept", self.id)),
+            Err(e) => Err(format!("cannot read the plan of query {} from the query table: {e}", self.id)),
+        }
     }
 
     /// Writes the query's record in state `status` to the query table.

@@ -169,7 +169,8 @@ impl QueryStore {
         Ok(())
     }
 
-    /// Every query of the table, oldest first, with its plan. A record this version cannot
+    /// Every query of the table, oldest first, with its plan (empty for a finished one). A
+    /// record this version cannot
     /// read is skipped with a warning (it is not deleted). Checkpoints of queries that ended
     /// are dropped on the way.
     pub fn load(&self) -> rusqlite::Result<Vec<(StoredQuery, Vec<u8>)>> {
@@ -181,10 +182,13 @@ impl QueryStore {
         );
         db.execute(&format!("DELETE FROM checkpoint_outputs WHERE query_id NOT IN ({running})"), [])?;
         db.execute(&format!("DELETE FROM checkpoint_graphs WHERE query_id NOT IN ({running})"), [])?;
-        let mut statement = db.prepare(
-            "SELECT id, submitted_at_ms, plan, submission, target, reads_files, status, outcome, worker, participants \
-             FROM queries ORDER BY submitted_at_ms",
-        )?;
+        // Plans of finished queries stay on disk (`plan_of` reads one when asked).
+        let mut statement = db.prepare(&format!(
+            "SELECT id, submitted_at_ms, CASE WHEN status IN ({}, {}) THEN plan ELSE x'' END, submission, target, \
+             reads_files, status, outcome, worker, participants FROM queries ORDER BY submitted_at_ms",
+            Status::Scheduled as i64,
+            Status::Running as i64
+        ))?;
         let rows = statement.query_map([], |row| {
             Ok((
                 row.get::<_, String>(0)?,
@@ -226,6 +230,12 @@ impl QueryStore {
             }
         }
         Ok(out)
+    }
+
+    /// A query's plan.
+    pub fn plan_of(&self, id: Uuid) -> rusqlite::Result<Option<Vec<u8>>> {
+        let db = self.db.lock().unwrap();
+        db.query_row("SELECT plan FROM queries WHERE id = ?1", params![id.to_string()], |row| row.get(0)).optional()
     }
 
     /// Forgets terminal queries submitted before `before`; returns their ids.
@@ -379,7 +389,6 @@ mod tests {
             id: Uuid::new_v4(),
             submitted_at: at,
             submission: Submission {
-                plan: Vec::new(),
                 engine: crate::proto::EngineChoice::Streaming,
                 optimization_flags: Some(7),
                 n_retries: 2,
@@ -425,7 +434,9 @@ mod tests {
         let ids: Vec<Uuid> = loaded.iter().map(|(q, _)| q.id).collect();
         assert_eq!(ids, vec![done.id, running.id], "oldest first");
         let (q, plan) = &loaded[0];
-        assert_eq!((q.status, q.outcome.n_rows, plan.as_slice()), (Status::Success, 9, &b"plan two"[..]));
+        assert_eq!((q.status, q.outcome.n_rows, plan.as_slice()), (Status::Success, 9, &b""[..]));
+        assert_eq!(store.plan_of(done.id).unwrap().unwrap(), b"plan two");
+        assert_eq!(loaded[1].1, b"plan one", "a running query's plan comes with it");
         assert_eq!(q.worker.as_ref().unwrap().task_addr, "127.0.0.1:1");
         assert_eq!(q.submission.user.as_deref(), Some("ana"));
         assert_eq!(q.submission.engine, crate::proto::EngineChoice::Streaming);
