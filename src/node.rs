@@ -34,7 +34,7 @@ use crate::systemd::activation::Listeners;
 use crate::systemd::notify;
 use crate::worker::python::PythonEnv;
 use crate::worker::registration::{self, Registration};
-use crate::worker::shuffle::ShuffleStore;
+use crate::worker::shuffle::{Checkpoint, ShuffleStore};
 use crate::worker::task::TaskService;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
@@ -105,6 +105,10 @@ impl Roles {
             };
             Queries::new(r.clone(), policy, root, store, checkpoint_period)
         });
+        let checkpoint = match (&config.worker.checkpoint_location, config.worker.enabled) {
+            (Some(location), true) => Some(Checkpoint::open(location).map_err(anyhow::Error::msg)?),
+            _ => None,
+        };
         let shuffle = match (&config.worker.shuffle_location, config.worker.enabled) {
             (_, false) => None,
             (StorageLocation::Local(l), true) => {
@@ -121,6 +125,7 @@ impl Roles {
                 )
             }
         };
+        let shuffle = shuffle.map(|s| s.with_checkpoint(checkpoint));
         // A worker whose Python cannot run plans does not start (rather than fail its first
         // query that calls Python).
         let python = match (&config.worker.python_executable, config.worker.enabled) {
@@ -266,8 +271,13 @@ pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: O
             python_version: roles.python.as_ref().map(|p| p.version.to_string()).unwrap_or_default(),
         };
         let scheduler_addr = layout.scheduler_addr.clone().expect("a worker knows its scheduler");
-        worker_loop =
-            Some(tokio::spawn(registration::run_worker(info, scheduler_addr, registration_tx, stop_rx.clone())));
+        worker_loop = Some(tokio::spawn(registration::run_worker(
+            info,
+            scheduler_addr,
+            roles.tasks.clone(),
+            registration_tx,
+            stop_rx.clone(),
+        )));
     }
 
     let mut live_rx = registry.as_ref().map(|r| r.live_workers());

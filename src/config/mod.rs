@@ -194,7 +194,10 @@ pub struct WorkerConfig {
     pub heartbeat_period: ConfigDuration,
     /// Where shuffle partitions are written.
     pub shuffle_location: StorageLocation,
-    /// Where query checkpoints are written. Unset: no checkpoints.
+    /// Where stage outputs of checkpointed queries (`scheduler.checkpoint.period`) are copied
+    /// as they finish: on a shared file system or an object store the copies outlive this
+    /// worker, and a query resumed after a scheduler restart reads them. Unset: a checkpointed
+    /// output lives as long as this worker's shuffle files.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_location: Option<StorageLocation>,
     /// Extra environment variables for query execution.

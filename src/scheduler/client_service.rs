@@ -98,7 +98,7 @@ impl ClientService for ClientApi {
             plan_only,
             user,
         };
-        let query = self.queries.submit(body.plan, submission, client_polars.as_deref());
+        let query = self.queries.submit(body.plan, submission, client_polars).await;
         Ok(Response::new(SubmitQueryResponse { query_id: Some(QueryId { query_id: query.id.to_string() }) }))
     }
 

@@ -91,17 +91,28 @@ impl Queries {
     }
 
     /// Accepts a query. A plan this cluster cannot read fails at once (the query still gets
-    /// an id, so the client reads the failure the usual way).
-    pub fn submit(&self, plan: Vec<u8>, submission: Submission, client_polars: Option<&str>) -> Arc<Query> {
+    /// an id, so the client reads the failure the usual way). Reading the plan and writing it
+    /// to the query table happen off the async threads (plans may carry whole data frames, and
+    /// heartbeats must not wait behind them).
+    pub async fn submit(&self, plan: Vec<u8>, submission: Submission, client_polars: Option<String>) -> Arc<Query> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.submit_now(plan, submission, client_polars.as_deref()))
+            .await
+            .expect("submitting a query does not panic")
+    }
+
+    fn submit_now(&self, plan: Vec<u8>, submission: Submission, client_polars: Option<&str>) -> Arc<Query> {
         let id = Uuid::new_v4();
         // Plans that call Python cannot be read here (no interpreter): what the scheduler needs
         // of them (target, Python versions) is found in their bytes.
         let python = PythonPlan::find(&plan);
         let read = check_version(client_polars, &plan).and_then(|()| match &python {
             Some(python) => check_python_policy(self.inner.policy).map(|()| (python.target.clone(), false)),
-            None => engine::Plan::read(&plan).map_err(|e| engine::describe_error(&e)).and_then(|read| {
-                check_policy(self.inner.policy, &read).map(|()| (read.target.clone(), read.reads_files()))
-            }),
+            None => {
+                engine::guard_panics(|| engine::Plan::read(&plan)).map_err(|e| engine::describe_error(&e)).and_then(
+                    |read| check_policy(self.inner.policy, &read).map(|()| (read.target.clone(), read.reads_files())),
+                )
+            }
         });
         let (target, reads_files) = read.clone().unwrap_or((engine::Target::InMemory, false));
         let plan = bytes::Bytes::from(plan);
@@ -409,7 +420,7 @@ impl Queries {
                 }
                 Err(status) => {
                     warn!(query = %query.id, worker = %worker.instance_id, "worker lost during the query: {}", status.message());
-                    self.inner.workers.registry().suspect(&worker.instance_id);
+                    self.inner.workers.suspect(&worker.instance_id).await;
                     if let Some(message) = attempts.failed(&worker.instance_id, status.message(), false) {
                         query.fail(message);
                     }
@@ -438,6 +449,7 @@ impl Queries {
             report_ir_plan: false,
             python: query.python.is_some(),
             python_executable: String::new(),
+            checkpoint: false,
         };
         let response = client.run_task(request).await?.into_inner();
         response.outcome.ok_or_else(|| tonic::Status::internal("the worker sent no outcome"))
@@ -601,15 +613,22 @@ impl Queries {
                 return None;
             }
         };
-        let holders: std::collections::BTreeSet<String> =
-            checkpoint.outputs.iter().map(|(_, _, w, _)| w.instance_id.clone()).collect();
+        // Outputs copied to shared storage need not wait for their worker.
+        let holders: std::collections::BTreeSet<String> = checkpoint
+            .outputs
+            .iter()
+            .filter(|(_, _, _, s)| !(s.checkpoint_shared && s.checkpoint_files.len() == s.files.len()))
+            .map(|(_, _, w, _)| w.instance_id.clone())
+            .collect();
         let deadline = tokio::time::Instant::now() + RESUME_WAIT;
         loop {
             let live: Vec<String> =
                 self.inner.workers.registry().live_worker_infos().into_iter().map(|w| w.instance_id).collect();
             let missing: Vec<&String> = holders.iter().filter(|h| !live.contains(h)).collect();
             if missing.is_empty() || tokio::time::Instant::now() >= deadline {
-                info!(query = %id, outputs = checkpoint.outputs.len(), ?missing, "query resumes from its checkpoint");
+                let copies = checkpoint.outputs.len()
+                    - checkpoint.outputs.iter().filter(|(_, _, w, _)| holders.contains(&w.instance_id)).count();
+                info!(query = %id, outputs = checkpoint.outputs.len(), shared_copies = copies, ?missing, "query resumes from its checkpoint");
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

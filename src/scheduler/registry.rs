@@ -75,10 +75,26 @@ impl Registry {
 
     /// Marks workers lost after `lost_after` heartbeat periods of silence. Runs until dropped.
     pub async fn watch_heartbeats(self) {
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        const TICK: Duration = Duration::from_millis(200);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = tokio::time::Instant::now();
         loop {
             tick.tick().await;
+            // A scheduler that did not run for a while (starved of CPU, stopped) received no
+            // heartbeats meanwhile: that time does not count against its workers.
+            let stalled = last.elapsed().saturating_sub(TICK * 2);
+            last = tokio::time::Instant::now();
             let mut members = self.members.lock().unwrap();
+            if !stalled.is_zero() {
+                warn!(
+                    stalled_ms = stalled.as_millis() as u64,
+                    "the scheduler did not run for a while; its workers are given that time back"
+                );
+                for m in members.values_mut() {
+                    m.last_heartbeat += stalled;
+                }
+            }
             for (id, m) in members.iter_mut() {
                 let period = Duration::from_millis(m.info.heartbeat_period_ms.max(1));
                 let silent = m.last_heartbeat.elapsed();

@@ -30,6 +30,8 @@ use crate::scheduler::workers::Workers;
 struct Done {
     worker: WorkerInfo,
     success: TaskSuccess,
+    /// Its files are checkpoint copies on shared storage: they do not go with their worker.
+    durable: bool,
 }
 
 pub(crate) struct StageRun<'a> {
@@ -124,9 +126,18 @@ impl<'a> StageRun<'a> {
             warn!(query = %self.query.id, stage, task, "the checkpoint names a task the stage graph does not have");
             return;
         }
-        self.query.note_participant(&worker);
         self.note_output(stage, &worker, &success);
-        self.outputs[stage][task] = Some(Done { worker, success });
+        let copies = success.checkpoint_files.len() == success.files.len() && !success.files.is_empty();
+        let mut success = success;
+        let durable = copies && success.checkpoint_shared;
+        if copies {
+            // Read from the copies: on shared storage whoever wrote them, else from their worker.
+            success.files = std::mem::take(&mut success.checkpoint_files);
+        }
+        if !durable {
+            self.query.note_participant(&worker);
+        }
+        self.outputs[stage][task] = Some(Done { worker, success, durable });
     }
 
     /// Counts a task's output in its stage's figures.
@@ -275,7 +286,7 @@ impl<'a> StageRun<'a> {
                         {
                             checkpoints.task_done(self.query.id, stage, task, &worker, &success);
                         }
-                        self.outputs[stage][task] = Some(Done { worker, success });
+                        self.outputs[stage][task] = Some(Done { worker, success, durable: false });
                     }
                     Err(TaskError::Fatal(message)) => return Err(message),
                     Err(TaskError::Retry { worker: ran_on, lost_input, corrupt, crashed, worker_fault, why }) => {
@@ -285,7 +296,14 @@ impl<'a> StageRun<'a> {
                             (false, _) => self.forget_outputs_with(&corrupt),
                             // A worker whose disk is full serves, but not the rest of this query.
                             (true, true) => self.avoid.push(ran_on.clone()),
-                            (true, false) => self.cluster.registry().suspect(lost_input.as_deref().unwrap_or(&ran_on)),
+                            (true, false) => {
+                                self.cluster.suspect(lost_input.as_deref().unwrap_or(&ran_on)).await;
+                                // Files that could not be fetched are written again, even where
+                                // their worker still answers.
+                                if let Some(holder) = &lost_input {
+                                    self.forget_outputs_of(holder);
+                                }
+                            }
                         }
                         // The task itself did not crash when its inputs were the problem.
                         let input_problem = lost_input.is_some() || !corrupt.is_empty();
@@ -318,6 +336,21 @@ impl<'a> StageRun<'a> {
         }
     }
 
+    /// Drops the outputs `worker` holds for this query.
+    fn forget_outputs_of(&mut self, worker: &str) {
+        for (stage, tasks) in self.outputs.iter_mut().enumerate() {
+            for (task, out) in tasks.iter_mut().enumerate() {
+                if let Some(done) = out
+                    && !done.durable
+                    && done.worker.instance_id == worker
+                {
+                    info!(query = %self.query.id, stage, task, worker, "stage output could not be fetched; it will be recomputed");
+                    *out = None;
+                }
+            }
+        }
+    }
+
     /// Drops outputs held by workers that are no longer live: their files are gone with them.
     fn forget_lost_outputs(&mut self) {
         let live: BTreeSet<String> =
@@ -325,6 +358,7 @@ impl<'a> StageRun<'a> {
         for (stage, tasks) in self.outputs.iter_mut().enumerate() {
             for (task, out) in tasks.iter_mut().enumerate() {
                 if let Some(done) = out
+                    && !done.durable
                     && !live.contains(&done.worker.instance_id)
                 {
                     info!(query = %self.query.id, stage, task, worker = %done.worker.instance_id, "stage output lost with its worker; it will be recomputed");
@@ -381,7 +415,11 @@ impl<'a> StageRun<'a> {
                         let done = out.as_ref().expect("inputs run first");
                         ShuffleFile {
                             path: done.success.files[part.unwrap_or(0)].clone(),
-                            shuffle_addr: done.worker.shuffle_addr.clone().unwrap_or_default(),
+                            // Copies on shared storage are read where they are.
+                            shuffle_addr: match done.durable {
+                                true => String::new(),
+                                false => done.worker.shuffle_addr.clone().unwrap_or_default(),
+                            },
                             worker_id: done.worker.instance_id.clone(),
                             checksum: done.success.checksums.get(part.unwrap_or(0)).copied(),
                         }
@@ -456,6 +494,7 @@ impl<'a> StageRun<'a> {
             report_ir_plan: false,
             python: false,
             python_executable: String::new(),
+            checkpoint: self.checkpoints.is_some(),
         }
     }
 

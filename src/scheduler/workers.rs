@@ -13,6 +13,8 @@ use crate::scheduler::registry::Registry;
 
 /// How long a query waits for a live worker before it fails.
 const WORKER_WAIT: Duration = Duration::from_secs(30);
+/// How long a suspected worker has to answer a health check on a fresh connection.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Workers {
     inner: Arc<Inner>,
@@ -103,6 +105,24 @@ impl Workers {
     pub(crate) fn registry(&self) -> &Registry {
         &self.inner.registry
     }
+
+    /// A call to `instance_id` failed (or its shuffle files could not be fetched): it is
+    /// declared lost unless its task service answers a health check on a fresh connection
+    /// within [`PROBE_TIMEOUT`]. A connection broken by an earlier restart of the worker, or
+    /// an answer slowed by load, does not cost a live worker the tasks it runs for others.
+    pub(crate) async fn suspect(&self, instance_id: &str) {
+        let live = self.inner.registry.live_worker_infos();
+        let Some(worker) = live.iter().find(|w| w.instance_id == instance_id) else {
+            return;
+        };
+        // The next call makes a new connection, whatever becomes of this one.
+        self.inner.clients.lock().unwrap().remove(&worker.task_addr);
+        if probe(&worker.task_addr).await {
+            tracing::info!(worker = %instance_id, "a call to the worker failed, but it answers a health check: it stays in service");
+            return;
+        }
+        self.inner.registry.suspect(instance_id);
+    }
     /// A client of the task service at `addr`, over the connection kept for that worker (made
     /// lazily, re-established by itself when the worker comes back).
     pub fn task_client(&self, addr: &str) -> Result<TaskClient<tonic::transport::Channel>, tonic::Status> {
@@ -119,4 +139,18 @@ impl Workers {
         workers.insert(addr.to_string(), client.clone());
         Ok(client)
     }
+}
+
+/// Whether the task service at `addr` answers SERVING to a health check on a new connection.
+async fn probe(addr: &str) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+        return false;
+    };
+    let check = async {
+        let channel = endpoint.connect_timeout(PROBE_TIMEOUT).connect().await.ok()?;
+        let answer = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.ok()?;
+        Some(answer.into_inner().status == ServingStatus::Serving as i32)
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, check).await.ok().flatten().unwrap_or(false)
 }

@@ -8,6 +8,7 @@ use tracing::{info, warn};
 
 use crate::proto::membership_client::MembershipClient;
 use crate::proto::{DeregisterRequest, HeartbeatRequest, RegisterRequest, WorkerInfo};
+use crate::worker::task::TaskService;
 
 /// What the worker's registration loop reports to the node's readiness.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,10 +19,12 @@ pub enum Registration {
 
 /// Registers this worker with the scheduler at `scheduler_addr` and keeps it registered:
 /// heartbeats every period, registering again whenever the scheduler does not know it (it
-/// restarted, or marked the worker lost). Ends when `stop` fires, deregistering on the way out.
+/// restarted, or marked the worker lost: then the tasks still running here, which run
+/// elsewhere by now, are killed). Ends when `stop` fires, deregistering on the way out.
 pub async fn run_worker(
     info: WorkerInfo,
     scheduler_addr: String,
+    tasks: Option<TaskService>,
     state: watch::Sender<Registration>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -59,6 +62,13 @@ pub async fn run_worker(
             }
             Ok(None) => {
                 info!(scheduler = %scheduler_addr, "the scheduler does not know this worker (restarted or marked it lost); registering again");
+                let abandoned = tasks.as_ref().map(TaskService::abandon_all).unwrap_or_default();
+                if abandoned > 0 {
+                    warn!(
+                        tasks = abandoned,
+                        "tasks the scheduler gave up on this worker were killed (they run elsewhere)"
+                    );
+                }
                 session = None;
                 continue;
             }

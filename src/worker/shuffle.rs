@@ -19,7 +19,9 @@ use url::Url;
 
 use crate::proto::StageTask;
 
+mod checkpoint;
 mod transfer;
+pub use checkpoint::Checkpoint;
 pub use transfer::{router, serve};
 
 /// Concurrent fetches of one task's inputs.
@@ -38,17 +40,81 @@ struct Inner {
     /// Shuffle files live in an object store (its URL, the store, the path of that URL).
     remote: Option<Remote>,
     instance_id: String,
+    /// `worker.checkpoint_location`: copies of stage outputs for checkpointed queries.
+    checkpoint: Option<Checkpoint>,
 }
 
-struct Remote {
+/// An object store location (`s3://bucket/prefix`, ...): its URL, the store, the path of that URL.
+pub struct Remote {
     url: String,
     store: Box<dyn ObjectStore>,
     prefix: ObjectPath,
 }
 
+impl Remote {
+    /// The store at `url`, configured by object_store `options` (region, endpoint,
+    /// credentials; the environment's AWS_*/GOOGLE_*/AZURE_* variables apply too); `key`
+    /// names the configuration key in errors.
+    pub fn open(url: &str, options: &BTreeMap<String, String>, key: &str) -> Result<Remote, String> {
+        let parsed = Url::parse(url).map_err(|e| format!("{key}: `{url}` is not a URL: {e}"))?;
+        let (store, prefix) = object_store::parse_url_opts(&parsed, options)
+            .map_err(|e| format!("{key}: cannot use the object store at {url}: {e}"))?;
+        Ok(Remote { url: url.trim_end_matches('/').to_string(), store, prefix })
+    }
+
+    /// Uploads a local file as `relative` (below the store's prefix); returns its URL.
+    async fn put_file(&self, local: &Path, relative: &[String]) -> Result<String, String> {
+        let mut path = self.prefix.clone();
+        for part in relative {
+            path = path.join(part.as_str());
+        }
+        let bytes = tokio::fs::read(local).await.map_err(|e| format!("cannot read {}: {e}", local.display()))?;
+        self.store
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .map_err(|e| format!("cannot upload {} to {}: {e}", local.display(), self.url))?;
+        Ok(format!("{}/{}", self.url, relative.join("/")))
+    }
+
+    /// Whether `url` names an object of this store.
+    fn owns(&self, url: &str) -> bool {
+        url.starts_with(&format!("{}/", self.url))
+    }
+
+    async fn download(&self, url: &str, local: &Path) -> Result<(), String> {
+        let relative = url.strip_prefix(&self.url).ok_or_else(|| format!("{url} is not in {}", self.url))?;
+        let mut path = self.prefix.clone();
+        for part in relative.split('/').filter(|p| !p.is_empty()) {
+            path = path.join(part);
+        }
+        let data = self.store.get(&path).await.map_err(|e| e.to_string())?.bytes().await.map_err(|e| e.to_string())?;
+        tokio::fs::write(local, &data).await.map_err(|e| e.to_string())
+    }
+
+    /// Removes every object below `relative`.
+    async fn remove_all(&self, relative: &[String], query_id: &str) {
+        let mut prefix = self.prefix.clone();
+        for part in relative {
+            prefix = prefix.join(part.as_str());
+        }
+        let listed: Vec<_> = self.store.list(Some(&prefix)).collect().await;
+        for meta in listed.into_iter().flatten() {
+            if let Err(e) = self.store.delete(&meta.location).await {
+                tracing::warn!(query = query_id, "cannot remove {} from {}: {e}", meta.location, self.url);
+            }
+        }
+    }
+}
+
 impl ShuffleStore {
     pub fn new(root: PathBuf, shared: bool, instance_id: String) -> Self {
-        ShuffleStore { inner: Arc::new(Inner { root, shared, remote: None, instance_id }) }
+        ShuffleStore { inner: Arc::new(Inner { root, shared, remote: None, instance_id, checkpoint: None }) }
+    }
+
+    /// Copies stage outputs to `checkpoint` when the scheduler checkpoints their query.
+    pub fn with_checkpoint(mut self, checkpoint: Option<Checkpoint>) -> Self {
+        Arc::get_mut(&mut self.inner).expect("set while the store is built").checkpoint = checkpoint;
+        self
     }
 
     /// Shuffle files in an object store at `url` (`s3://bucket/prefix`, ...), configured by
@@ -60,16 +126,9 @@ impl ShuffleStore {
         staging: PathBuf,
         instance_id: String,
     ) -> Result<Self, String> {
-        let parsed = Url::parse(url).map_err(|e| format!("worker.shuffle_location: `{url}` is not a URL: {e}"))?;
-        let (store, prefix) = object_store::parse_url_opts(&parsed, options)
-            .map_err(|e| format!("worker.shuffle_location: cannot use the object store at {url}: {e}"))?;
-        let remote = Remote { url: url.trim_end_matches('/').to_string(), store, prefix };
-        Ok(ShuffleStore { inner: Arc::new(Inner { root: staging, shared: false, remote: Some(remote), instance_id }) })
-    }
-
-    /// The object path (below the store's prefix) of a query's files written by this worker.
-    fn remote_dir(&self, remote: &Remote, query_id: &str) -> ObjectPath {
-        remote.prefix.clone().join(sanitize(query_id)).join(sanitize(&self.inner.instance_id))
+        let remote = Remote::open(url, options, "worker.shuffle_location")?;
+        let inner = Inner { root: staging, shared: false, remote: Some(remote), instance_id, checkpoint: None };
+        Ok(ShuffleStore { inner: Arc::new(inner) })
     }
 
     /// Publishes a stage task's output files: with an object store they are uploaded (and the
@@ -78,41 +137,38 @@ impl ShuffleStore {
         let Some(remote) = &self.inner.remote else {
             return Ok(files);
         };
-        let base = self.query_dir(query_id);
         let mut published = Vec::with_capacity(files.len());
         for file in files {
             let local = PathBuf::from(&file);
-            let relative =
-                local.strip_prefix(&base).map_err(|_| format!("{file} is not a shuffle file of this worker"))?;
-            let mut path = self.remote_dir(remote, query_id);
-            for part in relative.iter() {
-                path = path.join(part.to_string_lossy().as_ref());
-            }
-            let bytes = tokio::fs::read(&local).await.map_err(|e| format!("cannot read {file}: {e}"))?;
-            remote
-                .store
-                .put(&path, PutPayload::from(bytes))
-                .await
-                .map_err(|e| format!("cannot upload a shuffle file to {}: {e}", remote.url))?;
+            published.push(remote.put_file(&local, &self.layout_of(query_id, &local)?).await?);
             let _ = tokio::fs::remove_file(&local).await;
-            published.push(format!(
-                "{}/{}",
-                remote.url,
-                path.as_ref().strip_prefix(remote.prefix.as_ref()).unwrap_or(path.as_ref()).trim_start_matches('/')
-            ));
         }
         Ok(published)
     }
 
-    async fn download(&self, remote: &Remote, url: &str, local: &Path) -> Result<(), String> {
-        let relative = url.strip_prefix(&remote.url).ok_or_else(|| format!("{url} is not in {}", remote.url))?;
-        let mut path = remote.prefix.clone();
-        for part in relative.split('/').filter(|p| !p.is_empty()) {
-            path = path.join(part);
+    /// A shuffle file's place in the layout: `[query, worker, stage-task, file]`.
+    fn layout_of(&self, query_id: &str, local: &Path) -> Result<Vec<String>, String> {
+        let relative = local
+            .strip_prefix(self.query_dir(query_id))
+            .map_err(|_| format!("{} is not a shuffle file of this worker", local.display()))?;
+        Ok([sanitize(query_id), sanitize(&self.inner.instance_id)]
+            .into_iter()
+            .chain(relative.iter().map(|p| p.to_string_lossy().into_owned()))
+            .collect())
+    }
+
+    /// Copies a stage task's output files to `worker.checkpoint_location`, when set: the
+    /// copies' names, and whether every worker can read them (shared storage).
+    pub async fn checkpoint(&self, query_id: &str, files: &[String]) -> Result<Option<(Vec<String>, bool)>, String> {
+        let Some(checkpoint) = &self.inner.checkpoint else {
+            return Ok(None);
+        };
+        let mut copies = Vec::with_capacity(files.len());
+        for file in files {
+            let local = PathBuf::from(file);
+            copies.push(checkpoint.copy(&local, &self.layout_of(query_id, &local)?).await?);
         }
-        let data =
-            remote.store.get(&path).await.map_err(|e| e.to_string())?.bytes().await.map_err(|e| e.to_string())?;
-        tokio::fs::write(local, &data).await.map_err(|e| e.to_string())
+        Ok(Some((copies, checkpoint.shared())))
     }
 
     /// This worker's local shuffle directory (or staging directory of an object store).
@@ -144,10 +200,10 @@ impl ShuffleStore {
         let mut jobs = Vec::new();
         // (the path the scheduler knows, the path read here, the checksum written, its writer)
         let mut checks: Vec<(String, PathBuf, u32, String)> = Vec::new();
-        let remote_url = self.inner.remote.as_ref().map(|r| r.url.clone());
         for (i, input) in stage.inputs.iter_mut().enumerate() {
             for (j, file) in input.files.iter_mut().enumerate() {
-                let in_store = remote_url.as_ref().is_some_and(|u| file.path.starts_with(u.as_str()));
+                let in_store = self.inner.remote.as_ref().is_some_and(|r| r.owns(&file.path))
+                    || self.inner.checkpoint.as_ref().is_some_and(|c| c.owns(&file.path));
                 if !in_store
                     && (self.inner.shared || file.worker_id == self.inner.instance_id || file.shuffle_addr.is_empty())
                 {
@@ -197,16 +253,24 @@ impl ShuffleStore {
         let locals: Vec<PathBuf> = jobs.iter().map(|j| j.3.clone()).collect();
         let fetched = futures_util::stream::iter(jobs)
             .map(|(addr, worker, remote, local)| async move {
-                let fetched = match &self.inner.remote {
-                    Some(store) if remote.starts_with(store.url.as_str()) => {
-                        self.download(store, &remote, &local).await
-                    }
+                let fetched = match (&self.inner.remote, &self.inner.checkpoint) {
+                    (Some(store), _) if store.owns(&remote) => store.download(&remote, &local).await,
+                    (_, Some(checkpoint)) if checkpoint.owns(&remote) => checkpoint.download(&remote, &local).await,
                     _ => self.fetch(&addr, &remote, &local).await,
                 };
-                fetched.map_err(|e| InputError {
-                    message: format!("cannot fetch shuffle file {remote} from worker `{worker}` at {addr}: {e}"),
-                    lost_worker: worker.clone(),
-                    corrupt_files: Vec::new(),
+                let copy = self.inner.checkpoint.as_ref().is_some_and(|c| c.owns(&remote));
+                fetched.map_err(|e| match copy {
+                    // A checkpoint copy that cannot be read is written again, whoever wrote it.
+                    true => InputError {
+                        message: format!("cannot read the checkpoint copy {remote}: {e}"),
+                        lost_worker: String::new(),
+                        corrupt_files: vec![remote.clone()],
+                    },
+                    false => InputError {
+                        message: format!("cannot fetch shuffle file {remote} from worker `{worker}` at {addr}: {e}"),
+                        lost_worker: worker.clone(),
+                        corrupt_files: Vec::new(),
+                    },
                 })
             })
             .buffer_unordered(PARALLEL_FETCHES)
@@ -229,16 +293,14 @@ impl ShuffleStore {
         transfer::fetch(addr, remote, local).await
     }
 
-    /// Removes this worker's shuffle files of a query (and the query's directory once empty).
+    /// Removes this worker's shuffle files of a query (and the query's directory once empty),
+    /// and the query's checkpoint copies (those of every worker, on shared storage).
     pub async fn release(&self, query_id: &str) {
         if let Some(remote) = &self.inner.remote {
-            let prefix = self.remote_dir(remote, query_id);
-            let listed: Vec<_> = remote.store.list(Some(&prefix)).collect().await;
-            for meta in listed.into_iter().flatten() {
-                if let Err(e) = remote.store.delete(&meta.location).await {
-                    tracing::warn!(query = query_id, "cannot remove {} from {}: {e}", meta.location, remote.url);
-                }
-            }
+            remote.remove_all(&[sanitize(query_id), sanitize(&self.inner.instance_id)], query_id).await;
+        }
+        if let Some(checkpoint) = &self.inner.checkpoint {
+            checkpoint.release(&sanitize(query_id)).await;
         }
         let dir = self.query_dir(query_id);
         match tokio::fs::remove_dir_all(&dir).await {
@@ -252,11 +314,13 @@ impl ShuffleStore {
         }
     }
 
-    /// A path a peer may read: inside this worker's shuffle root, nothing else.
+    /// A path a peer may read: inside this worker's shuffle root (or its local checkpoint
+    /// directory), nothing else.
     fn servable(&self, path: &str) -> Option<PathBuf> {
         let path = PathBuf::from(path);
-        let inside =
-            path.starts_with(&self.inner.root) && !path.components().any(|c| matches!(c, Component::ParentDir));
+        let roots = [Some(self.inner.root.as_path()), self.inner.checkpoint.as_ref().and_then(|c| c.local_root())];
+        let inside = roots.into_iter().flatten().any(|root| path.starts_with(root))
+            && !path.components().any(|c| matches!(c, Component::ParentDir));
         inside.then_some(path)
     }
 }

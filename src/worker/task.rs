@@ -73,6 +73,17 @@ impl TaskService {
         out
     }
 
+    /// Kills every running task: the scheduler no longer knows this worker (it declared it
+    /// lost, or restarted), so their results would be dropped and they run elsewhere; a
+    /// worker that wakes from a freeze must not go on writing what its reruns write.
+    pub fn abandon_all(&self) -> usize {
+        let pids: Vec<u32> = self.inner.running.lock().unwrap().values().map(|(_, p)| *p).collect();
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+        pids.len()
+    }
+
     /// Tasks still running (for a graceful stop).
     pub fn running(&self) -> usize {
         self.inner.running.lock().unwrap().len()
@@ -163,6 +174,12 @@ impl TaskService {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("cannot read back a shuffle file to checksum it: {e}"))?;
+                if request.checkpoint
+                    && let Some((copies, shared)) = self.inner.shuffle.checkpoint(&query_id, &s.files).await?
+                {
+                    s.checkpoint_files = copies;
+                    s.checkpoint_shared = shared;
+                }
                 let published = self.inner.shuffle.publish(&query_id, std::mem::take(&mut s.files)).await;
                 if let Err(e) = &published {
                     span.set_status(opentelemetry::trace::Status::error(e.clone()));
@@ -405,8 +422,7 @@ fn result_success(done: engine::Executed, ir_plan: String) -> crate::proto::Task
         head_ipc: done.head_ipc,
         flight_schema: done.flight_schema,
         ir_plan,
-        bytes_written: 0,
-        checksums: Vec::new(),
+        ..Default::default()
     }
 }
 

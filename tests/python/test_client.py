@@ -299,6 +299,11 @@ def test_a_frozen_worker_loses_its_task_and_is_accepted_back_when_it_wakes(two_w
         assert_frame_equal(revenue().remote(ctx).execute().lazy().collect(), revenue().collect())
     log = (c.root / "scheduler.log").read_text()
     assert "declared lost (no heartbeats)" in log, log[-3000:]
+    # Woken up, the worker learns it was given up and kills the task it was still running (it
+    # ran elsewhere): nothing of it goes on writing.
+    worker_log = (c.root / f"{frozen}.log").read_text()
+    assert "tasks the scheduler gave up on this worker were killed" in worker_log, worker_log[-3000:]
+    assert not busy_task_processes(c.procs[frozen].pid)
 
 
 def test_a_task_that_failed_max_task_attempts_times_fails_its_query_naming_the_workers(tmp_path):

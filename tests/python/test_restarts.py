@@ -6,6 +6,7 @@ started while the scheduler is down waits until it is back; one in flight when t
 raises `RuntimeError: Error calling gRPC endpoint, ... transport error`, and the same handle's
 `await_result()` gets the outcome once the scheduler is back (`await_across`)."""
 
+import shutil
 import threading
 import time
 
@@ -149,4 +150,44 @@ def test_without_checkpoints_a_running_query_fails_saying_how_to_turn_them_on(tp
         deadline = time.time() + 10
         while leftovers():
             assert time.time() < deadline, leftovers()
+            time.sleep(0.1)
+
+
+def test_checkpoint_copies_on_shared_storage_outlive_their_worker(tpch, tmp_path):
+    """With `worker.checkpoint_location` on a shared file system, finished stage outputs are
+    copied there: the scheduler and a worker holding finished stages both die (the worker's
+    shuffle files go with its machine), the scheduler restarts, and the query resumes from the
+    copies and returns local Polars' rows. The copies are removed when the query ends."""
+    shared = tmp_path / "checkpoints"
+    workers = {"sw-1": "127.0.0.50", "sw-2": "127.0.0.51", "sw-3": "127.0.0.52"}
+    with running_cluster(tmp_path, {}, 'checkpoint.period = "100ms"') as c:
+        for name, ip in workers.items():
+            c.start_worker(name, ip, tables=f'checkpoint_location.shared_filesystem.path = "{shared}"')
+        c.wait_for_workers(list(workers))
+        ctx = pc.ClusterContext(uri=c.uri)
+        q = pdsh.q18(pdsh.tables(tpch))
+        expected = q.collect()
+        query = q.remote(ctx).distributed(equi_join_broadcast_limit=0).execute(blocking=False)
+        wait_for_log(c, "checkpoint written")
+        lost = []
+
+        def lose_a_worker_with_copies():
+            copied = sorted({p.parent.parent.name for p in (shared / str(query._query_id)).glob("*/*/*")})
+            assert copied, "no stage output was copied to the checkpoint location"
+            victim = copied[0]
+            c.procs[victim].kill()
+            c.procs[victim].wait()
+            shutil.rmtree(c.root / victim / "shuffle")
+            lost.append(victim)
+
+        restart_scheduler(c, while_down=lose_a_worker_with_copies)
+        result = query.await_result()
+        assert_frame_equal(result.lazy().collect(), expected, check_exact=False, rel_tol=1e-9)
+        log = (c.root / "scheduler.log").read_text()
+        resumed = next(line for line in log.splitlines() if "query resumes from its checkpoint" in line)
+        assert "shared_copies=0" not in resumed, resumed
+        assert c.live_workers() == sorted(w for w in workers if w not in lost)
+        deadline = time.time() + 10
+        while (shared / str(query._query_id)).exists():
+            assert time.time() < deadline, "the checkpoint copies were not removed"
             time.sleep(0.1)
