@@ -161,7 +161,7 @@ fn run_node(loaded: Loaded, banner: Option<String>) -> Result<(), String> {
     let layout: Layout = layout::plan(&config).map_err(|p| config::ConfigErrors(p).to_string())?;
     // SAFETY: no thread has been started yet; the runtime is built below.
     let activated = unsafe { Activated::take_from_env() }?;
-    let _cgroup = match config.memory_limit {
+    let cgroup = match config.memory_limit {
         Some(limit) => {
             let cg = MemoryCgroup::enter(limit)?;
             tracing::info!(cgroup = %cg.dir.display(), version = cg.version, limit, "memory limit enforced");
@@ -174,7 +174,10 @@ fn run_node(loaded: Loaded, banner: Option<String>) -> Result<(), String> {
         tracing::info!(service = e.kind.fd_name(), bind = %e.bind, advertised = %e.advertised(), "{} listening", e.kind.title());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    runtime.block_on(node::run(config, layout, listeners, banner)).map_err(|e| format!("{e:#}"))
+    let memory = cgroup.as_ref().zip(config.memory_limit).map(|(cg, limit)| cg.watch(limit));
+    let ran = runtime.block_on(node::run(config, layout, listeners, banner, memory)).map_err(|e| format!("{e:#}"));
+    drop(cgroup); // leaves and removes the cgroup, once the node has stopped
+    ran
 }
 
 /// The embedded default: every role on loopback, data under `data_dir`.

@@ -31,6 +31,7 @@ use crate::scheduler::registry::Registry;
 use crate::scheduler::store::QueryStore;
 use crate::security::auth::JwksAuth;
 use crate::systemd::activation::Listeners;
+use crate::systemd::cgroup::MemoryWatch;
 use crate::systemd::notify;
 use crate::worker::python::PythonEnv;
 use crate::worker::registration::{self, Registration};
@@ -70,7 +71,7 @@ struct Roles {
 
 impl Roles {
     /// What each enabled role serves with, built before anything serves.
-    fn build(config: &Config, layout: &Layout) -> anyhow::Result<Roles> {
+    fn build(config: &Config, layout: &Layout, memory: Option<MemoryWatch>) -> anyhow::Result<Roles> {
         let scheduler = &config.scheduler;
         let registry = scheduler
             .enabled
@@ -138,7 +139,7 @@ impl Roles {
         };
         let tasks = match &shuffle {
             Some(store) => Some(
-                TaskService::new(config.worker.env_vars.clone(), store.clone(), python.clone())
+                TaskService::new(config.worker.env_vars.clone(), store.clone(), python.clone(), memory)
                     .context("task service")?,
             ),
             None => None,
@@ -204,10 +205,18 @@ fn client_identity(config: &Config) -> anyhow::Result<Option<Identity>> {
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// `banner` is printed to stdout once the node is ready (the `local` command's instructions).
-pub async fn run(config: Config, layout: Layout, listeners: Listeners, banner: Option<String>) -> anyhow::Result<()> {
+/// `memory`: the enforced `memory_limit` (the node's cgroup), for the task service to name it
+/// when the kernel kills a task for exceeding it.
+pub async fn run(
+    config: Config,
+    layout: Layout,
+    listeners: Listeners,
+    banner: Option<String>,
+    memory: Option<MemoryWatch>,
+) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
-    let roles = Roles::build(&config, &layout)?;
+    let roles = Roles::build(&config, &layout, memory)?;
     let registry = roles.registry.clone();
     let client_auth = roles.client_auth.clone();
     let monitoring = match &layout.observatory_addr {

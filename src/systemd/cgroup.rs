@@ -53,6 +53,39 @@ impl MemoryCgroup {
     }
 }
 
+impl MemoryCgroup {
+    /// What the node's tasks need to know of the limit: it, and the kernel's count of OOM
+    /// kills in the cgroup.
+    pub fn watch(&self, limit: u64) -> MemoryWatch {
+        let events = match self.version {
+            2 => self.dir.join("memory.events"),
+            _ => self.dir.join("memory.oom_control"),
+        };
+        MemoryWatch { limit, events }
+    }
+}
+
+/// The enforced `memory_limit`, as the task service sees it: an execution process that dies
+/// while the OOM-kill count grows was killed for exceeding it.
+#[derive(Debug, Clone)]
+pub struct MemoryWatch {
+    pub limit: u64,
+    /// `memory.events` (v2) or `memory.oom_control` (v1): both have an `oom_kill N` line.
+    events: PathBuf,
+}
+
+impl MemoryWatch {
+    /// OOM kills in the node's cgroup so far.
+    pub fn oom_kills(&self) -> u64 {
+        let text = fs::read_to_string(&self.events).unwrap_or_default();
+        oom_kill_count(&text)
+    }
+}
+
+fn oom_kill_count(events: &str) -> u64 {
+    events.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())).unwrap_or(0)
+}
+
 impl Drop for MemoryCgroup {
     fn drop(&mut self) {
         // A cgroup with a process in it cannot be removed: leave it first.
@@ -153,5 +186,12 @@ mod tests {
         assert_eq!(own_path(membership, "memory").as_deref(), Some("/process_api/abc"));
         assert_eq!(own_path(membership, "cpu").as_deref(), Some("/"));
         assert_eq!(own_path(membership, "").as_deref(), Some("/user.slice"));
+    }
+
+    #[test]
+    fn reads_oom_kills_of_both_versions() {
+        assert_eq!(oom_kill_count("low 0\nhigh 0\nmax 12\noom 2\noom_kill 2\noom_group_kill 0\n"), 2);
+        assert_eq!(oom_kill_count("oom_kill_disable 0\nunder_oom 0\noom_kill 5\n"), 5);
+        assert_eq!(oom_kill_count(""), 0);
     }
 }

@@ -18,6 +18,7 @@ use crate::proto::{
     CancelTaskRequest, CancelTaskResponse, FetchResultRequest, ReleaseQueryRequest, ReleaseQueryResponse, ResultChunk,
     RunTaskRequest, RunTaskResponse, TaskFailure, run_task_response::Outcome,
 };
+use crate::systemd::cgroup::MemoryWatch;
 use crate::worker::executor::Executors;
 use crate::worker::python::{self, PythonEnv};
 use crate::worker::shuffle::ShuffleStore;
@@ -33,6 +34,8 @@ struct Inner {
     shuffle: ShuffleStore,
     /// `worker.python_executable`, for plans that call Python.
     python: Option<PythonEnv>,
+    /// The enforced `memory_limit`, to tell an execution process the kernel killed for it.
+    memory: Option<MemoryWatch>,
     /// Execution process id of each running task (by query id, stage and task), with its query.
     running: Mutex<HashMap<String, (String, u32)>>,
     /// Queries canceled while running: their process was killed on purpose.
@@ -46,12 +49,14 @@ impl TaskService {
         env_vars: BTreeMap<String, String>,
         shuffle: ShuffleStore,
         python: Option<PythonEnv>,
+        memory: Option<MemoryWatch>,
     ) -> std::io::Result<Self> {
         Ok(TaskService {
             inner: Arc::new(Inner {
                 executors: Executors::new(env_vars)?,
                 shuffle,
                 python,
+                memory,
                 running: Mutex::default(),
                 canceled: Mutex::default(),
                 written: Mutex::default(),
@@ -123,7 +128,21 @@ impl TaskService {
         let encoded = request.encode_to_vec();
         let mut executor =
             self.inner.executors.take().map_err(|e| format!("cannot start an execution process: {e}"))?;
+        let oom_kills = self.inner.memory.as_ref().map(MemoryWatch::oom_kills);
         let mut out = self.run_in(&mut executor, &key, &query_id, &encoded).await;
+        if let (Err(_), Some(memory), Some(before)) = (&out, &self.inner.memory, oom_kills)
+            && memory.oom_kills() > before
+            && !self.inner.canceled.lock().unwrap().contains(&query_id)
+        {
+            // The same words each time: a second worker's identical failure ends the query.
+            return Err(format!(
+                "the query needs more memory than the worker's memory_limit = {} bytes ({:.1} GiB) allows: the kernel's \
+                 OOM killer stopped its execution process. Give the workers more memory (memory_limit) or make the \
+                 query need less (the streaming engine, fewer columns, a filter first)",
+                memory.limit,
+                memory.limit as f64 / (1u64 << 30) as f64
+            ));
+        }
         if out.is_err() && executor.waited() && !self.inner.canceled.lock().unwrap().contains(&query_id) {
             // A process can die while it waits (the OOM killer, an operator): the task was
             // maybe never read, so it gets one new process before it counts as failed.

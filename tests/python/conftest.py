@@ -54,14 +54,23 @@ database_path = "{self.root / 'scheduler' / 'queries.db'}"
         )
 
     def start_worker(
-        self, name: str, ip: str, tables: str = "", leader: str = "", shuffle_port: int | None = None, shuffle_dir: Path | None = None
+        self,
+        name: str,
+        ip: str,
+        tables: str = "",
+        leader: str = "",
+        shuffle_port: int | None = None,
+        shuffle_dir: Path | None = None,
+        top: str = "",
     ) -> None:
-        """`tables`: further TOML tables; `leader`: further keys of [static_leader]; its shuffle
-        service on `shuffle_port` (default: a free one), its files under `shuffle_dir` (default
+        """`tables`: further [worker] keys and TOML tables; `leader`: further keys of
+        [static_leader]; `top`: top-level keys (memory_limit); its shuffle service on
+        `shuffle_port` (default: a free one), its files under `shuffle_dir` (default
         <root>/<name>/shuffle)."""
         self.start(
             name,
             f"""instance_id = "{name}"
+{top}
 [worker]
 enabled = true
 heartbeat_period = "300ms"

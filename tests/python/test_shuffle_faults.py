@@ -131,3 +131,25 @@ def test_a_full_shuffle_disk_moves_the_work_elsewhere_and_the_worker_serves_agai
         again = q1.remote(ctx).distributed().execute()
         assert_frame_equal(again.lazy().collect(), q1.collect(), check_exact=False, rel_tol=1e-9)
         assert max(s.num_workers_used for s in again.stage_statistics()) == 3
+
+
+def test_a_query_over_the_memory_limit_fails_naming_it_and_the_worker_serves_on(tmp_path):
+    """A query that needs more memory than the worker's `memory_limit` (enforced in the node's
+    cgroup): the kernel kills its execution process, the query fails saying so and naming the
+    limit (after one more try, as any crash), and the worker runs the next query."""
+    with running_cluster(tmp_path, {}) as c:
+        c.start_worker("mw-1", "127.0.0.53", top='memory_limit = "640MiB"')
+        c.wait_for_workers(["mw-1"])
+        assert "memory limit enforced" in (c.root / "mw-1.log").read_text()
+        ctx = pc.ClusterContext(uri=c.uri)
+        greedy = pl.LazyFrame().select(pl.int_range(0, 200_000_000, dtype=pl.Int64).alias("a")).select(
+            pl.col("a").shuffle(seed=1).sum()
+        )
+        with pytest.raises(pl.exceptions.ComputeError) as e:
+            greedy.remote(ctx).execute()
+        message = str(e.value)
+        assert "needs more memory than the worker's memory_limit = 671088640 bytes (0.6 GiB)" in message, message
+        assert "OOM killer" in message and "`mw-1`" in message, message
+        assert c.live_workers() == ["mw-1"]
+        small = pl.LazyFrame({"x": [1, 2, 3]}).select(pl.col("x").sum())
+        assert small.remote(ctx).collect()["x"].to_list() == [6]
