@@ -59,6 +59,16 @@ def wait_for_log(cluster, needle: str, timeout: float = 60) -> None:
         time.sleep(0.01)
 
 
+def q18_until_a_checkpoint(cluster, tpch):
+    """Starts PDS-H q18 (hash joins, the client's defaults) and returns once the scheduler has
+    written a checkpoint of it: (the query's handle, local Polars' rows)."""
+    q = pdsh.q18(pdsh.tables(tpch))
+    expected = q.collect()
+    query = q.remote(pc.ClusterContext(uri=cluster.uri)).distributed(equi_join_broadcast_limit=0).execute(blocking=False)
+    wait_for_log(cluster, "checkpoint written")
+    return query, expected
+
+
 def test_finished_queries_are_still_served_after_a_restart(tmp_path):
     with running_cluster(tmp_path, {"rw-1": "127.0.0.30"}) as c:
         ctx = pc.ClusterContext(uri=c.uri)
@@ -107,10 +117,7 @@ def test_with_checkpoints_a_running_query_resumes_from_its_finished_stages(tpch,
     workers = {"cw-1": "127.0.0.33", "cw-2": "127.0.0.34", "cw-3": "127.0.0.35"}
     with running_cluster(tmp_path, workers, 'checkpoint.period = "100ms"') as c:
         ctx = pc.ClusterContext(uri=c.uri)
-        q = pdsh.q18(pdsh.tables(tpch))
-        expected = q.collect()
-        query = q.remote(ctx).distributed(equi_join_broadcast_limit=0).execute(blocking=False)
-        wait_for_log(c, "checkpoint written")
+        query, expected = q18_until_a_checkpoint(c, tpch)
         restarting = restart_in_background(c, down_for=1.0)
         result = await_across(query, restarting)
         before = (c.root / "scheduler-before-restart.log").read_text()
@@ -164,11 +171,7 @@ def test_checkpoint_copies_on_shared_storage_outlive_their_worker(tpch, tmp_path
         for name, ip in workers.items():
             c.start_worker(name, ip, tables=f'checkpoint_location.shared_filesystem.path = "{shared}"')
         c.wait_for_workers(list(workers))
-        ctx = pc.ClusterContext(uri=c.uri)
-        q = pdsh.q18(pdsh.tables(tpch))
-        expected = q.collect()
-        query = q.remote(ctx).distributed(equi_join_broadcast_limit=0).execute(blocking=False)
-        wait_for_log(c, "checkpoint written")
+        query, expected = q18_until_a_checkpoint(c, tpch)
         lost = []
 
         def lose_a_worker_with_copies():

@@ -14,7 +14,7 @@ from polars.testing import assert_frame_equal
 import pdsh
 import polars_cloud as pc
 from conftest import running_cluster
-from test_restarts import restart_scheduler, wait_for_log
+from test_restarts import q18_until_a_checkpoint, restart_scheduler
 
 
 def shuffle_outputs(cluster, workers, query_id) -> list[Path]:
@@ -33,11 +33,7 @@ def test_damaged_shuffle_files_are_detected_and_recomputed(tpch, tmp_path):
     exactly local Polars'. No worker is taken for lost."""
     workers = {"fw-1": "127.0.0.40", "fw-2": "127.0.0.41", "fw-3": "127.0.0.42"}
     with running_cluster(tmp_path, workers, 'checkpoint.period = "100ms"') as c:
-        ctx = pc.ClusterContext(uri=c.uri)
-        q = pdsh.q18(pdsh.tables(tpch))
-        expected = q.collect()
-        query = q.remote(ctx).distributed(equi_join_broadcast_limit=0).execute(blocking=False)
-        wait_for_log(c, "checkpoint written")
+        query, expected = q18_until_a_checkpoint(c, tpch)
         damaged = []
 
         def damage():
