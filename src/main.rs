@@ -87,6 +87,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The cluster token file (`internal.token_file`), when the cluster has one.
+        #[arg(long, env = "POLARS_NODE_TOKEN_FILE")]
+        token_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -124,7 +127,7 @@ fn main() -> ExitCode {
                 .map_err(|e| e.to_string())
                 .and_then(|loaded| run_node(loaded, Some(banner)))
         }
-        Command::Workers { scheduler, json } => list_workers(&scheduler, json),
+        Command::Workers { scheduler, json, token_file } => list_workers(&scheduler, json, token_file.as_deref()),
         Command::ExecTask => polars_node::worker::task::exec_task(),
     };
     match result {
@@ -208,12 +211,16 @@ enabled = true
     )
 }
 
-fn list_workers(scheduler: &str, json: bool) -> Result<(), String> {
+fn list_workers(scheduler: &str, json: bool, token_file: Option<&std::path::Path>) -> Result<(), String> {
+    let token = token_file.map(polars_node::security::cluster::ClusterToken::load).transpose()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     let response = runtime.block_on(async {
-        let mut client = MembershipClient::connect(format!("http://{scheduler}"))
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{scheduler}"))
+            .map_err(|e| e.to_string())?
+            .connect()
             .await
             .map_err(|e| format!("cannot connect to the scheduler at {scheduler}: {e}"))?;
+        let mut client = MembershipClient::with_interceptor(channel, polars_node::security::cluster::Attach(token));
         client.list_workers(ListWorkersRequest {}).await.map(|r| r.into_inner()).map_err(|s| s.message().to_string())
     })?;
     let rows: Vec<serde_json::Value> = response

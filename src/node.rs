@@ -30,6 +30,7 @@ use crate::scheduler::queries::{Policy, Queries, WorkerBounds};
 use crate::scheduler::registry::Registry;
 use crate::scheduler::store::QueryStore;
 use crate::security::auth::JwksAuth;
+use crate::security::cluster::ClusterToken;
 use crate::systemd::activation::Listeners;
 use crate::systemd::cgroup::MemoryWatch;
 use crate::systemd::notify;
@@ -54,6 +55,8 @@ struct Roles {
     tasks: Option<TaskService>,
     /// The worker's Python for queries that call Python (`worker.python_executable`).
     python: Option<PythonEnv>,
+    /// `internal.token_file`: checked on the internal ports, carried by internal calls.
+    cluster_token: Option<ClusterToken>,
     /// The worker's shuffle files (served on the shuffle port).
     shuffle: Option<ShuffleStore>,
     deny_anonymous_users: bool,
@@ -88,6 +91,17 @@ impl Roles {
             false => None,
         };
         let checkpoint_period = checkpoint_period(config);
+        // The cluster token, read before anything binds (an unreadable file stops the node).
+        let cluster_token = match &config.internal.token_file {
+            Some(path) => Some(ClusterToken::load(path).map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        if cluster_token.is_none() && (scheduler.enabled || config.worker.enabled) {
+            warn!(
+                "the internal ports (worker service, task service, shuffle service) serve anyone who can reach them: \
+                 set internal.token_file on every node (the same file) to admit only the cluster's nodes"
+            );
+        }
         let queries = registry.as_ref().zip(store).map(|(r, store)| {
             let root = match &scheduler.anonymous_result_location {
                 StorageLocation::Local(l) | StorageLocation::SharedFilesystem(l) => l.path.clone(),
@@ -104,7 +118,7 @@ impl Roles {
                     default_partitions_per_worker: scheduler.default_partitions_per_worker,
                 },
             };
-            Queries::new(r.clone(), policy, root, store, checkpoint_period)
+            Queries::new(r.clone(), policy, root, store, checkpoint_period, cluster_token.clone())
         });
         let checkpoint = match (&config.worker.checkpoint_location, config.worker.enabled) {
             (Some(location), true) => Some(Checkpoint::open(location).map_err(anyhow::Error::msg)?),
@@ -126,7 +140,7 @@ impl Roles {
                 )
             }
         };
-        let shuffle = shuffle.map(|s| s.with_checkpoint(checkpoint));
+        let shuffle = shuffle.map(|s| s.with_checkpoint(checkpoint).with_token(cluster_token.clone()));
         // A worker whose Python cannot run plans does not start (rather than fail its first
         // query that calls Python).
         let python = match (&config.worker.python_executable, config.worker.enabled) {
@@ -177,6 +191,7 @@ impl Roles {
             shuffle,
             tasks,
             python,
+            cluster_token,
             deny_anonymous_users: scheduler.deny_anonymous_users,
             client_tls,
             client_auth,
@@ -284,6 +299,7 @@ pub async fn run(
             info,
             scheduler_addr,
             roles.tasks.clone(),
+            roles.cluster_token.clone(),
             registration_tx,
             stop_rx.clone(),
         )));
@@ -456,11 +472,13 @@ fn serve(
         builder = builder.tls_config(ServerTlsConfig::new().identity(identity)).context("TLS of the client service")?;
     }
     let mut router = builder.add_service(health);
+    // Health checks stay open (they tell nothing); every other internal call shows the token.
+    let cluster = crate::security::cluster::Check(roles.cluster_token.clone());
     if matches!(kind, ServiceKind::Client | ServiceKind::Worker) {
         // Registration works on either scheduler port: deployment tools disagree on which one
         // `static_leader.scheduler_service.public_addr` names.
         let registry = roles.registry.expect("a scheduler service has a registry");
-        router = router.add_service(MembershipServer::new(registry));
+        router = router.add_service(InterceptedService::new(MembershipServer::new(registry), cluster.clone()));
     }
     if kind == ServiceKind::Client {
         let queries = roles.queries.expect("a scheduler has queries");
@@ -469,7 +487,7 @@ fn serve(
             .max_encoding_message_size(MAX_MESSAGE);
         // `.collect()` reads results over Arrow Flight on the same port.
         let flight = FlightServiceServer::new(FlightApi::new(queries)).max_encoding_message_size(MAX_MESSAGE);
-        // Registration (also served on this port) stays open: workers carry no token.
+        // Registration, also served on this port, checks the cluster token (above).
         router = match roles.client_auth {
             Some(auth) => router
                 .add_service(InterceptedService::new(api, auth.clone()))
@@ -485,9 +503,10 @@ fn serve(
     }
     if kind == ServiceKind::Task {
         let tasks = roles.tasks.expect("a worker has a task service");
-        router = router.add_service(
+        router = router.add_service(InterceptedService::new(
             TaskServer::new(tasks).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE),
-        );
+            cluster,
+        ));
     }
     Ok(Box::pin(async move {
         reporter.set_serving::<MembershipServer<Registry>>().await;

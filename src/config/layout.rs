@@ -279,6 +279,13 @@ pub fn plan_with(config: &Config, resolution: Resolution) -> Result<Layout, Vec<
     if s.lost_after_missed_heartbeats == 0 {
         problems.push("`scheduler.lost_after_missed_heartbeats` must be at least 1".to_string());
     }
+    // The token file is a runtime secret: read here (before anything binds), not when a
+    // configuration is checked offline (a Nix build has no secrets).
+    if let (Some(path), Resolution::Here) = (&config.internal.token_file, resolution)
+        && let Err(e) = crate::security::cluster::ClusterToken::load(path)
+    {
+        problems.push(e);
+    }
     if s.checkpoint.as_ref().and_then(|c| c.period).is_some_and(|p| p.0.is_zero()) {
         problems.push(
             "`scheduler.checkpoint.period` must be longer than zero (remove it to turn checkpoints off)".to_string(),

@@ -58,6 +58,8 @@ pub struct Config {
     pub monitoring: MonitoringConfig,
     /// How every node finds the scheduler and the observatory.
     pub static_leader: StaticLeaderConfig,
+    /// Who may call the ports between the nodes (worker service, task service, shuffle service).
+    pub internal: InternalConfig,
     /// Autoscaling hooks of Polars on-premises; accepted, not implemented.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scaling: Option<Opaque>,
@@ -83,6 +85,7 @@ impl Default for Config {
             observatory: ObservatoryConfig::default(),
             monitoring: MonitoringConfig::default(),
             static_leader: StaticLeaderConfig::default(),
+            internal: InternalConfig::default(),
             scaling: None,
             lineage: None,
         }
@@ -170,6 +173,16 @@ impl Default for SchedulerConfig {
             max_task_attempts: 4,
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, DocumentedFields)]
+#[serde(deny_unknown_fields, default)]
+pub struct InternalConfig {
+    /// A file holding the cluster token (one line, at least 16 characters; the same file on
+    /// every node): every call between nodes carries it and every internal port refuses calls
+    /// without it. Unset: the internal ports serve anyone who can reach them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, DocumentedFields)]

@@ -33,6 +33,7 @@ impl Schema for Config {
             "observatory" => ObservatoryConfig::section(),
             "monitoring" => MonitoringConfig::section(),
             "static_leader" => StaticLeaderConfig::section(),
+            "internal" => InternalConfig::section(),
             _ => return None,
         })
     }
@@ -75,6 +76,7 @@ impl Schema for MonitoringConfig {
         (field == "host_metrics").then(HostMetricsConfig::section)
     }
 }
+impl Schema for InternalConfig {}
 impl Schema for StaticLeaderConfig {
     fn child(field: &str) -> Option<Section> {
         matches!(field, "scheduler_service" | "observatory_service").then(PublicAddrConfig::section)

@@ -74,9 +74,10 @@ impl Queries {
         result_root: PathBuf,
         store: QueryStore,
         checkpoint_period: Option<Duration>,
+        token: Option<crate::security::cluster::ClusterToken>,
     ) -> Self {
         let inner = Inner {
-            workers: Workers::new(registry, policy.max_task_attempts),
+            workers: Workers::new(registry, policy.max_task_attempts, token),
             policy,
             result_root,
             queries: Mutex::default(),

@@ -6,8 +6,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
 use crate::proto::WorkerInfo;
 use crate::proto::task_client::TaskClient;
+use crate::security::cluster::{Attach, ClusterToken};
+
+/// A connection to a worker's task service, carrying the cluster token.
+pub type TaskConnection = TaskClient<InterceptedService<Channel, Attach>>;
 use crate::scheduler::query::{Attempts, Query};
 use crate::scheduler::registry::Registry;
 
@@ -25,7 +32,9 @@ struct Inner {
     /// `scheduler.max_task_attempts`.
     max_task_attempts: u32,
     /// One HTTP/2 connection per worker task service, shared by all queries.
-    clients: Mutex<HashMap<String, TaskClient<tonic::transport::Channel>>>,
+    clients: Mutex<HashMap<String, TaskConnection>>,
+    /// `internal.token_file`: carried by every call to a worker.
+    token: Option<ClusterToken>,
     next_worker: AtomicUsize,
 }
 
@@ -45,8 +54,9 @@ impl Workers {
         }
     }
 
-    pub fn new(registry: Registry, max_task_attempts: u32) -> Self {
-        let inner = Inner { registry, max_task_attempts, clients: Mutex::default(), next_worker: AtomicUsize::new(0) };
+    pub fn new(registry: Registry, max_task_attempts: u32, token: Option<ClusterToken>) -> Self {
+        let inner =
+            Inner { registry, max_task_attempts, clients: Mutex::default(), token, next_worker: AtomicUsize::new(0) };
         Workers { inner: Arc::new(inner) }
     }
 
@@ -125,7 +135,7 @@ impl Workers {
     }
     /// A client of the task service at `addr`, over the connection kept for that worker (made
     /// lazily, re-established by itself when the worker comes back).
-    pub fn task_client(&self, addr: &str) -> Result<TaskClient<tonic::transport::Channel>, tonic::Status> {
+    pub fn task_client(&self, addr: &str) -> Result<TaskConnection, tonic::Status> {
         let mut workers = self.inner.clients.lock().unwrap();
         if let Some(client) = workers.get(addr) {
             return Ok(client.clone());
@@ -135,7 +145,8 @@ impl Workers {
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20));
-        let client = TaskClient::new(endpoint.connect_lazy()).max_decoding_message_size(256 << 20);
+        let client = TaskClient::with_interceptor(endpoint.connect_lazy(), Attach(self.inner.token.clone()))
+            .max_decoding_message_size(256 << 20);
         workers.insert(addr.to_string(), client.clone());
         Ok(client)
     }

@@ -8,6 +8,7 @@ use tracing::{info, warn};
 
 use crate::proto::membership_client::MembershipClient;
 use crate::proto::{DeregisterRequest, HeartbeatRequest, RegisterRequest, WorkerInfo};
+use crate::security::cluster::{Attach, ClusterToken};
 use crate::worker::task::TaskService;
 
 /// What the worker's registration loop reports to the node's readiness.
@@ -25,6 +26,7 @@ pub async fn run_worker(
     info: WorkerInfo,
     scheduler_addr: String,
     tasks: Option<TaskService>,
+    token: Option<ClusterToken>,
     state: watch::Sender<Registration>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -37,7 +39,7 @@ pub async fn run_worker(
         }
     };
     // Connects lazily and reconnects by itself after the scheduler restarts.
-    let mut client = MembershipClient::new(endpoint.connect_lazy());
+    let mut client = MembershipClient::with_interceptor(endpoint.connect_lazy(), Attach(token));
     let mut session: Option<String> = None;
     let mut last_problem = String::new();
     loop {

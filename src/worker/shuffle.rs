@@ -18,6 +18,7 @@ use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 use url::Url;
 
 use crate::proto::StageTask;
+use crate::security::cluster::ClusterToken;
 
 mod checkpoint;
 mod transfer;
@@ -42,6 +43,8 @@ struct Inner {
     instance_id: String,
     /// `worker.checkpoint_location`: copies of stage outputs for checkpointed queries.
     checkpoint: Option<Checkpoint>,
+    /// `internal.token_file`: required of peers, shown to them.
+    token: Option<ClusterToken>,
 }
 
 /// An object store location (`s3://bucket/prefix`, ...): its URL, the store, the path of that URL.
@@ -108,7 +111,19 @@ impl Remote {
 
 impl ShuffleStore {
     pub fn new(root: PathBuf, shared: bool, instance_id: String) -> Self {
-        ShuffleStore { inner: Arc::new(Inner { root, shared, remote: None, instance_id, checkpoint: None }) }
+        ShuffleStore {
+            inner: Arc::new(Inner { root, shared, remote: None, instance_id, checkpoint: None, token: None }),
+        }
+    }
+
+    /// Requires the cluster token of peers that fetch, and shows it to those it fetches from.
+    pub fn with_token(mut self, token: Option<ClusterToken>) -> Self {
+        Arc::get_mut(&mut self.inner).expect("set while the store is built").token = token;
+        self
+    }
+
+    fn token(&self) -> Option<&ClusterToken> {
+        self.inner.token.as_ref()
     }
 
     /// Copies stage outputs to `checkpoint` when the scheduler checkpoints their query.
@@ -127,7 +142,8 @@ impl ShuffleStore {
         instance_id: String,
     ) -> Result<Self, String> {
         let remote = Remote::open(url, options, "worker.shuffle_location")?;
-        let inner = Inner { root: staging, shared: false, remote: Some(remote), instance_id, checkpoint: None };
+        let inner =
+            Inner { root: staging, shared: false, remote: Some(remote), instance_id, checkpoint: None, token: None };
         Ok(ShuffleStore { inner: Arc::new(inner) })
     }
 
@@ -290,7 +306,7 @@ impl ShuffleStore {
     }
 
     async fn fetch(&self, addr: &str, remote: &str, local: &Path) -> Result<(), String> {
-        transfer::fetch(addr, remote, local).await
+        transfer::fetch(addr, remote, local, self.inner.token.as_ref()).await
     }
 
     /// Removes this worker's shuffle files of a query (and the query's directory once empty),

@@ -20,8 +20,10 @@ from ports import free_port  # noqa: E402,F401  (tests import it from here)
 
 
 class Cluster:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, token_file: Path | None = None):
+        """`token_file`: the cluster token (`internal.token_file`) every node is given."""
         self.root = root
+        self.token_file = token_file
         self.procs: dict[str, subprocess.Popen] = {}
         self.client_port = free_port("127.0.0.1")
         self.worker_port = free_port("127.0.0.1")
@@ -29,6 +31,8 @@ class Cluster:
         self.uri = f"http://127.0.0.1:{self.client_port}"
 
     def start(self, name: str, config: str) -> None:
+        if self.token_file and "[internal]" not in config:
+            config += f'\n[internal]\ntoken_file = "{self.token_file}"\n'
         path = self.root / f"{name}.toml"
         path.write_text(config)
         log = open(self.root / f"{name}.log", "w")
@@ -116,8 +120,9 @@ scheduler_service.public_addr = "127.0.0.1:1"
                 time.sleep(0.1)
 
     def live_workers(self) -> list[str]:
+        token = ["--token-file", str(self.token_file)] if self.token_file else []
         out = subprocess.run(
-            [BIN, "workers", "--json", "--scheduler", f"127.0.0.1:{self.worker_port}"], capture_output=True, text=True
+            [BIN, "workers", "--json", "--scheduler", f"127.0.0.1:{self.worker_port}", *token], capture_output=True, text=True
         )
         if out.returncode != 0:
             return []
@@ -165,9 +170,10 @@ def busy_task_processes(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def running_cluster(root: Path, workers: dict[str, str], scheduler: str = ""):
-    """A scheduler (with `scheduler` extra keys) and `workers` (name -> loopback address)."""
-    c = Cluster(root)
+def running_cluster(root: Path, workers: dict[str, str], scheduler: str = "", token_file: Path | None = None):
+    """A scheduler (with `scheduler` extra keys) and `workers` (name -> loopback address); with
+    `token_file`, every node has that cluster token."""
+    c = Cluster(root, token_file)
     c.start_scheduler(scheduler)
     for name, ip in workers.items():
         c.start_worker(name, ip)

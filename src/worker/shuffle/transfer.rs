@@ -18,6 +18,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::security::cluster::{self, ClusterToken};
 use axum::extract::{Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -135,6 +136,15 @@ struct Fetch {
 }
 
 async fn send(State(store): State<ShuffleStore>, Query(q): Query<Fetch>, mut request: Request) -> Response {
+    if let Some(token) = store.token()
+        && !token.admits(request.headers().get(cluster::HEADER).map(|v| v.as_bytes()))
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "this shuffle service serves only nodes of the cluster: send the cluster token (internal.token_file)",
+        )
+            .into_response();
+    }
     let Some(path) = store.servable(&q.path) else {
         return (StatusCode::FORBIDDEN, format!("{} is not a shuffle file of this worker", q.path)).into_response();
     };
@@ -217,7 +227,7 @@ fn map_file(path: &Path) -> std::io::Result<bytes::Bytes> {
 
 /// Copies the shuffle file `remote` of the worker whose shuffle service is at `addr` to
 /// `local`.
-pub(super) async fn fetch(addr: &str, remote: &str, local: &Path) -> Result<(), String> {
+pub(super) async fn fetch(addr: &str, remote: &str, local: &Path, token: Option<&ClusterToken>) -> Result<(), String> {
     let query = url::form_urlencoded::Serializer::new(String::new()).append_pair("path", remote).finish();
     let socket = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(connected) => connected.map_err(|e| format!("cannot connect to {addr}: {e}"))?,
@@ -229,8 +239,11 @@ pub(super) async fn fetch(addr: &str, remote: &str, local: &Path) -> Result<(), 
             .await
             .map_err(|e| e.to_string())?;
     tokio::spawn(connection.with_upgrades());
-    let request = hyper::Request::get(format!("/v1/shuffle?{query}"))
-        .header(header::HOST, addr)
+    let mut request = hyper::Request::get(format!("/v1/shuffle?{query}")).header(header::HOST, addr);
+    if let Some(token) = token {
+        request = request.header(cluster::HEADER, token.as_str());
+    }
+    let request = request
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, PROTOCOL)
         .body(http_body_util::Empty::<bytes::Bytes>::new())
