@@ -61,7 +61,7 @@ let
   # Typed options -> settings (the pure ./render.nix, which CI evaluates without nixpkgs),
   # written as TOML by pkgs.formats.toml (RFC 42).
   rendered = (pkgs.formats.toml { }).generate "polars-node-unchecked.toml" (render.settingsFor {
-    inherit (cfg) instanceId clusterId memoryLimit settings;
+    inherit (cfg) instanceId clusterId memoryLimit tokenFile settings;
     leader = {
       inherit (cfg.leader) instanceId;
       schedulerAddress = cfg.leader.schedulerAddress;
@@ -113,6 +113,16 @@ in
       default = null;
       example = 17179869184;
       description = "Memory limit of query execution in bytes (the unit gets Delegate=yes for it).";
+    };
+    tokenFile = mkOption {
+      type = types.nullOr (types.strMatching "/.*");
+      default = null;
+      example = "/etc/polars/cluster-token";
+      description = ''
+        A file holding the cluster token (one line, at least 16 characters, the same on every
+        node; `openssl rand -hex 32`): the internal ports then admit only calls that carry it.
+        A path as a string, outside the Nix store: the unit reads it with LoadCredential=.
+      '';
     };
     leader = {
       instanceId = mkOption {
@@ -203,6 +213,10 @@ in
         assertion = cfg.scheduler.enable || cfg.leader.schedulerAddress != null;
         message = "services.polars: a node without the scheduler needs services.polars.leader.schedulerAddress";
       }
+      {
+        assertion = cfg.tokenFile == null || !(lib.hasPrefix builtins.storeDir cfg.tokenFile);
+        message = "services.polars.tokenFile: a secret must not be in the Nix store (world-readable); name a file outside it";
+      }
     ];
 
     networking.firewall.allowedTCPPorts = map portOf (builtins.filter (s: s.opts.openFirewall) enabledServices);
@@ -234,6 +248,7 @@ in
         WorkingDirectory = "/var/lib/polars";
         Environment = [ "POLARS_TEMP_DIR=/var/lib/polars/tmp" ];
         Delegate = cfg.memoryLimit != null;
+        LoadCredential = lib.optional (cfg.tokenFile != null) "cluster-token:${cfg.tokenFile}";
         # Hardening.
         CapabilityBoundingSet = "";
         AmbientCapabilities = "";

@@ -102,6 +102,12 @@ let
           instance_id = cfg.instanceId or null;
           cluster_id = cfg.clusterId or "polars-onprem";
           memory_limit = cfg.memoryLimit or null;
+          # The module hands the token file to the unit with LoadCredential= (never the store).
+          internal =
+            if (cfg.tokenFile or null) != null then
+              { token_file = "/run/credentials/polars-node.service/cluster-token"; }
+            else
+              null;
           scheduler =
             if enabled scheduler then
               {
