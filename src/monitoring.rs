@@ -38,8 +38,20 @@ pub fn start(
     cluster_id: &str,
     observatory_addr: &str,
     host: &HostMetricsConfig,
+    token: Option<&crate::security::cluster::ClusterToken>,
 ) -> anyhow::Result<Monitoring> {
+    use opentelemetry_otlp::WithTonicConfig as _;
     let endpoint = format!("http://{observatory_addr}");
+    // The cluster token, for an observatory that requires it (internal.token_file there too).
+    let metadata = || {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        if let Some(token) = token
+            && let Ok(value) = token.as_str().parse()
+        {
+            metadata.insert(crate::security::cluster::HEADER, value);
+        }
+        metadata
+    };
     let resource = Resource::builder()
         .with_service_name("polars-node")
         .with_attributes([
@@ -49,6 +61,7 @@ pub fn start(
         .build();
     let spans = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
+        .with_metadata(metadata())
         .with_endpoint(&endpoint)
         .with_timeout(Duration::from_secs(3))
         .build()?;
@@ -59,6 +72,7 @@ pub fn start(
 
     let metrics = opentelemetry_otlp::MetricExporter::builder()
         .with_tonic()
+        .with_metadata(metadata())
         .with_endpoint(&endpoint)
         .with_timeout(Duration::from_secs(3))
         .build()?;

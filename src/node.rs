@@ -96,9 +96,9 @@ impl Roles {
             Some(path) => Some(ClusterToken::load(path).map_err(anyhow::Error::msg)?),
             None => None,
         };
-        if cluster_token.is_none() && (scheduler.enabled || config.worker.enabled) {
+        if cluster_token.is_none() && (scheduler.enabled || config.worker.enabled || config.observatory.enabled) {
             warn!(
-                "the internal ports (worker service, task service, shuffle service) serve anyone who can reach them: \
+                "the internal ports (worker service, task service, shuffle service, OTLP receiver) serve anyone who can reach them: \
                  set internal.token_file on every node (the same file) to admit only the cluster's nodes"
             );
         }
@@ -236,8 +236,14 @@ pub async fn run(
     let client_auth = roles.client_auth.clone();
     let monitoring = match &layout.observatory_addr {
         Some(addr) => Some(
-            monitoring::start(&layout.instance_id, &layout.cluster_id, addr, &config.monitoring.host_metrics)
-                .context("monitoring")?,
+            monitoring::start(
+                &layout.instance_id,
+                &layout.cluster_id,
+                addr,
+                &config.monitoring.host_metrics,
+                roles.cluster_token.as_ref(),
+            )
+            .context("monitoring")?,
         ),
         None => None,
     };
@@ -498,8 +504,14 @@ fn serve(
     if kind == ServiceKind::Otlp {
         let receiver = Receiver::new(roles.observatory.clone().expect("an observatory has a store"));
         router = router
-            .add_service(TraceServiceServer::new(receiver.clone()).max_decoding_message_size(otlp::MAX_REQUEST))
-            .add_service(MetricsServiceServer::new(receiver).max_decoding_message_size(otlp::MAX_REQUEST));
+            .add_service(InterceptedService::new(
+                TraceServiceServer::new(receiver.clone()).max_decoding_message_size(otlp::MAX_REQUEST),
+                cluster.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                MetricsServiceServer::new(receiver).max_decoding_message_size(otlp::MAX_REQUEST),
+                cluster.clone(),
+            ));
     }
     if kind == ServiceKind::Task {
         let tasks = roles.tasks.expect("a worker has a task service");

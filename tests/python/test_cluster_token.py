@@ -116,3 +116,38 @@ def test_an_unreadable_or_short_token_file_stops_the_node_before_it_binds(tmp_pa
 def test_without_a_token_the_node_says_its_internal_ports_are_open(cluster):
     log = (cluster.root / "scheduler.log").read_text()
     assert log.count("serve anyone who can reach them: set internal.token_file on every node") == 1, log[-2000:]
+
+
+def test_monitoring_exports_carry_the_token_to_an_observatory_that_requires_it(tmp_path):
+    """An observatory with the cluster token refuses OTLP exports without it; the scheduler's
+    and workers' exports (with it) arrive: the query and host metrics show in the REST API."""
+    import json
+
+    from conftest import Cluster
+
+    token = tmp_path / "cluster-token"
+    token.write_text(TOKEN + "\n")
+    c = Cluster(tmp_path, token)
+    otlp, rest = free_port("127.0.0.1"), free_port("127.0.0.1")
+    try:
+        c.start_observatory(rest, otlp=otlp)
+        c.start_scheduler(tables=f'[monitoring]\nenabled = true\n[static_leader]\nobservatory_service.public_addr = "127.0.0.1:{otlp}"')
+        c.start_worker("ow-1", "127.0.0.58", tables="[monitoring]\nenabled = true", leader=f'observatory_service.public_addr = "127.0.0.1:{otlp}"')
+        c.wait_for_workers(["ow-1"])
+        with grpc.insecure_channel(f"127.0.0.1:{otlp}") as channel:
+            export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+            with pytest.raises(grpc.RpcError) as e:
+                export(b"", timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        running = pl.LazyFrame({"a": [1, 2]}).select(pl.col("a").sum()).remote(pc.ClusterContext(uri=c.uri)).execute(blocking=False)
+        running.await_result()
+        deadline = time.time() + 30
+        while True:
+            listed = json.load(urllib.request.urlopen(f"http://127.0.0.1:{rest}/api/v1/queries", timeout=10))["queries"]
+            nodes = {n["node"] for n in json.load(urllib.request.urlopen(f"http://127.0.0.1:{rest}/api/v1/nodes", timeout=10))["nodes"]}
+            if str(running._query_id) in {q["query_id"] for q in listed} and {"scheduler", "ow-1"} <= nodes:
+                break
+            assert time.time() < deadline, (listed, nodes, c.logs())
+            time.sleep(0.3)
+    finally:
+        c.stop()
