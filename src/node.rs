@@ -269,6 +269,7 @@ pub async fn run(
     }
     if let Some(queries) = roles.queries.clone() {
         background.spawn(queries.clone().expire_results(config.scheduler.result_retention.0));
+        background.spawn(queries.clone().forget_finished());
         // Queries an earlier run of the scheduler left: served, run, resumed or failed.
         queries.restore();
         if let Some(period) = checkpoint_period(&config) {

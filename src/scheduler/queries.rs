@@ -31,6 +31,8 @@ const MIN_ROWS_PER_TASK: u64 = 10_000;
 /// How long a query resumed after a restart waits for the workers that hold its checkpointed
 /// outputs to register again (their outputs are recomputed elsewhere after that).
 const RESUME_WAIT: Duration = Duration::from_secs(30);
+/// How long a finished query stays in the scheduler's memory (clients poll it right after).
+const KEEP_FINISHED: Duration = Duration::from_secs(600);
 
 /// Scheduler-wide bounds (`[scheduler]` keys of the same names).
 #[derive(Debug, Clone, Copy, Default)]
@@ -87,8 +89,55 @@ impl Queries {
         Queries { inner: Arc::new(inner) }
     }
 
+    /// A query by id: running ones are in memory, finished ones are read back from the query
+    /// table (and kept in memory for a while).
     pub fn get(&self, id: &Uuid) -> Option<Arc<Query>> {
-        self.inner.queries.lock().unwrap().get(id).cloned()
+        if let Some(query) = self.inner.queries.lock().unwrap().get(id).cloned() {
+            return Some(query);
+        }
+        let stored = match self.inner.store.load_one(*id) {
+            Ok(stored) => stored?,
+            Err(e) => {
+                warn!(query = %id, "cannot read the query from the query table: {e}");
+                return None;
+            }
+        };
+        let query = self.query_from(stored, Vec::new());
+        let _ = query.ended.set(std::time::Instant::now());
+        self.inner.queries.lock().unwrap().entry(*id).or_insert(query).clone().into()
+    }
+
+    /// The record of a query the table holds.
+    fn query_from(&self, stored: StoredQuery, plan: Vec<u8>) -> Arc<Query> {
+        let python = match stored.status.is_terminal() {
+            true => None,
+            false => PythonPlan::find(&plan),
+        };
+        Arc::new(Query {
+            id: stored.id,
+            plan: Mutex::new((!stored.status.is_terminal()).then(|| plan.into())),
+            result_dir: self.inner.result_root.join(stored.id.to_string()),
+            submission: stored.submission,
+            target: stored.target,
+            status: watch::channel(stored.status).0,
+            outcome: Mutex::new(stored.outcome),
+            worker: Mutex::new(stored.worker),
+            participants: Mutex::new(stored.participants),
+            reads_files: stored.reads_files,
+            python,
+            store: self.inner.store.clone(),
+            ended: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Lets finished queries leave memory [`KEEP_FINISHED`] after they ended (the query table
+    /// keeps them until `scheduler.result_retention`).
+    pub async fn forget_finished(self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            self.inner.queries.lock().unwrap().retain(|_, q| q.ended.get().is_none_or(|t| t.elapsed() < KEEP_FINISHED));
+        }
     }
 
     /// Accepts a query. A plan this cluster cannot read fails at once (the query still gets
@@ -130,6 +179,7 @@ impl Queries {
             reads_files,
             python,
             store: self.inner.store.clone(),
+            ended: std::sync::OnceLock::new(),
         });
         self.record(&query, &plan);
         self.inner.queries.lock().unwrap().insert(id, query.clone());
@@ -208,27 +258,14 @@ impl Queries {
         };
         let (mut served, mut queued, mut resumed, mut failed) = (0, 0, 0, 0);
         for (stored, plan) in loaded {
-            let python = match stored.status.is_terminal() {
-                true => None,
-                false => PythonPlan::find(&plan),
-            };
-            let query = Arc::new(Query {
-                id: stored.id,
-                plan: Mutex::new((!stored.status.is_terminal()).then(|| plan.into())),
-                result_dir: self.inner.result_root.join(stored.id.to_string()),
-                submission: stored.submission,
-                target: stored.target,
-                status: watch::channel(stored.status).0,
-                outcome: Mutex::new(stored.outcome),
-                worker: Mutex::new(stored.worker),
-                participants: Mutex::new(stored.participants),
-                reads_files: stored.reads_files,
-                python,
-                store: self.inner.store.clone(),
-            });
+            if stored.status.is_terminal() {
+                served += 1; // read back when asked for (`get`)
+                continue;
+            }
+            let status = stored.status;
+            let query = self.query_from(stored, plan);
             self.inner.queries.lock().unwrap().insert(query.id, query.clone());
-            match stored.status {
-                s if s.is_terminal() => served += 1,
+            match status {
                 Status::Scheduled => {
                     info!(query = %query.id, "query queued before the scheduler restarted: it runs now");
                     queued += 1;

@@ -130,6 +130,9 @@ pub struct Query {
     pub(crate) python: Option<engine::python::PythonPlan>,
     /// The query table, where every state is written before anyone can see it.
     pub(crate) store: QueryStore,
+    /// When it reached a final state (it then leaves the scheduler's memory after a while,
+    /// and is read back from the query table when asked for).
+    pub(crate) ended: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Query {
@@ -158,6 +161,7 @@ impl Query {
             if next.is_terminal() {
                 // Plans may carry whole data frames: a finished query's is read back if needed.
                 self.plan.lock().unwrap().take();
+                let _ = self.ended.set(std::time::Instant::now());
             }
             true
         })

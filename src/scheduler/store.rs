@@ -182,14 +182,28 @@ impl QueryStore {
         );
         db.execute(&format!("DELETE FROM checkpoint_outputs WHERE query_id NOT IN ({running})"), [])?;
         db.execute(&format!("DELETE FROM checkpoint_graphs WHERE query_id NOT IN ({running})"), [])?;
+        Self::select(&db, "", [])
+    }
+
+    /// One query of the table (its plan empty when it is finished).
+    pub fn load_one(&self, id: Uuid) -> rusqlite::Result<Option<StoredQuery>> {
+        let db = self.db.lock().unwrap();
+        Ok(Self::select(&db, "WHERE id = ?1", [id.to_string()])?.into_iter().next().map(|(q, _)| q))
+    }
+
+    fn select(
+        db: &Connection,
+        filter: &str,
+        args: impl rusqlite::Params,
+    ) -> rusqlite::Result<Vec<(StoredQuery, Vec<u8>)>> {
         // Plans of finished queries stay on disk (`plan_of` reads one when asked).
         let mut statement = db.prepare(&format!(
             "SELECT id, submitted_at_ms, CASE WHEN status IN ({}, {}) THEN plan ELSE x'' END, submission, target, \
-             reads_files, status, outcome, worker, participants FROM queries ORDER BY submitted_at_ms",
+             reads_files, status, outcome, worker, participants FROM queries {filter} ORDER BY submitted_at_ms",
             Status::Scheduled as i64,
             Status::Running as i64
         ))?;
-        let rows = statement.query_map([], |row| {
+        let rows = statement.query_map(args, |row| {
             Ok((
                 row.get::<_, String>(0)?,
                 row.get::<_, i64>(1)?,
@@ -436,6 +450,8 @@ mod tests {
         let (q, plan) = &loaded[0];
         assert_eq!((q.status, q.outcome.n_rows, plan.as_slice()), (Status::Success, 9, &b""[..]));
         assert_eq!(store.plan_of(done.id).unwrap().unwrap(), b"plan two");
+        assert_eq!(store.load_one(done.id).unwrap().unwrap().outcome.n_rows, 9);
+        assert!(store.load_one(Uuid::new_v4()).unwrap().is_none());
         assert_eq!(loaded[1].1, b"plan one", "a running query's plan comes with it");
         assert_eq!(q.worker.as_ref().unwrap().task_addr, "127.0.0.1:1");
         assert_eq!(q.submission.user.as_deref(), Some("ana"));
