@@ -256,12 +256,10 @@ impl Queries {
                 return;
             }
         };
-        let (mut served, mut queued, mut resumed, mut failed) = (0, 0, 0, 0);
+        // Finished queries stay in the table, read back when asked for (`get`).
+        let served = self.inner.store.finished().unwrap_or_default();
+        let (mut queued, mut resumed, mut failed) = (0, 0, 0);
         for (stored, plan) in loaded {
-            if stored.status.is_terminal() {
-                served += 1; // read back when asked for (`get`)
-                continue;
-            }
             let status = stored.status;
             let query = self.query_from(stored, plan);
             self.inner.queries.lock().unwrap().insert(query.id, query.clone());
@@ -289,7 +287,7 @@ impl Queries {
                 }
             }
         }
-        if served + queued + resumed + failed > 0 {
+        if served + queued + resumed + failed > 0u64 {
             info!(
                 served,
                 queued, resumed, failed, "queries of the scheduler's previous run read back from the query table"

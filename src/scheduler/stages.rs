@@ -324,44 +324,29 @@ impl<'a> StageRun<'a> {
     /// Drops the outputs that wrote any of `files` (damaged on disk or on the way): they are
     /// computed again before the tasks that read them run.
     fn forget_outputs_with(&mut self, files: &[String]) {
-        for (stage, tasks) in self.outputs.iter_mut().enumerate() {
-            for (task, out) in tasks.iter_mut().enumerate() {
-                if let Some(done) = out
-                    && done.success.files.iter().any(|f| files.contains(f))
-                {
-                    warn!(query = %self.query.id, stage, task, worker = %done.worker.instance_id, "stage output damaged; it will be recomputed");
-                    *out = None;
-                }
-            }
-        }
+        self.forget_outputs("damaged", |done| done.success.files.iter().any(|f| files.contains(f)));
     }
 
     /// Drops the outputs `worker` holds for this query.
     fn forget_outputs_of(&mut self, worker: &str) {
-        for (stage, tasks) in self.outputs.iter_mut().enumerate() {
-            for (task, out) in tasks.iter_mut().enumerate() {
-                if let Some(done) = out
-                    && !done.durable
-                    && done.worker.instance_id == worker
-                {
-                    info!(query = %self.query.id, stage, task, worker, "stage output could not be fetched; it will be recomputed");
-                    *out = None;
-                }
-            }
-        }
+        self.forget_outputs("could not be fetched", |done| !done.durable && done.worker.instance_id == worker);
     }
 
     /// Drops outputs held by workers that are no longer live: their files are gone with them.
     fn forget_lost_outputs(&mut self) {
         let live: BTreeSet<String> =
             self.cluster.registry().live_worker_infos().into_iter().map(|w| w.instance_id).collect();
+        self.forget_outputs("lost with its worker", |done| !done.durable && !live.contains(&done.worker.instance_id));
+    }
+
+    /// Drops the outputs `gone` picks (saying `why`): they are recomputed before anything reads them.
+    fn forget_outputs(&mut self, why: &str, gone: impl Fn(&Done) -> bool) {
         for (stage, tasks) in self.outputs.iter_mut().enumerate() {
             for (task, out) in tasks.iter_mut().enumerate() {
                 if let Some(done) = out
-                    && !done.durable
-                    && !live.contains(&done.worker.instance_id)
+                    && gone(done)
                 {
-                    info!(query = %self.query.id, stage, task, worker = %done.worker.instance_id, "stage output lost with its worker; it will be recomputed");
+                    info!(query = %self.query.id, stage, task, worker = %done.worker.instance_id, "stage output {why}; it will be recomputed");
                     *out = None;
                 }
             }
