@@ -61,7 +61,7 @@ let
   # Typed options -> settings (the pure ./render.nix, which CI evaluates without nixpkgs),
   # written as TOML by pkgs.formats.toml (RFC 42).
   rendered = (pkgs.formats.toml { }).generate "polars-node-unchecked.toml" (render.settingsFor {
-    inherit (cfg) instanceId clusterId memoryLimit tokenFile settings;
+    inherit (cfg) instanceId clusterId memoryLimit tokenFile tls settings;
     leader = {
       inherit (cfg.leader) instanceId;
       schedulerAddress = cfg.leader.schedulerAddress;
@@ -122,6 +122,33 @@ in
         A file holding the cluster token (one line, at least 16 characters, the same on every
         node; `openssl rand -hex 32`): the internal ports then admit only calls that carry it.
         A path as a string, outside the Nix store: the unit reads it with LoadCredential=.
+      '';
+    };
+    tls = mkOption {
+      type = types.nullOr (types.submodule {
+        options = {
+          caFile = mkOption {
+            type = types.strMatching "/.*";
+            example = "/etc/polars/cluster-ca.pem";
+            description = "The cluster CA's certificate (PEM): the only issuer trusted for other nodes.";
+          };
+          certificateFile = mkOption {
+            type = types.strMatching "/.*";
+            example = "/etc/polars/node.pem";
+            description = "This node's certificate (PEM), signed by the CA, naming the host the others reach it at.";
+          };
+          keyFile = mkOption {
+            type = types.strMatching "/.*";
+            example = "/etc/polars/node.key";
+            description = "This node's private key (PEM), outside the Nix store.";
+          };
+        };
+      });
+      default = null;
+      description = ''
+        Mutual TLS between the nodes under a cluster CA: the internal ports take only
+        connections with a certificate the CA signed. Paths as strings; the unit reads the
+        files with LoadCredential=.
       '';
     };
     leader = {
@@ -217,6 +244,10 @@ in
         assertion = cfg.tokenFile == null || !(lib.hasPrefix builtins.storeDir cfg.tokenFile);
         message = "services.polars.tokenFile: a secret must not be in the Nix store (world-readable); name a file outside it";
       }
+      {
+        assertion = cfg.tls == null || !(lib.hasPrefix builtins.storeDir cfg.tls.keyFile);
+        message = "services.polars.tls.keyFile: a private key must not be in the Nix store (world-readable); name a file outside it";
+      }
     ];
 
     networking.firewall.allowedTCPPorts = map portOf (builtins.filter (s: s.opts.openFirewall) enabledServices);
@@ -248,7 +279,12 @@ in
         WorkingDirectory = "/var/lib/polars";
         Environment = [ "POLARS_TEMP_DIR=/var/lib/polars/tmp" ];
         Delegate = cfg.memoryLimit != null;
-        LoadCredential = lib.optional (cfg.tokenFile != null) "cluster-token:${cfg.tokenFile}";
+        LoadCredential = lib.optional (cfg.tokenFile != null) "cluster-token:${cfg.tokenFile}"
+          ++ lib.optionals (cfg.tls != null) [
+          "cluster-ca:${cfg.tls.caFile}"
+          "node-certificate:${cfg.tls.certificateFile}"
+          "node-key:${cfg.tls.keyFile}"
+        ];
         # Hardening.
         CapabilityBoundingSet = "";
         AmbientCapabilities = "";

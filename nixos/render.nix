@@ -104,8 +104,22 @@ let
           memory_limit = cfg.memoryLimit or null;
           # The module hands the token file to the unit with LoadCredential= (never the store).
           internal =
-            if (cfg.tokenFile or null) != null then
-              { token_file = "/run/credentials/polars-node.service/cluster-token"; }
+            let
+              credentials = "/run/credentials/polars-node.service";
+            in
+            if (cfg.tokenFile or null) != null || (cfg.tls or null) != null then
+              {
+                token_file = if (cfg.tokenFile or null) != null then "${credentials}/cluster-token" else null;
+                tls =
+                  if (cfg.tls or null) != null then
+                    {
+                      ca_file = "${credentials}/cluster-ca";
+                      certificate_key_file = "${credentials}/node-certificate";
+                      private_key_file = "${credentials}/node-key";
+                    }
+                  else
+                    null;
+              }
             else
               null;
           scheduler =

@@ -36,3 +36,23 @@ fn stderr_is_journal() -> bool {
         Err(_) => false,
     }
 }
+
+/// An error with its causes, `outer: cause: root cause` (a transport error's message alone
+/// says only "transport error"; its causes say which certificate or connection failed).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    with_causes(&e.to_string(), e.source())
+}
+
+/// `message` followed by each of `cause` and its sources that it does not already say.
+pub fn with_causes(message: &str, mut cause: Option<&dyn std::error::Error>) -> String {
+    let mut out = message.to_string();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}

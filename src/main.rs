@@ -9,6 +9,7 @@ use polars_node::config::{self, Loaded};
 use polars_node::logging::{self, LogFormat};
 use polars_node::node;
 use polars_node::proto::{ListWorkersRequest, WorkerState, membership_client::MembershipClient};
+use polars_node::security::cluster::Credentials;
 use polars_node::systemd::activation::{self, Activated};
 use polars_node::systemd::cgroup::MemoryCgroup;
 
@@ -90,6 +91,10 @@ enum Command {
         /// The cluster token file (`internal.token_file`), when the cluster has one.
         #[arg(long, env = "POLARS_NODE_TOKEN_FILE")]
         token_file: Option<std::path::PathBuf>,
+        /// Call as this node configuration's `[internal]` credentials (token file and TLS
+        /// under the cluster CA), for example the scheduler's own file.
+        #[arg(long, conflicts_with = "token_file")]
+        config_path: Option<std::path::PathBuf>,
     },
 }
 
@@ -127,7 +132,9 @@ fn main() -> ExitCode {
                 .map_err(|e| e.to_string())
                 .and_then(|loaded| run_node(loaded, Some(banner)))
         }
-        Command::Workers { scheduler, json, token_file } => list_workers(&scheduler, json, token_file.as_deref()),
+        Command::Workers { scheduler, json, token_file, config_path } => {
+            cluster_credentials(token_file, config_path, env()).and_then(|c| list_workers(&scheduler, json, c))
+        }
         Command::ExecTask => polars_node::worker::task::exec_task(),
     };
     match result {
@@ -211,16 +218,29 @@ enabled = true
     )
 }
 
-fn list_workers(scheduler: &str, json: bool, token_file: Option<&std::path::Path>) -> Result<(), String> {
-    let token = token_file.map(polars_node::security::cluster::ClusterToken::load).transpose()?;
+/// The credentials a command calls the cluster's internal ports with: a token file, or the
+/// `[internal]` section of a node's configuration.
+fn cluster_credentials(
+    token_file: Option<std::path::PathBuf>,
+    config_path: Option<std::path::PathBuf>,
+    env: Vec<(String, String)>,
+) -> Result<Credentials, String> {
+    let internal = match config_path {
+        Some(path) => config::load_file(&path, env).map_err(|e| e.to_string())?.config.internal,
+        None => config::InternalConfig { token_file, ..Default::default() },
+    };
+    Credentials::load(&internal)
+}
+
+fn list_workers(scheduler: &str, json: bool, credentials: Credentials) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     let response = runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{scheduler}"))
-            .map_err(|e| e.to_string())?
+        let channel = credentials
+            .endpoint(scheduler)?
             .connect()
             .await
             .map_err(|e| format!("cannot connect to the scheduler at {scheduler}: {e}"))?;
-        let mut client = MembershipClient::with_interceptor(channel, polars_node::security::cluster::Attach(token));
+        let mut client = MembershipClient::with_interceptor(channel, credentials.attach());
         client.list_workers(ListWorkersRequest {}).await.map(|r| r.into_inner()).map_err(|s| s.message().to_string())
     })?;
     let rows: Vec<serde_json::Value> = response

@@ -38,14 +38,18 @@ pub fn start(
     cluster_id: &str,
     observatory_addr: &str,
     host: &HostMetricsConfig,
-    token: Option<&crate::security::cluster::ClusterToken>,
+    credentials: &crate::security::cluster::Credentials,
 ) -> anyhow::Result<Monitoring> {
     use opentelemetry_otlp::WithTonicConfig as _;
-    let endpoint = format!("http://{observatory_addr}");
+    // Over TLS with this node's certificate when the cluster has a CA.
+    let channel = || -> anyhow::Result<tonic::transport::Channel> {
+        let endpoint = credentials.endpoint(observatory_addr).map_err(anyhow::Error::msg)?;
+        Ok(endpoint.timeout(Duration::from_secs(3)).connect_lazy())
+    };
     // The cluster token, for an observatory that requires it (internal.token_file there too).
     let metadata = || {
         let mut metadata = tonic::metadata::MetadataMap::new();
-        if let Some(token) = token
+        if let Some(token) = &credentials.token
             && let Ok(value) = token.as_str().parse()
         {
             metadata.insert(crate::security::cluster::HEADER, value);
@@ -62,7 +66,7 @@ pub fn start(
     let spans = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_metadata(metadata())
-        .with_endpoint(&endpoint)
+        .with_channel(channel()?)
         .with_timeout(Duration::from_secs(3))
         .build()?;
     let spans = Quiet::new(spans, "spans", observatory_addr);
@@ -73,7 +77,7 @@ pub fn start(
     let metrics = opentelemetry_otlp::MetricExporter::builder()
         .with_tonic()
         .with_metadata(metadata())
-        .with_endpoint(&endpoint)
+        .with_channel(channel()?)
         .with_timeout(Duration::from_secs(3))
         .build()?;
     let metrics = Quiet::new(metrics, "host metrics", observatory_addr);

@@ -30,7 +30,7 @@ use crate::scheduler::queries::{Policy, Queries, WorkerBounds};
 use crate::scheduler::registry::Registry;
 use crate::scheduler::store::QueryStore;
 use crate::security::auth::JwksAuth;
-use crate::security::cluster::ClusterToken;
+use crate::security::cluster::Credentials;
 use crate::systemd::activation::Listeners;
 use crate::systemd::cgroup::MemoryWatch;
 use crate::systemd::notify;
@@ -55,8 +55,8 @@ struct Roles {
     tasks: Option<TaskService>,
     /// The worker's Python for queries that call Python (`worker.python_executable`).
     python: Option<PythonEnv>,
-    /// `internal.token_file`: checked on the internal ports, carried by internal calls.
-    cluster_token: Option<ClusterToken>,
+    /// `[internal]`: checked on the internal ports, carried by internal calls.
+    credentials: Credentials,
     /// The worker's shuffle files (served on the shuffle port).
     shuffle: Option<ShuffleStore>,
     deny_anonymous_users: bool,
@@ -76,9 +76,18 @@ impl Roles {
     /// What each enabled role serves with, built before anything serves.
     fn build(config: &Config, layout: &Layout, memory: Option<MemoryWatch>) -> anyhow::Result<Roles> {
         let scheduler = &config.scheduler;
-        let registry = scheduler
-            .enabled
-            .then(|| Registry::new(&layout.instance_id, &layout.cluster_id, scheduler.lost_after_missed_heartbeats));
+        // The cluster credentials, read before anything binds (an unreadable file stops the node).
+        let credentials = Credentials::load(&config.internal).map_err(anyhow::Error::msg)?;
+        if !credentials.is_set() && (scheduler.enabled || config.worker.enabled || config.observatory.enabled) {
+            warn!(
+                "the internal ports (worker service, task service, shuffle service, OTLP receiver) serve anyone who can reach them: \
+                 set internal.token_file (the same file on every node) or internal.tls (a cluster CA) to admit only the cluster's nodes"
+            );
+        }
+        let registry = scheduler.enabled.then(|| {
+            let lost_after = scheduler.lost_after_missed_heartbeats;
+            Registry::new(&layout.instance_id, &layout.cluster_id, lost_after, credentials.clone())
+        });
         // The query table is opened before anything binds: a second scheduler on the same
         // file stops here, with nothing half-started.
         let store = match scheduler.enabled {
@@ -91,17 +100,6 @@ impl Roles {
             false => None,
         };
         let checkpoint_period = checkpoint_period(config);
-        // The cluster token, read before anything binds (an unreadable file stops the node).
-        let cluster_token = match &config.internal.token_file {
-            Some(path) => Some(ClusterToken::load(path).map_err(anyhow::Error::msg)?),
-            None => None,
-        };
-        if cluster_token.is_none() && (scheduler.enabled || config.worker.enabled || config.observatory.enabled) {
-            warn!(
-                "the internal ports (worker service, task service, shuffle service, OTLP receiver) serve anyone who can reach them: \
-                 set internal.token_file on every node (the same file) to admit only the cluster's nodes"
-            );
-        }
         let queries = registry.as_ref().zip(store).map(|(r, store)| {
             let root = match &scheduler.anonymous_result_location {
                 StorageLocation::Local(l) | StorageLocation::SharedFilesystem(l) => l.path.clone(),
@@ -118,7 +116,7 @@ impl Roles {
                     default_partitions_per_worker: scheduler.default_partitions_per_worker,
                 },
             };
-            Queries::new(r.clone(), policy, root, store, checkpoint_period, cluster_token.clone())
+            Queries::new(r.clone(), policy, root, store, checkpoint_period, credentials.clone())
         });
         let checkpoint = match (&config.worker.checkpoint_location, config.worker.enabled) {
             (Some(location), true) => Some(Checkpoint::open(location).map_err(anyhow::Error::msg)?),
@@ -140,7 +138,7 @@ impl Roles {
                 )
             }
         };
-        let shuffle = shuffle.map(|s| s.with_checkpoint(checkpoint).with_token(cluster_token.clone()));
+        let shuffle = shuffle.map(|s| s.with_checkpoint(checkpoint).with_credentials(credentials.clone()));
         // A worker whose Python cannot run plans does not start (rather than fail its first
         // query that calls Python).
         let python = match (&config.worker.python_executable, config.worker.enabled) {
@@ -191,7 +189,7 @@ impl Roles {
             shuffle,
             tasks,
             python,
-            cluster_token,
+            credentials,
             deny_anonymous_users: scheduler.deny_anonymous_users,
             client_tls,
             client_auth,
@@ -241,7 +239,7 @@ pub async fn run(
                 &layout.cluster_id,
                 addr,
                 &config.monitoring.host_metrics,
-                roles.cluster_token.as_ref(),
+                &roles.credentials,
             )
             .context("monitoring")?,
         ),
@@ -306,7 +304,7 @@ pub async fn run(
             info,
             scheduler_addr,
             roles.tasks.clone(),
-            roles.cluster_token.clone(),
+            roles.credentials.clone(),
             registration_tx,
             stop_rx.clone(),
         )));
@@ -461,11 +459,12 @@ fn serve(
         // Shuffle files travel over upgraded HTTP/1 connections (src/worker/shuffle/transfer.rs: far
         // faster than gRPC messages); gRPC health checks are answered on the same port.
         let store = roles.shuffle.expect("a worker has shuffle storage");
+        let tls = roles.credentials.tls.as_ref().map(|tls| tls.server.clone());
         let (reporter, health) = tonic_health::server::health_reporter();
         let app = tonic::service::Routes::new(health).into_axum_router().merge(crate::worker::shuffle::router(store));
         return Ok(Box::pin(async move {
             reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-            crate::worker::shuffle::serve(listener, app, shutdown).await;
+            crate::worker::shuffle::serve(listener, app, tls, shutdown).await;
             Ok(())
         }));
     }
@@ -478,14 +477,29 @@ fn serve(
     {
         builder = builder.tls_config(ServerTlsConfig::new().identity(identity)).context("TLS of the client service")?;
     }
+    // The internal ports take only connections with a certificate of the cluster CA.
+    if matches!(kind, ServiceKind::Worker | ServiceKind::Task | ServiceKind::Otlp)
+        && let Some(tls) = roles.credentials.server_tls()
+    {
+        builder = builder.tls_config(tls).context("TLS of the internal ports (internal.tls)")?;
+    }
     let mut router = builder.add_service(health);
     // Health checks stay open (they tell nothing); every other internal call shows the token.
-    let cluster = crate::security::cluster::Check(roles.cluster_token.clone());
-    if matches!(kind, ServiceKind::Client | ServiceKind::Worker) {
-        // Registration works on either scheduler port: deployment tools disagree on which one
-        // `static_leader.scheduler_service.public_addr` names.
-        let registry = roles.registry.expect("a scheduler service has a registry");
+    let cluster = roles.credentials.check();
+    if kind == ServiceKind::Worker {
+        let registry = roles.registry.clone().expect("a scheduler service has a registry");
         router = router.add_service(InterceptedService::new(MembershipServer::new(registry), cluster.clone()));
+    }
+    if kind == ServiceKind::Client {
+        // Registration works on either scheduler port: deployment tools disagree on which one
+        // `static_leader.scheduler_service.public_addr` names. The client port has no client
+        // certificates, so under a cluster CA workers must come through the worker port.
+        let registry = roles.registry.clone().expect("a scheduler service has a registry");
+        let membership = MembershipServer::new(registry);
+        router = match roles.credentials.tls.is_some() {
+            false => router.add_service(InterceptedService::new(membership, cluster.clone())),
+            true => router.add_service(InterceptedService::new(membership, refuse_membership_on_client_port)),
+        };
     }
     if kind == ServiceKind::Client {
         let queries = roles.queries.expect("a scheduler has queries");
@@ -525,6 +539,15 @@ fn serve(
         reporter.set_serving::<MembershipServer<Registry>>().await;
         router.serve_with_incoming_shutdown(incoming, shutdown).await.context("gRPC server")
     }))
+}
+
+/// Under `internal.tls`, membership calls on the client port (which has no client
+/// certificates to check) are refused, naming the port to use.
+fn refuse_membership_on_client_port(_: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    Err(tonic::Status::unauthenticated(
+        "with internal.tls set, workers register on the scheduler's worker service (scheduler.worker_service, \
+         port 5050), where their certificate is checked: point static_leader.scheduler_service.public_addr there",
+    ))
 }
 
 /// `/healthz` (the process serves) and `/readyz` (the node is ready) on the REST port.

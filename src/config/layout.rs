@@ -279,10 +279,10 @@ pub fn plan_with(config: &Config, resolution: Resolution) -> Result<Layout, Vec<
     if s.lost_after_missed_heartbeats == 0 {
         problems.push("`scheduler.lost_after_missed_heartbeats` must be at least 1".to_string());
     }
-    // The token file is a runtime secret: read here (before anything binds), not when a
-    // configuration is checked offline (a Nix build has no secrets).
-    if let (Some(path), Resolution::Here) = (&config.internal.token_file, resolution)
-        && let Err(e) = crate::security::cluster::ClusterToken::load(path)
+    // The token and key files are runtime secrets: read here (before anything binds), not when
+    // a configuration is checked offline (a Nix build has no secrets).
+    if resolution == Resolution::Here
+        && let Err(e) = crate::security::cluster::Credentials::load(&config.internal)
     {
         problems.push(e);
     }

@@ -183,6 +183,24 @@ pub struct InternalConfig {
     /// without it. Unset: the internal ports serve anyone who can reach them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// Mutual TLS between the nodes with a cluster CA: every internal port (worker service,
+    /// task service, shuffle service, OTLP receiver) takes only connections whose client
+    /// certificate the CA signed, and every node checks the certificate of the node it calls.
+    /// A node's certificate must name the host (DNS name or IP address) that the others reach
+    /// it at. Unset: plaintext between the nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<InternalTlsConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
+#[serde(deny_unknown_fields)]
+pub struct InternalTlsConfig {
+    /// The cluster CA's certificate (PEM): the only issuer this node trusts for other nodes.
+    pub ca_file: PathBuf,
+    /// This node's certificate chain (PEM), signed by the cluster CA.
+    pub certificate_key_file: PathBuf,
+    /// This node's private key (PEM).
+    pub private_key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, DocumentedFields)]

@@ -76,7 +76,12 @@ impl Schema for MonitoringConfig {
         (field == "host_metrics").then(HostMetricsConfig::section)
     }
 }
-impl Schema for InternalConfig {}
+impl Schema for InternalConfig {
+    fn child(field: &str) -> Option<Section> {
+        (field == "tls").then(InternalTlsConfig::section)
+    }
+}
+impl Schema for InternalTlsConfig {}
 impl Schema for StaticLeaderConfig {
     fn child(field: &str) -> Option<Section> {
         matches!(field, "scheduler_service" | "observatory_service").then(PublicAddrConfig::section)

@@ -76,10 +76,10 @@ impl Queries {
         result_root: PathBuf,
         store: QueryStore,
         checkpoint_period: Option<Duration>,
-        token: Option<crate::security::cluster::ClusterToken>,
+        credentials: crate::security::cluster::Credentials,
     ) -> Self {
         let inner = Inner {
-            workers: Workers::new(registry, policy.max_task_attempts, token),
+            workers: Workers::new(registry, &policy, credentials),
             policy,
             result_root,
             queries: Mutex::default(),
@@ -156,14 +156,7 @@ impl Queries {
         // Plans that call Python cannot be read here (no interpreter): what the scheduler needs
         // of them (target, Python versions) is found in their bytes.
         let python = PythonPlan::find(&plan);
-        let read = check_version(client_polars, &plan).and_then(|()| match &python {
-            Some(python) => check_python_policy(self.inner.policy).map(|()| (python.target.clone(), false)),
-            None => {
-                engine::guard_panics(|| engine::Plan::read(&plan)).map_err(|e| engine::describe_error(&e)).and_then(
-                    |read| check_policy(self.inner.policy, &read).map(|()| (read.target.clone(), read.reads_files())),
-                )
-            }
-        });
+        let read = judge_plan(&plan, client_polars, self.inner.policy, python.as_ref());
         let (target, reads_files) = read.clone().unwrap_or((engine::Target::InMemory, false));
         let plan = bytes::Bytes::from(plan);
         let query = Arc::new(Query {
@@ -486,8 +479,11 @@ impl Queries {
             python: query.python.is_some(),
             python_executable: String::new(),
             checkpoint: false,
+            // Set by Workers::with_policy as the task is sent.
+            deny_local_scans: false,
+            deny_local_sinks: false,
         };
-        let response = client.run_task(request).await?.into_inner();
+        let response = client.run_task(self.inner.workers.with_policy(request)).await?.into_inner();
         response.outcome.ok_or_else(|| tonic::Status::internal("the worker sent no outcome"))
     }
 
@@ -875,6 +871,25 @@ fn stage_graph_msgpack(graph: &StageGraph, query_id: &str) -> Vec<u8> {
     }
     let value = json!({ "title": format!("query {query_id}"), "num_roots": 1, "nodes": nodes, "edges": edges });
     rmp_serde::to_vec_named(&value).unwrap_or_default()
+}
+
+/// What the scheduler learns from a submitted plan before it accepts it - the result target
+/// and whether the plan reads files - or why it refuses it: a client of another Polars
+/// version, unreadable bytes, a policy the plan breaks. `python`: the plan's Python functions
+/// (`PythonPlan::find`). Never panics, whatever the bytes (tests/fuzz.rs holds it to that).
+pub fn judge_plan(
+    plan: &[u8],
+    client_polars: Option<&str>,
+    policy: Policy,
+    python: Option<&PythonPlan>,
+) -> Result<(engine::Target, bool), String> {
+    check_version(client_polars, plan)?;
+    match python {
+        Some(python) => check_python_policy(policy).map(|()| (python.target.clone(), false)),
+        None => engine::guard_panics(|| engine::Plan::read(plan))
+            .map_err(|e| engine::describe_error(&e))
+            .and_then(|read| check_policy(policy, &read).map(|()| (read.target.clone(), read.reads_files()))),
+    }
 }
 
 /// Refuses plans that touch the local file system where the scheduler forbids it, before

@@ -14,6 +14,7 @@ use crate::proto::{
     DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, ListWorkersRequest,
     ListWorkersResponse, RegisterRequest, RegisterResponse, WorkerInfo, WorkerState, WorkerStatus,
 };
+use crate::security::cluster::Credentials;
 
 /// How long the scheduler waits for a worker's task service to answer a health check.
 const REACHABILITY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -36,10 +37,12 @@ pub struct Registry {
     lost_after: u32,
     members: Arc<Mutex<BTreeMap<String, Member>>>,
     live: watch::Sender<usize>,
+    /// How the scheduler reaches a registering worker's task service (`[internal]`).
+    credentials: Credentials,
 }
 
 impl Registry {
-    pub fn new(instance_id: &str, cluster_id: &str, lost_after: u32) -> Self {
+    pub fn new(instance_id: &str, cluster_id: &str, lost_after: u32, credentials: Credentials) -> Self {
         Registry {
             instance_id: instance_id.into(),
             cluster_id: cluster_id.into(),
@@ -47,6 +50,7 @@ impl Registry {
             lost_after,
             members: Arc::default(),
             live: watch::channel(0).0,
+            credentials,
         }
     }
 
@@ -137,12 +141,9 @@ impl Registry {
 /// Asks the worker's task service for its health at the advertised address, so that a
 /// worker advertising an address the scheduler cannot reach is refused at once rather than
 /// failing queries later.
-async fn probe(addr: &str) -> Result<(), String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(REACHABILITY_TIMEOUT)
-        .timeout(REACHABILITY_TIMEOUT);
-    let channel = endpoint.connect().await.map_err(|e| format!("{e}: {}", source_chain(&e)))?;
+async fn probe(addr: &str, credentials: &Credentials) -> Result<(), String> {
+    let endpoint = credentials.endpoint(addr)?.connect_timeout(REACHABILITY_TIMEOUT).timeout(REACHABILITY_TIMEOUT);
+    let channel = endpoint.connect().await.map_err(|e| crate::logging::error_chain(&e))?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     health
         .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
@@ -151,22 +152,12 @@ async fn probe(addr: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push(s.to_string());
-        cur = s.source();
-    }
-    out.join(": ")
-}
-
 #[tonic::async_trait]
 impl Membership for Registry {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let info = request.into_inner().worker.ok_or_else(|| Status::invalid_argument("missing worker"))?;
         self.check_compatible(&info)?;
-        if let Err(e) = probe(&info.task_addr).await {
+        if let Err(e) = probe(&info.task_addr, &self.credentials).await {
             warn!(worker = %info.instance_id, addr = %info.task_addr, "refusing registration: task service unreachable: {e}");
             return Err(Status::failed_precondition(format!(
                 "the scheduler cannot reach worker `{}`'s task service at {} ({e}): set `worker.task_service.public_addr` \

@@ -480,6 +480,9 @@ impl<'a> StageRun<'a> {
             python: false,
             python_executable: String::new(),
             checkpoint: self.checkpoints.is_some(),
+            // Set by Workers::with_policy as the task is sent.
+            deny_local_scans: false,
+            deny_local_sinks: false,
         }
     }
 
@@ -505,7 +508,7 @@ impl<'a> StageRun<'a> {
             // Given up when the worker is declared lost, even if its connection stays open (a
             // frozen machine); its late answer is dropped with the call.
             Ok(mut client) => tokio::select! {
-                result = client.run_task(request) => result.map(|r| r.into_inner().outcome),
+                result = client.run_task(self.cluster.with_policy(request)) => result.map(|r| r.into_inner().outcome),
                 () = self.cluster.lost(&worker.instance_id) => {
                     Err(tonic::Status::unavailable("the worker was declared lost (no heartbeats) while it ran the task"))
                 }

@@ -9,12 +9,13 @@ use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::proto::WorkerInfo;
 use crate::proto::task_client::TaskClient;
-use crate::security::cluster::{Attach, ClusterToken};
+use crate::proto::{RunTaskRequest, WorkerInfo};
+use crate::security::cluster::{Attach, Credentials};
 
 /// A connection to a worker's task service, carrying the cluster token.
 pub type TaskConnection = TaskClient<InterceptedService<Channel, Attach>>;
+use crate::scheduler::queries::Policy;
 use crate::scheduler::query::{Attempts, Query};
 use crate::scheduler::registry::Registry;
 
@@ -31,10 +32,12 @@ struct Inner {
     registry: Registry,
     /// `scheduler.max_task_attempts`.
     max_task_attempts: u32,
+    /// `scheduler.allow_local_scans` and `allow_local_sinks`, sent with every task.
+    allow_local: (bool, bool),
     /// One HTTP/2 connection per worker task service, shared by all queries.
     clients: Mutex<HashMap<String, TaskConnection>>,
-    /// `internal.token_file`: carried by every call to a worker.
-    token: Option<ClusterToken>,
+    /// `[internal]`: carried by every call to a worker.
+    credentials: Credentials,
     next_worker: AtomicUsize,
 }
 
@@ -54,10 +57,22 @@ impl Workers {
         }
     }
 
-    pub fn new(registry: Registry, max_task_attempts: u32, token: Option<ClusterToken>) -> Self {
-        let inner =
-            Inner { registry, max_task_attempts, clients: Mutex::default(), token, next_worker: AtomicUsize::new(0) };
+    pub fn new(registry: Registry, policy: &Policy, credentials: Credentials) -> Self {
+        let inner = Inner {
+            registry,
+            max_task_attempts: policy.max_task_attempts,
+            allow_local: (policy.allow_local_scans, policy.allow_local_sinks),
+            clients: Mutex::default(),
+            credentials,
+            next_worker: AtomicUsize::new(0),
+        };
         Workers { inner: Arc::new(inner) }
+    }
+
+    /// `request` with the scheduler's file-system policy, which the worker checks again.
+    pub(crate) fn with_policy(&self, request: RunTaskRequest) -> RunTaskRequest {
+        let (scans, sinks) = self.inner.allow_local;
+        RunTaskRequest { deny_local_scans: !scans, deny_local_sinks: !sinks, ..request }
     }
 
     /// The next worker a whole query starts at, round robin (queries spread over the cluster).
@@ -127,7 +142,7 @@ impl Workers {
         };
         // The next call makes a new connection, whatever becomes of this one.
         self.inner.clients.lock().unwrap().remove(&worker.task_addr);
-        if probe(&worker.task_addr).await {
+        if probe(&worker.task_addr, &self.inner.credentials).await {
             tracing::info!(worker = %instance_id, "a call to the worker failed, but it answers a health check: it stays in service");
             return;
         }
@@ -140,12 +155,12 @@ impl Workers {
         if let Some(client) = workers.get(addr) {
             return Ok(client.clone());
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| tonic::Status::internal(e.to_string()))?
+        let endpoint = (self.inner.credentials.endpoint(addr))
+            .map_err(tonic::Status::internal)?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20));
-        let client = TaskClient::with_interceptor(endpoint.connect_lazy(), Attach(self.inner.token.clone()))
+        let client = TaskClient::with_interceptor(endpoint.connect_lazy(), self.inner.credentials.attach())
             .max_decoding_message_size(256 << 20);
         workers.insert(addr.to_string(), client.clone());
         Ok(client)
@@ -153,9 +168,9 @@ impl Workers {
 }
 
 /// Whether the task service at `addr` answers SERVING to a health check on a new connection.
-async fn probe(addr: &str) -> bool {
+async fn probe(addr: &str, credentials: &Credentials) -> bool {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+    let Ok(endpoint) = credentials.endpoint(addr) else {
         return false;
     };
     let check = async {

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use crate::proto::membership_client::MembershipClient;
 use crate::proto::{DeregisterRequest, HeartbeatRequest, RegisterRequest, WorkerInfo};
-use crate::security::cluster::{Attach, ClusterToken};
+use crate::security::cluster::Credentials;
 use crate::worker::task::TaskService;
 
 /// What the worker's registration loop reports to the node's readiness.
@@ -26,20 +26,20 @@ pub async fn run_worker(
     info: WorkerInfo,
     scheduler_addr: String,
     tasks: Option<TaskService>,
-    token: Option<ClusterToken>,
+    credentials: Credentials,
     state: watch::Sender<Registration>,
     mut stop: watch::Receiver<bool>,
 ) {
     let period = Duration::from_millis(info.heartbeat_period_ms);
-    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{scheduler_addr}")) {
+    let endpoint = match credentials.endpoint(&scheduler_addr) {
         Ok(e) => e.connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(10)),
         Err(e) => {
-            state.send_replace(Registration::Pending(format!("invalid scheduler address {scheduler_addr}: {e}")));
+            state.send_replace(Registration::Pending(format!("cannot reach the scheduler at {scheduler_addr}: {e}")));
             return;
         }
     };
     // Connects lazily and reconnects by itself after the scheduler restarts.
-    let mut client = MembershipClient::with_interceptor(endpoint.connect_lazy(), Attach(token));
+    let mut client = MembershipClient::with_interceptor(endpoint.connect_lazy(), credentials.attach());
     let mut session: Option<String> = None;
     let mut last_problem = String::new();
     loop {
@@ -75,10 +75,8 @@ pub async fn run_worker(
                 continue;
             }
             Err(status) => {
-                let problem = format!(
-                    "waiting for the scheduler at {scheduler_addr} to accept registration: {}",
-                    status.message()
-                );
+                let why = crate::logging::with_causes(status.message(), std::error::Error::source(&status));
+                let problem = format!("waiting for the scheduler at {scheduler_addr} to accept registration: {why}");
                 if problem != last_problem {
                     warn!("{problem}");
                     last_problem = problem.clone();

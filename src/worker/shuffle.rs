@@ -18,7 +18,7 @@ use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
 use url::Url;
 
 use crate::proto::StageTask;
-use crate::security::cluster::ClusterToken;
+use crate::security::cluster::Credentials;
 
 mod checkpoint;
 mod transfer;
@@ -43,8 +43,8 @@ struct Inner {
     instance_id: String,
     /// `worker.checkpoint_location`: copies of stage outputs for checkpointed queries.
     checkpoint: Option<Checkpoint>,
-    /// `internal.token_file`: required of peers, shown to them.
-    token: Option<ClusterToken>,
+    /// `[internal]`: required of peers, shown to them.
+    credentials: Credentials,
 }
 
 /// An object store location (`s3://bucket/prefix`, ...): its URL, the store, the path of that URL.
@@ -112,18 +112,26 @@ impl Remote {
 impl ShuffleStore {
     pub fn new(root: PathBuf, shared: bool, instance_id: String) -> Self {
         ShuffleStore {
-            inner: Arc::new(Inner { root, shared, remote: None, instance_id, checkpoint: None, token: None }),
+            inner: Arc::new(Inner {
+                root,
+                shared,
+                remote: None,
+                instance_id,
+                checkpoint: None,
+                credentials: Credentials::default(),
+            }),
         }
     }
 
-    /// Requires the cluster token of peers that fetch, and shows it to those it fetches from.
-    pub fn with_token(mut self, token: Option<ClusterToken>) -> Self {
-        Arc::get_mut(&mut self.inner).expect("set while the store is built").token = token;
+    /// Requires the cluster credentials of peers that fetch, and shows them to those it
+    /// fetches from.
+    pub fn with_credentials(mut self, credentials: Credentials) -> Self {
+        Arc::get_mut(&mut self.inner).expect("set while the store is built").credentials = credentials;
         self
     }
 
-    fn token(&self) -> Option<&ClusterToken> {
-        self.inner.token.as_ref()
+    fn credentials(&self) -> &Credentials {
+        &self.inner.credentials
     }
 
     /// Copies stage outputs to `checkpoint` when the scheduler checkpoints their query.
@@ -142,8 +150,14 @@ impl ShuffleStore {
         instance_id: String,
     ) -> Result<Self, String> {
         let remote = Remote::open(url, options, "worker.shuffle_location")?;
-        let inner =
-            Inner { root: staging, shared: false, remote: Some(remote), instance_id, checkpoint: None, token: None };
+        let inner = Inner {
+            root: staging,
+            shared: false,
+            remote: Some(remote),
+            instance_id,
+            checkpoint: None,
+            credentials: Credentials::default(),
+        };
         Ok(ShuffleStore { inner: Arc::new(inner) })
     }
 
@@ -306,7 +320,7 @@ impl ShuffleStore {
     }
 
     async fn fetch(&self, addr: &str, remote: &str, local: &Path) -> Result<(), String> {
-        transfer::fetch(addr, remote, local, self.inner.token.as_ref()).await
+        transfer::fetch(addr, remote, local, &self.inner.credentials).await
     }
 
     /// Removes this worker's shuffle files of a query (and the query's directory once empty),
@@ -330,14 +344,29 @@ impl ShuffleStore {
         }
     }
 
-    /// A path a peer may read: inside this worker's shuffle root (or its local checkpoint
-    /// directory), nothing else.
-    fn servable(&self, path: &str) -> Option<PathBuf> {
-        let path = PathBuf::from(path);
+    /// A file a peer may read: a regular file inside this worker's shuffle root (or its local
+    /// checkpoint directory) once every symbolic link is resolved - a link planted in the root
+    /// that points elsewhere is refused - and nothing else. Errors: `NotFound` for a missing
+    /// file of the root, `PermissionDenied` for anything outside. Blocking (it asks the file
+    /// system).
+    pub fn servable(&self, path: &str) -> std::io::Result<PathBuf> {
+        use std::io::{Error, ErrorKind};
+        let outside =
+            || Error::new(ErrorKind::PermissionDenied, format!("{path} is not a shuffle file of this worker"));
+        let lexical = Path::new(path);
         let roots = [Some(self.inner.root.as_path()), self.inner.checkpoint.as_ref().and_then(|c| c.local_root())];
-        let inside = roots.into_iter().flatten().any(|root| path.starts_with(root))
-            && !path.components().any(|c| matches!(c, Component::ParentDir));
-        inside.then_some(path)
+        let Some(root) = roots.into_iter().flatten().find(|root| lexical.starts_with(root)) else {
+            return Err(outside());
+        };
+        if !lexical.is_absolute() || lexical.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(outside());
+        }
+        let real = std::fs::canonicalize(lexical).map_err(|e| Error::new(e.kind(), format!("{path}: {e}")))?;
+        let inside = std::fs::canonicalize(root).is_ok_and(|root| real.starts_with(root));
+        match inside && std::fs::metadata(&real).is_ok_and(|m| m.is_file()) {
+            true => Ok(real),
+            false => Err(outside()),
+        }
     }
 }
 

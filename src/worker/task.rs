@@ -378,6 +378,7 @@ fn run_whole(request: &RunTaskRequest, choice: engine::EngineChoice, target: eng
         return run_in_python(request, choice, target);
     }
     let outcome = engine::Plan::read(&request.plan).and_then(|plan| {
+        check_policy(request, &plan)?;
         if plan.target != target {
             polars_node_engine::polars::prelude::polars_bail!(ComputeError: "the plan's sink does not match the task's result target");
         }
@@ -400,6 +401,17 @@ fn run_whole(request: &RunTaskRequest, choice: engine::EngineChoice, target: eng
 /// client's placeholder sink writes its output; that output then becomes the result as any
 /// other query's does (a user's sink was written by py-polars itself).
 fn run_in_python(request: &RunTaskRequest, choice: engine::EngineChoice, target: engine::Target) -> RunTaskResponse {
+    if request.deny_local_scans || request.deny_local_sinks {
+        let setting = if request.deny_local_scans { "allow_local_scans" } else { "allow_local_sinks" };
+        return failure(
+            &format!(
+                "InvalidOperationError: refused by the worker: the task calls Python functions, which can read and write \
+                 any file of the worker, and this cluster does not allow queries to touch the local file system \
+                 (scheduler.{setting} = false)"
+            ),
+            false,
+        );
+    }
     let dir = Path::new(&request.result_dir).join(format!("python-{}", std::process::id()));
     let engine_name = match choice {
         engine::EngineChoice::Streaming => "streaming",
@@ -431,6 +443,21 @@ fn run_in_python(request: &RunTaskRequest, choice: engine::EngineChoice, target:
         Ok(done) => RunTaskResponse { outcome: Some(Outcome::Success(result_success(done, String::new()))) },
         Err(message) => failure(&message, false),
     }
+}
+
+/// The scheduler's file-system policy, sent with the task, checked again here (defence in
+/// depth: the scheduler refused such queries already). Shuffle inputs are checked before they
+/// are pointed at local files.
+fn check_policy(request: &RunTaskRequest, plan: &engine::Plan) -> engine::polars::prelude::PolarsResult<()> {
+    use engine::polars::prelude::polars_bail;
+    let local = plan.local_paths();
+    if request.deny_local_scans && !local.scans.is_empty() {
+        polars_bail!(InvalidOperation: "refused by the worker: this cluster does not allow queries to read the local file system (scheduler.allow_local_scans = false), and the task reads {}", local.scans.join(", "));
+    }
+    if request.deny_local_sinks && !local.sinks.is_empty() {
+        polars_bail!(InvalidOperation: "refused by the worker: this cluster does not allow queries to write to the local file system (scheduler.allow_local_sinks = false), and the task writes {}", local.sinks.join(", "));
+    }
+    Ok(())
 }
 
 /// What a task that wrote the query's result reports.
@@ -473,6 +500,7 @@ fn run_stage(
         .collect();
     let is_result = request.target != ResultTarget::Shuffle as i32;
     let outcome = engine::Plan::fragment(&request.plan, target).and_then(|mut plan| {
+        check_policy(request, &plan)?;
         plan.with_inputs(&inputs)?;
         if is_result {
             // The scheduler reports the whole query's plan of a split query.

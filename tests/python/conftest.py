@@ -20,10 +20,12 @@ from ports import free_port  # noqa: E402,F401  (tests import it from here)
 
 
 class Cluster:
-    def __init__(self, root: Path, token_file: Path | None = None):
-        """`token_file`: the cluster token (`internal.token_file`) every node is given."""
+    def __init__(self, root: Path, token_file: Path | None = None, internal=None):
+        """`token_file`: the cluster token (`internal.token_file`) every node is given;
+        `internal(name)`: the [internal] table of node `name` (TLS under a cluster CA)."""
         self.root = root
         self.token_file = token_file
+        self.internal = internal
         self.procs: dict[str, subprocess.Popen] = {}
         self.client_port = free_port("127.0.0.1")
         self.worker_port = free_port("127.0.0.1")
@@ -31,7 +33,9 @@ class Cluster:
         self.uri = f"http://127.0.0.1:{self.client_port}"
 
     def start(self, name: str, config: str) -> None:
-        if self.token_file and "[internal]" not in config:
+        if self.internal and "[internal]" not in config:
+            config += "\n" + self.internal(name)
+        elif self.token_file and "[internal]" not in config:
             config += f'\n[internal]\ntoken_file = "{self.token_file}"\n'
         path = self.root / f"{name}.toml"
         path.write_text(config)
@@ -121,6 +125,8 @@ scheduler_service.public_addr = "127.0.0.1:1"
 
     def live_workers(self) -> list[str]:
         token = ["--token-file", str(self.token_file)] if self.token_file else []
+        if self.internal:  # the scheduler's own credentials
+            token = ["--config-path", str(self.root / "scheduler.toml")]
         out = subprocess.run(
             [BIN, "workers", "--json", "--scheduler", f"127.0.0.1:{self.worker_port}", *token], capture_output=True, text=True
         )
@@ -170,11 +176,13 @@ def busy_task_processes(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def running_cluster(root: Path, workers: dict[str, str], scheduler: str = "", token_file: Path | None = None):
-    """A scheduler (with `scheduler` extra keys) and `workers` (name -> loopback address); with
-    `token_file`, every node has that cluster token."""
-    c = Cluster(root, token_file)
-    c.start_scheduler(scheduler)
+def running_cluster(
+    root: Path, workers: dict[str, str], scheduler: str = "", token_file: Path | None = None, internal=None, tables: str = ""
+):
+    """A scheduler (with `scheduler` extra keys and `tables`) and `workers` (name -> loopback
+    address); with `token_file`, every node has that cluster token; `internal`: as for Cluster."""
+    c = Cluster(root, token_file, internal)
+    c.start_scheduler(scheduler, tables)
     for name, ip in workers.items():
         c.start_worker(name, ip)
     try:

@@ -115,7 +115,7 @@ def test_an_unreadable_or_short_token_file_stops_the_node_before_it_binds(tmp_pa
 
 def test_without_a_token_the_node_says_its_internal_ports_are_open(cluster):
     log = (cluster.root / "scheduler.log").read_text()
-    assert log.count("serve anyone who can reach them: set internal.token_file on every node") == 1, log[-2000:]
+    assert log.count("serve anyone who can reach them: set internal.token_file (the same file on every node) or internal.tls") == 1, log[-2000:]
 
 
 def test_monitoring_exports_carry_the_token_to_an_observatory_that_requires_it(tmp_path):

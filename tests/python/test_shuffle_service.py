@@ -82,6 +82,52 @@ def test_other_files_are_refused_and_missing_ones_named(shuffle_worker):
     assert code != 0 and "404" in error and str(missing) in error, error
 
 
+def raw_get(addr, query: str) -> tuple[int, bytes]:
+    """A GET with the query string exactly as given (no encoding by the test)."""
+    host, port = addr.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"GET /v1/shuffle?{query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := s.recv(1 << 16):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+def test_no_path_form_reaches_a_file_outside_the_shuffle_root(shuffle_worker, tmp_path):
+    """Traversal in every form a hostile peer might try: dot segments (plain and URL-encoded,
+    once and twice), relative paths, NUL bytes, and symbolic links planted in the shuffle root
+    that point outside it (to a file, to a directory). Each is refused; a real file still
+    serves."""
+    addr, location = shuffle_worker
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside the shuffle root")
+    query = location / "q-traversal" / "worker" / "0-0"
+    query.mkdir(parents=True, exist_ok=True)
+    (query / "file-link.ipc").symlink_to(secret)
+    (query / "dir-link").symlink_to(tmp_path)
+    (query / "real.ipc").write_bytes(b"shuffle data")
+    inner = f"{query}/0.ipc"
+    attempts = [
+        f"path={location}/../../../{secret.relative_to('/')}",
+        f"path={location}/%2e%2e/%2e%2e/%2e%2e/{secret.relative_to('/')}",
+        f"path={location}%2F..%2F..%2F..%2F{str(secret.relative_to('/')).replace('/', '%2F')}",
+        f"path={location}/%252e%252e/%252e%252e/{secret.relative_to('/')}",
+        f"path=shuffle/../{secret.name}",
+        f"path={secret}",
+        f"path={query}/file-link.ipc",
+        f"path={query}/dir-link/{secret.name}",
+        f"path={inner}%00/../../../../{secret.relative_to('/')}",
+        f"path={location}",
+        "path=",
+        "nopath=1",
+    ]
+    for attempt in attempts:
+        status, answer = raw_get(addr, attempt)
+        assert status in (400, 403, 404) and b"outside the shuffle root" not in answer, (attempt, answer)
+    status, answer = raw_get(addr, urllib.parse.urlencode({"path": str(query / "real.ipc")}))
+    assert status == 200 and answer.endswith(b"shuffle data"), answer
+
+
 def test_a_fetch_from_a_peer_that_stops_short_fails_naming_what_is_missing(tmp_path):
     """A peer that dies mid-file: the fetch must fail (the task reruns), not leave a short copy
     taken as whole."""

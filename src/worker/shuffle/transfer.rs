@@ -8,6 +8,10 @@
 //! an HTTP body received and written out (docs/benchmarks.md). A plain GET (curl, a browser)
 //! gets the file as an ordinary HTTP body.
 //!
+//! Under a cluster CA (`internal.tls`) connections are TLS both ways and a fetch is a plain GET
+//! whose body is written out: the bytes must pass through the TLS layer, so neither sendfile
+//! nor splice applies.
+//!
 //! The service answers gRPC health checks on the same port, so it tells HTTP/2 connections
 //! from HTTP/1 ones itself (hyper-util's automatic builder wraps the socket in a type of its
 //! own, and the upgraded connection could no longer be taken back as the TCP socket).
@@ -18,7 +22,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::security::cluster::{self, ClusterToken};
+use crate::security::cluster::{self, ClusterTls, Credentials};
 use axum::extract::{Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -52,8 +56,15 @@ pub fn router(store: ShuffleStore) -> axum::Router {
 }
 
 /// Serves `app` on `listener`, HTTP/1 (with upgrades) and HTTP/2, until `shutdown` completes;
-/// then lets open connections finish what they are answering.
-pub async fn serve(listener: TcpListener, app: axum::Router, shutdown: impl Future<Output = ()>) {
+/// then lets open connections finish what they are answering. With `tls`, every connection
+/// is TLS with a client certificate of the cluster CA.
+pub async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let service = TowerToHyperService::new(app);
     let (stop, stopped) = watch::channel(false);
     // Every connection holds a sender: when the last is dropped, all have finished.
@@ -72,9 +83,9 @@ pub async fn serve(listener: TcpListener, app: axum::Router, shutdown: impl Futu
             },
             _ = &mut shutdown => break,
         };
-        let (service, stopped, open) = (service.clone(), stopped.clone(), open.clone());
+        let (service, stopped, open, tls) = (service.clone(), stopped.clone(), open.clone(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection(socket, service, stopped).await {
+            if let Err(e) = connection(socket, tls, service, stopped).await {
                 tracing::debug!("shuffle service connection: {e}");
             }
             drop(open);
@@ -85,17 +96,38 @@ pub async fn serve(listener: TcpListener, app: axum::Router, shutdown: impl Futu
     let _ = all_closed.recv().await;
 }
 
+type ConnectionError = Box<dyn std::error::Error + Send + Sync>;
+
 async fn connection(
     socket: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    service: TowerToHyperService<axum::Router>,
+    stopped: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    socket.set_nodelay(true)?;
+    let Some(acceptor) = tls else {
+        // A client that sends nothing, or half a preface, is let go rather than polled forever.
+        let http2 = tokio::time::timeout(CONNECT_TIMEOUT, speaks_http2(&socket))
+            .await
+            .map_err(|_| "no request within the connect timeout")??;
+        return serve_http(TokioIo::new(socket), http2, service, stopped).await;
+    };
+    let tls = tokio::time::timeout(cluster::HANDSHAKE_TIMEOUT, acceptor.accept(socket))
+        .await
+        .map_err(|_| "no TLS handshake within its timeout")??;
+    let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    serve_http(TokioIo::new(tls), http2, service, stopped).await
+}
+
+async fn serve_http<I>(
+    io: TokioIo<I>,
+    http2: bool,
     service: TowerToHyperService<axum::Router>,
     mut stopped: watch::Receiver<bool>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    socket.set_nodelay(true)?;
-    let io = TokioIo::new(socket);
-    // A client that sends nothing, or half a preface, is let go rather than polled forever.
-    let http2 = tokio::time::timeout(CONNECT_TIMEOUT, speaks_http2(io.inner()))
-        .await
-        .map_err(|_| "no request within the connect timeout")??;
+) -> Result<(), ConnectionError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     if http2 {
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
         tokio::pin!(connection);
@@ -136,7 +168,7 @@ struct Fetch {
 }
 
 async fn send(State(store): State<ShuffleStore>, Query(q): Query<Fetch>, mut request: Request) -> Response {
-    if let Some(token) = store.token()
+    if let Some(token) = &store.credentials().token
         && !token.admits(request.headers().get(cluster::HEADER).map(|v| v.as_bytes()))
     {
         return (
@@ -145,10 +177,20 @@ async fn send(State(store): State<ShuffleStore>, Query(q): Query<Fetch>, mut req
         )
             .into_response();
     }
-    let Some(path) = store.servable(&q.path) else {
-        return (StatusCode::FORBIDDEN, format!("{} is not a shuffle file of this worker", q.path)).into_response();
+    let servable = {
+        let (store, path) = (store.clone(), q.path.clone());
+        tokio::task::spawn_blocking(move || store.servable(&path)).await.map_err(std::io::Error::other).and_then(|p| p)
     };
-    let upgrade = request.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes() == PROTOCOL.as_bytes());
+    let path = match servable {
+        Ok(path) => path,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return (StatusCode::NOT_FOUND, e.to_string()).into_response();
+        }
+        Err(e) => return (StatusCode::FORBIDDEN, e.to_string()).into_response(),
+    };
+    // Over TLS the file goes as a body: sendfile would bypass the encryption.
+    let upgrade = request.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes() == PROTOCOL.as_bytes())
+        && store.credentials().tls.is_none();
     if !upgrade {
         let mapped =
             tokio::task::spawn_blocking(move || map_file(&path).map_err(|e| format!("{}: {e}", path.display()))).await;
@@ -227,22 +269,25 @@ fn map_file(path: &Path) -> std::io::Result<bytes::Bytes> {
 
 /// Copies the shuffle file `remote` of the worker whose shuffle service is at `addr` to
 /// `local`.
-pub(super) async fn fetch(addr: &str, remote: &str, local: &Path, token: Option<&ClusterToken>) -> Result<(), String> {
+pub(super) async fn fetch(addr: &str, remote: &str, local: &Path, credentials: &Credentials) -> Result<(), String> {
     let query = url::form_urlencoded::Serializer::new(String::new()).append_pair("path", remote).finish();
     let socket = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(connected) => connected.map_err(|e| format!("cannot connect to {addr}: {e}"))?,
         Err(_) => return Err(format!("no connection to {addr} within {CONNECT_TIMEOUT:?}")),
     };
     socket.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut request = hyper::Request::get(format!("/v1/shuffle?{query}")).header(header::HOST, addr);
+    if let Some(token) = &credentials.token {
+        request = request.header(cluster::HEADER, token.as_str());
+    }
+    if let Some(tls) = &credentials.tls {
+        return fetch_over_tls(socket, addr, request, tls, local).await;
+    }
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(socket))
             .await
             .map_err(|e| e.to_string())?;
     tokio::spawn(connection.with_upgrades());
-    let mut request = hyper::Request::get(format!("/v1/shuffle?{query}")).header(header::HOST, addr);
-    if let Some(token) = token {
-        request = request.header(cluster::HEADER, token.as_str());
-    }
     let request = request
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, PROTOCOL)
@@ -273,6 +318,59 @@ pub(super) async fn fetch(addr: &str, remote: &str, local: &Path, token: Option<
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
+}
+
+/// A fetch under the cluster CA: TLS with this node's certificate, a plain GET, the body
+/// written to `local` as it arrives.
+async fn fetch_over_tls(
+    socket: TcpStream,
+    addr: &str,
+    request: hyper::http::request::Builder,
+    tls: &ClusterTls,
+    local: &Path,
+) -> Result<(), String> {
+    let name = ClusterTls::server_name(addr)?;
+    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+    let socket = match tokio::time::timeout(cluster::HANDSHAKE_TIMEOUT, connector.connect(name, socket)).await {
+        Ok(connected) => connected.map_err(|e| format!("TLS with {addr}: {e}"))?,
+        Err(_) => return Err(format!("no TLS handshake with {addr} within {:?}", cluster::HANDSHAKE_TIMEOUT)),
+    };
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(socket))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = request.body(http_body_util::Empty::<bytes::Bytes>::new()).map_err(|e| e.to_string())?;
+    let response = match tokio::time::timeout(STALL_TIMEOUT, sender.send_request(request)).await {
+        Ok(answered) => answered.map_err(|e| e.to_string())?,
+        Err(_) => return Err(format!("no answer within {STALL_TIMEOUT:?}")),
+    };
+    let status = response.status();
+    let length: Option<u64> =
+        response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+    let mut body = response.into_body();
+    if status != StatusCode::OK {
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
+    }
+    let mut file =
+        tokio::io::BufWriter::with_capacity(MOVE, tokio::fs::File::create(local).await.map_err(|e| e.to_string())?);
+    let mut received = 0u64;
+    loop {
+        let frame = match tokio::time::timeout(STALL_TIMEOUT, body.frame()).await {
+            Ok(Some(frame)) => frame.map_err(|e| format!("{e} after {received} bytes"))?,
+            Ok(None) => break,
+            Err(_) => return Err(format!("nothing received for {STALL_TIMEOUT:?} after {received} bytes")),
+        };
+        if let Ok(data) = frame.into_data() {
+            received += data.len() as u64;
+            file.write_all(&data).await.map_err(|e| e.to_string())?;
+        }
+    }
+    if length.is_some_and(|l| l != received) {
+        return Err(format!("the connection closed after {received} of {} bytes", length.unwrap_or_default()));
+    }
+    file.flush().await.map_err(|e| e.to_string())
 }
 
 /// Writes `head` and then the rest of the file's `length` bytes from `socket` into a new file
