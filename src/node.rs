@@ -11,7 +11,6 @@ use axum::http::StatusCode;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tonic::transport::server::TcpIncoming;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
@@ -468,8 +467,7 @@ fn serve(
             Ok(())
         }));
     }
-    // Tonic does not apply these to a listener it did not bind (socket activation).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE));
+    let incoming = crate::security::silent::speaking(listener, TCP_KEEPALIVE);
     let (reporter, health) = tonic_health::server::health_reporter();
     let mut builder = tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
     if kind == ServiceKind::Client

@@ -4,7 +4,7 @@
 //! exports - is fed random and mutated input (proptest, seeded from the checked-in corpus under
 //! `fuzz/corpus/`). Nothing may panic, and every rejection must say what was wrong.
 //!
-//! Each target runs for `FUZZ_SECONDS` (default 5; `.ci/run` gives each 30) in batches of 256
+//! Each target runs for `FUZZ_SECONDS` (default 5; `.ci/run` gives each 60) in batches of 256
 //! cases with seeds derived from the target's name, the batch number and `FUZZ_SEED` (default
 //! 0), so a failure names the batch that reproduces it. The README gives the longer run.
 
@@ -113,7 +113,7 @@ fn named(error: &str) -> Result<(), TestCaseError> {
 }
 
 #[test]
-fn configuration_files() {
+fn fuzz_configuration_files() {
     use polars_node::config::layout::{Resolution, plan_with};
     let mut seeds = corpus("config");
     seeds.push(std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("images/node.toml")).unwrap());
@@ -131,7 +131,7 @@ fn configuration_files() {
 }
 
 #[test]
-fn environment_overrides() {
+fn fuzz_environment_overrides() {
     let base = String::from_utf8(corpus("config")[0].clone()).unwrap();
     let key = prop_oneof![
         prop::sample::select(polars_node::config::all_key_paths()).prop_map(|k| k.replace('.', "__")),
@@ -159,7 +159,7 @@ fn environment_overrides() {
 }
 
 #[test]
-fn address_forms() {
+fn fuzz_address_forms() {
     use polars_node::config::address::Address;
     let seeds: Vec<Vec<u8>> = corpus("addresses")[0].split(|b| *b == b'\n').map(|l| l.to_vec()).collect();
     fuzz("address", inputs(seeds, 64), |bytes| {
@@ -177,7 +177,7 @@ fn address_forms() {
 }
 
 #[test]
-fn submitted_plans() {
+fn fuzz_submitted_plans() {
     use polars_node::scheduler::queries::{Policy, WorkerBounds, judge_plan};
     use polars_node_engine::python::PythonPlan;
     // Quiet: plans that trip a Polars assertion are caught (and named) by the engine's guard,
@@ -209,7 +209,7 @@ fn submitted_plans() {
 }
 
 #[test]
-fn shuffle_requests() {
+fn fuzz_shuffle_requests() {
     use axum::body::Body;
     use axum::http::Request;
     use polars_node::worker::shuffle::ShuffleStore;
@@ -264,7 +264,7 @@ fn shuffle_requests() {
 }
 
 #[test]
-fn rest_api_requests() {
+fn fuzz_rest_api_requests() {
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt as _;
@@ -309,7 +309,7 @@ fn rest_api_requests() {
 }
 
 #[test]
-fn otlp_exports() {
+fn fuzz_otlp_exports() {
     use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
     use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;

@@ -142,6 +142,39 @@ impl Layout {
     }
 }
 
+/// Under a cluster CA, peers check that this node's certificate names the host they dial:
+/// say so now when it does not name a service's public address (or its specific bind address).
+fn check_certificate_names(
+    tls: &crate::security::cluster::ClusterTls,
+    endpoints: &[Endpoint],
+    problems: &mut Vec<String>,
+) {
+    for endpoint in endpoints {
+        if !matches!(endpoint.kind, ServiceKind::Worker | ServiceKind::Task | ServiceKind::Shuffle | ServiceKind::Otlp)
+        {
+            continue;
+        }
+        let host = match &endpoint.public {
+            Some(Address { host: Host::Ip(ip), .. }) => ip.to_string(),
+            Some(Address { host: Host::Name(name), .. }) => name.clone(),
+            Some(_) => continue, // an interface's address is known at start only
+            None if endpoint.bind.ip().is_unspecified() => continue,
+            None => endpoint.bind.ip().to_string(),
+        };
+        if let Err(why) = tls.names(&host) {
+            problems.push(format!(
+                "internal.tls.certificate_key_file does not name {host}, where other nodes reach the {} (`{}`): {why}; \
+                 give the certificate a subject alternative name for it",
+                endpoint.kind.title(),
+                match endpoint.public {
+                    Some(_) => format!("{}.public_addr", endpoint.kind.key()),
+                    None => format!("{}.bind_addr", endpoint.kind.key()),
+                }
+            ));
+        }
+    }
+}
+
 /// How addresses are resolved while planning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolution {
@@ -281,10 +314,15 @@ pub fn plan_with(config: &Config, resolution: Resolution) -> Result<Layout, Vec<
     }
     // The token and key files are runtime secrets: read here (before anything binds), not when
     // a configuration is checked offline (a Nix build has no secrets).
-    if resolution == Resolution::Here
-        && let Err(e) = crate::security::cluster::Credentials::load(&config.internal)
-    {
-        problems.push(e);
+    if resolution == Resolution::Here {
+        match crate::security::cluster::Credentials::load(&config.internal) {
+            Ok(credentials) => {
+                if let Some(tls) = &credentials.tls {
+                    check_certificate_names(tls, &endpoints, &mut problems);
+                }
+            }
+            Err(e) => problems.push(e),
+        }
     }
     if s.checkpoint.as_ref().and_then(|c| c.period).is_some_and(|p| p.0.is_zero()) {
         problems.push(

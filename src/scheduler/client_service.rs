@@ -5,7 +5,6 @@ use std::pin::Pin;
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use uuid::Uuid;
 
 use crate::proto::EngineChoice;
 use crate::proto::client::client_service_server::ClientService;
@@ -34,11 +33,10 @@ impl ClientApi {
         ClientApi { queries, deny_anonymous_users }
     }
 
-    fn query(&self, id: Option<QueryId>) -> Result<std::sync::Arc<Query>, Status> {
-        let text = id.map(|q| q.query_id).unwrap_or_default();
-        let uuid =
-            Uuid::parse_str(&text).map_err(|_| Status::invalid_argument(format!("`{text}` is not a query id")))?;
-        self.queries.get(&uuid).ok_or_else(|| Status::not_found(format!("no query {uuid} on this cluster")))
+    /// The query a call names, if its caller may address it (see `Queries::find`).
+    fn query<T>(&self, request: &Request<T>, id: Option<&QueryId>) -> Result<std::sync::Arc<Query>, Status> {
+        let text = id.map(|q| q.query_id.as_str()).unwrap_or_default();
+        self.queries.find(text.as_bytes(), header(request, "x-polars-user"))
     }
 }
 
@@ -106,7 +104,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<GetQueryResultRequest>,
     ) -> Result<Response<GetQueryResultResponse>, Status> {
-        let query = self.query(request.into_inner().query_id)?;
+        let query = self.query(&request, request.get_ref().query_id.as_ref())?;
         // Long poll: the client holds the call open until the query is terminal.
         let mut watch = query.watch();
         let status = *watch.wait_for(|s| s.is_terminal()).await.map_err(|_| Status::internal("query state lost"))?;
@@ -163,7 +161,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<GetQueryStatusRequest>,
     ) -> Result<Response<StatusStream>, Status> {
-        let query = self.query(request.into_inner().query_id)?;
+        let query = self.query(&request, request.get_ref().query_id.as_ref())?;
         tracing::debug!(query = %query.id, status = ?query.status(), "GetQueryStatus");
         // A `.collect()` client reads this stream until RUNNING or SUCCESS, then asks Flight for
         // the result; a failure after RUNNING would reach it as a transport error rather than
@@ -178,7 +176,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<GetQueryPlansRequest>,
     ) -> Result<Response<GetQueryPlansResponse>, Status> {
-        let query = self.query(request.into_inner().query_id)?;
+        let query = self.query(&request, request.get_ref().query_id.as_ref())?;
         let outcome = query.outcome();
         // A split query's optimized plan is already known from planning; otherwise the plan is
         // read and optimized here.
@@ -209,7 +207,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<CancelQueryRequest>,
     ) -> Result<Response<CancelQueryResponse>, Status> {
-        let query = self.query(request.into_inner().query_id)?;
+        let query = self.query(&request, request.get_ref().query_id.as_ref())?;
         self.queries.cancel(&query).await;
         Ok(Response::new(CancelQueryResponse {}))
     }
@@ -218,7 +216,7 @@ impl ClientService for ClientApi {
         &self,
         request: Request<DeleteQueryResultRequest>,
     ) -> Result<Response<DeleteQueryResultResponse>, Status> {
-        let query = self.query(request.into_inner().query_id)?;
+        let query = self.query(&request, request.get_ref().query_id.as_ref())?;
         self.queries
             .delete_result(&query)
             .await

@@ -16,7 +16,6 @@ use arrow_flight::{
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
-use uuid::Uuid;
 
 use crate::proto::FetchResultRequest;
 use crate::scheduler::queries::Queries;
@@ -34,11 +33,10 @@ impl FlightApi {
         FlightApi { queries }
     }
 
-    fn query(&self, id: &[u8]) -> Result<std::sync::Arc<Query>, Status> {
-        let text = String::from_utf8_lossy(id);
-        let uuid =
-            Uuid::parse_str(&text).map_err(|_| Status::invalid_argument(format!("`{text}` is not a query id")))?;
-        self.queries.get(&uuid).ok_or_else(|| Status::not_found(format!("no query {uuid} on this cluster")))
+    /// The query a ticket or descriptor names, if its caller may address it (see `Queries::find`).
+    fn query<T>(&self, request: &Request<T>, id: &[u8]) -> Result<std::sync::Arc<Query>, Status> {
+        let user = request.metadata().get("x-polars-user").and_then(|v| v.to_str().ok());
+        self.queries.find(id, user)
     }
 }
 
@@ -61,9 +59,9 @@ impl FlightService for FlightApi {
     type ListActionsStream = BoxStream<ActionType>;
 
     async fn poll_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
-        let descriptor = request.into_inner();
+        let descriptor = request.get_ref();
         let id = descriptor.path.first().map(|p| p.as_bytes().to_vec()).unwrap_or_else(|| descriptor.cmd.to_vec());
-        let query = self.query(&id)?;
+        let query = self.query(&request, &id)?;
         tracing::debug!(query = %query.id, status = ?query.status(), "PollFlightInfo");
         let mut watch = query.watch();
         let status = tokio::time::timeout(POLL_WAIT, watch.wait_for(|s| s.is_terminal()))
@@ -75,7 +73,7 @@ impl FlightService for FlightApi {
             // Still running: the descriptor tells the client to poll again.
             None => Ok(Response::new(PollInfo {
                 info: Some(FlightInfo { flight_descriptor: Some(descriptor.clone()), ..Default::default() }),
-                flight_descriptor: Some(descriptor),
+                flight_descriptor: Some(descriptor.clone()),
                 progress: Some(0.0),
                 expiration_time: None,
             })),
@@ -83,7 +81,7 @@ impl FlightService for FlightApi {
                 let outcome = query.outcome();
                 let info = FlightInfo {
                     schema: Bytes::from(outcome.flight_schema),
-                    flight_descriptor: Some(descriptor),
+                    flight_descriptor: Some(descriptor.clone()),
                     endpoint: vec![FlightEndpoint {
                         ticket: Some(Ticket { ticket: Bytes::from(query.id.to_string()) }),
                         location: Vec::new(),
@@ -110,7 +108,7 @@ impl FlightService for FlightApi {
     }
 
     async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
-        let query = self.query(&request.into_inner().ticket)?;
+        let query = self.query(&request, &request.get_ref().ticket)?;
         if query.status() != QState::Success {
             return Err(Status::failed_precondition("the query has no result to read"));
         }

@@ -42,6 +42,15 @@ pub struct WorkerBounds {
     pub default_partitions_per_worker: Option<u32>,
 }
 
+/// Unknown ids and other users' queries get the same answer.
+fn not_found(id: &Uuid) -> tonic::Status {
+    tonic::Status::not_found(format!("no query {id} on this cluster for this caller"))
+}
+
+/// More partitions than this per worker only multiply files and tasks (and a hostile client
+/// could ask for 2^32 of them).
+const MAX_PARTITIONS_PER_WORKER: u32 = 4096;
+
 /// What the scheduler allows queries to do (`[scheduler]` keys of the same names).
 #[derive(Debug, Clone, Copy)]
 pub struct Policy {
@@ -87,6 +96,32 @@ impl Queries {
             store,
         };
         Queries { inner: Arc::new(inner) }
+    }
+
+    /// The query a client call (client service or Flight) names by `id`, its text. The id is
+    /// the capability: random (122 bits) and told only to the submitting client, and an unknown
+    /// id gets the same answer as another user's query, so no call tells which ids exist. A
+    /// caller that names a user (`x-polars-user`) must name the query's own; the official
+    /// client leaves the name off some calls (the status stream, Flight), so a call without one
+    /// is judged by the id alone.
+    pub fn find(&self, id: &[u8], caller: Option<&str>) -> Result<Arc<Query>, tonic::Status> {
+        let query = self.find_any(id)?;
+        match (&query.submission.user, caller.filter(|u| !u.trim().is_empty())) {
+            (Some(owner), Some(caller)) if caller != owner => {
+                info!(query = %query.id, owner = %owner, caller = %caller, "a call for another user's query was refused");
+                Err(not_found(&query.id))
+            }
+            _ => Ok(query),
+        }
+    }
+
+    fn find_any(&self, id: &[u8]) -> Result<Arc<Query>, tonic::Status> {
+        let text = String::from_utf8_lossy(id);
+        let uuid = Uuid::parse_str(&text).map_err(|_| {
+            let shown: String = text.chars().take(64).collect();
+            tonic::Status::invalid_argument(format!("`{shown}` is not a query id"))
+        })?;
+        self.get(&uuid).ok_or_else(|| not_found(&uuid))
     }
 
     /// A query by id: running ones are in memory, finished ones are read back from the query
@@ -175,13 +210,17 @@ impl Queries {
             ended: std::sync::OnceLock::new(),
         });
         self.record(&query, &plan);
-        self.inner.queries.lock().unwrap().insert(id, query.clone());
         match read {
+            // A refused query lives in the table only (`get` reads it back when its client
+            // asks): a flood of unreadable plans costs no memory.
             Err(message) => {
                 info!(query = %id, "query refused: {message}");
                 query.fail(message);
             }
-            Ok(_) => self.start(query.clone()),
+            Ok(_) => {
+                self.inner.queries.lock().unwrap().insert(id, query.clone());
+                self.start(query.clone())
+            }
         }
         query
     }
@@ -543,6 +582,12 @@ impl Queries {
             (0..live.len().min(max as usize)).map(|i| live[(start + i) % live.len()].instance_id.clone()).collect();
         let per_worker =
             distribution.partitions_per_worker.or(bounds.default_partitions_per_worker).unwrap_or(1).max(1);
+        if per_worker > MAX_PARTITIONS_PER_WORKER {
+            return Err(format!(
+                "InvalidOperationError: the query asks for {per_worker} partitions per worker, and this cluster plans at most \
+                 {MAX_PARTITIONS_PER_WORKER}; ask for fewer (`.distributed(partitions_per_worker=...)`)"
+            ));
+        }
         let limits = Limits {
             max_tasks: workers.len() * per_worker as usize,
             broadcast_limit: distribution.broadcast_limit,

@@ -156,6 +156,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The node's TLS material under the cluster CA (`internal.tls`).
 pub struct ClusterTls {
     ca_pem: Vec<u8>,
+    /// This node's own certificate (the first of its chain).
+    certificate: CertificateDer<'static>,
     identity: Identity,
     /// For the shuffle service (HTTP, served without tonic): client certificates required.
     pub server: Arc<rustls::ServerConfig>,
@@ -230,6 +232,7 @@ impl ClusterTls {
             .with_single_cert(certs.clone(), key.clone_key())
             .map_err(mismatch)?;
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let certificate = certs[0].clone();
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
@@ -238,11 +241,20 @@ impl ClusterTls {
             .map_err(mismatch)?;
         client.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(ClusterTls {
+            certificate,
             identity: Identity::from_pem(cert_pem, key_pem),
             ca_pem,
             server: Arc::new(server),
             client: Arc::new(client),
         })
+    }
+
+    /// Whether this node's certificate names `host` (a DNS name or an IP address), as a peer
+    /// dialing it there checks.
+    pub fn names(&self, host: &str) -> Result<(), String> {
+        let name = ClusterTls::server_name(&format!("{host}:0"))?;
+        let certificate = webpki::EndEntityCert::try_from(&self.certificate).map_err(|e| e.to_string())?;
+        certificate.verify_is_valid_for_subject_name(&name).map_err(|e| format!("{e:?}"))
     }
 
     fn tonic_client(&self) -> ClientTlsConfig {

@@ -171,6 +171,7 @@ def test_broken_tls_files_stop_the_node_before_it_binds_naming_the_key(tmp_path,
     other_cert, other_key = ca.node("other", ["127.0.0.1"])
     stranger_cert, stranger_key = ClusterCA(tmp_path / "stranger").node("node", ["127.0.0.1"])
     expired_cert, expired_key = ca.node("expired", ["127.0.0.1"], days=-1)
+    elsewhere_cert, elsewhere_key = ca.node("elsewhere", ["10.9.9.9"])
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
     cases = [
@@ -180,6 +181,7 @@ def test_broken_tls_files_stop_the_node_before_it_binds_naming_the_key(tmp_path,
         (ca.ca_file, cert, other_key, "internal.tls.certificate_key_file and internal.tls.private_key_file do not belong together"),
         (ca.ca_file, stranger_cert, stranger_key, 'internal.tls.certificate_key_file = "{cert}" is not accepted under the cluster CA (internal.tls.ca_file): BadSignature (the CA did not sign it)'),
         (ca.ca_file, expired_cert, expired_key, "is not accepted under the cluster CA (internal.tls.ca_file): certificate expired"),
+        (ca.ca_file, elsewhere_cert, elsewhere_key, "internal.tls.certificate_key_file does not name 127.0.0.1, where other nodes reach the scheduler worker service (`scheduler.worker_service.bind_addr`)"),
     ]
     for ca_file, cert_file, key_file, message in cases:
         client, worker = free_port(), free_port()
