@@ -295,3 +295,46 @@ def test_500_idle_or_stalled_connections_do_not_starve_a_query(target):
         for s in held:
             s.close()
     real_query(target)
+
+
+def test_readers_that_stop_reading_hold_only_their_own_streams(target):
+    """A Flight reader that takes one message of a large result and then reads no more, and
+    peers that ask a worker for a large shuffle file and never read it: flow control holds
+    their streams where they are, and a distributed query (with a shuffle through that worker)
+    still completes alongside them."""
+    addr = target.uri.removeprefix("http://")
+    plan = pl.LazyFrame().select(pl.int_range(0, 5_000_000).alias("a")).sink_ipc("<flight>", lazy=True).serialize()
+    flight = _field(10, b"")  # sink_options.flight: the result is read over Flight
+    submit = _field(1, _field(1, 1) + _field(2, b"") + flight) + _field(2, plan)
+    channel = grpc.insecure_channel(addr)
+    answer = channel.unary_unary(CLIENT + "SubmitQuery")(submit, timeout=60)
+    query_id = query_id_of(answer)
+    result = channel.unary_unary(CLIENT + "GetQueryResult")(_field(1, _field(1, query_id)), timeout=120)
+    assert top_fields(result)[3][0] == 3, result[:300]
+    stream = channel.unary_stream(FLIGHT + "DoGet")(_field(1, query_id), timeout=300)
+    next(stream)  # the first message, then nothing more is read
+
+    token = (target.root / "cluster-token").read_text().strip()
+    big = target.root / "hw-2" / "shuffle" / "q-stalled" / "hw-2" / "0-0" / "0.arrow"
+    big.parent.mkdir(parents=True, exist_ok=True)
+    big.write_bytes(os.urandom(64 << 20))
+    host, port = shuffle_addr(target, "hw-2").split(":")
+    stalled = []
+    for _ in range(20):
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(
+            f"GET /v1/shuffle?path={big} HTTP/1.1\r\nHost: {host}\r\nx-polars-node-token: {token}\r\n"
+            "Connection: upgrade\r\nUpgrade: polars-node-shuffle\r\n\r\n".encode()
+        )
+        stalled.append(s)
+    try:
+        started = time.time()
+        real_query(target)
+        assert time.time() - started < 60
+    finally:
+        stream.cancel()
+        channel.close()
+        for s in stalled:
+            s.close()
+    real_query(target)
