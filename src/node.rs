@@ -275,9 +275,16 @@ pub async fn run(
     }
     background.spawn(notify::watchdog());
 
+    // The OTLP receiver stops last: this node's own monitoring flushes into it on the way out.
+    let (receiver_stop_tx, receiver_stop_rx) = watch::channel(false);
     let mut servers = JoinSet::new();
+    let mut receiver_running = false;
     for (kind, listener) in listeners.0 {
-        let shutdown = stopped(stop_rx.clone());
+        receiver_running |= kind == ServiceKind::Otlp;
+        let shutdown = match kind {
+            ServiceKind::Otlp => stopped(receiver_stop_rx.clone()),
+            _ => stopped(stop_rx.clone()),
+        };
         let serve = serve(kind, listener, roles.clone(), ready_rx.clone(), shutdown)?;
         servers.spawn(async move { (kind, serve.await) });
     }
@@ -351,6 +358,7 @@ pub async fn run(
             _ = sigint.recv() => { info!("SIGINT received"); break }
             Some(done) = servers.join_next() => {
                 let (kind, result) = done.expect("server task");
+                receiver_running &= kind != ServiceKind::Otlp;
                 failure = Some(match result {
                     Err(e) => format!("the {} failed: {e:#}", kind.title()),
                     Ok(()) => format!("the {} stopped unexpectedly", kind.title()),
@@ -360,14 +368,18 @@ pub async fn run(
         }
     }
 
+    // Stopping, in order: the servers but the OTLP receiver (letting in-flight work finish),
+    // then this node's monitoring (its last spans and metrics, possibly into this node's own
+    // receiver), then the receiver, then the observatory's export.
     notify::stopping();
     stop_tx.send_replace(true);
     let graceful = async {
         if let Some(w) = worker_loop {
             let _ = w.await;
         }
-        while let Some(done) = servers.join_next().await {
-            if let Ok((kind, Err(e))) = done {
+        // All but the receiver (which has not been told to stop yet).
+        while servers.len() > usize::from(receiver_running) {
+            if let Some(Ok((kind, Err(e)))) = servers.join_next().await {
                 warn!("{} ended with an error while stopping: {e:#}", kind.title());
             }
         }
@@ -377,12 +389,14 @@ pub async fn run(
         warn!("in-flight work did not finish within shutdown_timeout ({}); stopping anyway", config.shutdown_timeout);
     }
     background.abort_all();
-    if let Some((store, path)) = export {
-        export_database(&store, &path).await;
-    }
     if let Some(m) = monitoring {
         // Flushes what is buffered; bounded by the exporters' timeouts.
         let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
+    }
+    receiver_stop_tx.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while servers.join_next().await.is_some() {} }).await;
+    if let Some((store, path)) = export {
+        export_database(&store, &path).await;
     }
     match failure {
         Some(f) => {

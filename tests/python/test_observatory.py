@@ -388,3 +388,44 @@ def test_an_unreachable_observatory_costs_a_warning_not_an_error(tmp_path):
         assert all(p.poll() is None for p in c.procs.values()), "a node stopped"
     finally:
         c.stop()
+
+
+def test_a_node_with_the_observatory_and_monitoring_stops_cleanly_with_its_last_spans(tmp_path):
+    """As Polars' Ray launcher configures the scheduler: scheduler, observatory and monitoring
+    in one node. On SIGTERM the node flushes its own monitoring into its receiver before that
+    stops: the last query's scheduler spans (still buffered) reach the database, the log has no
+    warning, and the stop is quick."""
+    import signal
+    import sqlite3
+
+    c = Cluster(tmp_path)
+    otlp, rest = free_port("127.0.0.1"), free_port("127.0.0.1")
+    export = tmp_path / "export" / "copy.db"
+    c.start_scheduler(
+        tables=f'[observatory]\nenabled = true\nservice.bind_addr = "127.0.0.1:{otlp}"\n'
+        f'rest_api.service.bind_addr = "127.0.0.1:{rest}"\ndatabase_path = "{tmp_path}/o.db"\n'
+        f'database_export = "{export}"\n[monitoring]\nenabled = true\n'
+        f'[static_leader]\nobservatory_service.public_addr = "127.0.0.1:{otlp}"'
+    )
+    c.start_worker("worker-s", "127.0.0.2")
+    try:
+        c.wait_for_workers(["worker-s"])
+        running = pl.LazyFrame({"a": [1, 2, 3]}).select(pl.col("a").sum()).remote(pc.ClusterContext(uri=c.uri)).execute(blocking=False)
+        running.await_result()
+        query_id = str(running._query_id)
+        scheduler = c.procs["scheduler"]
+        started = time.time()
+        scheduler.send_signal(signal.SIGTERM)
+        assert scheduler.wait(timeout=30) == 0
+        took = time.time() - started
+        print(f"stopped in {took:.2f} s")
+        assert took < 5, took
+        log = (tmp_path / "scheduler.log").read_text()
+        after = log[log.index("SIGTERM received"):]
+        assert " WARN " not in after and " ERROR " not in after, after
+        spans = sqlite3.connect(export).execute(
+            "SELECT name FROM spans WHERE query_id = ? AND instance = 'scheduler'", (query_id,)
+        ).fetchall()
+        assert spans, "the scheduler's spans of the last query were lost"
+    finally:
+        c.stop()
