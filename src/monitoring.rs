@@ -83,6 +83,8 @@ pub fn start(
     let metrics = Quiet::new(metrics, "host metrics", observatory_addr);
     let reader = PeriodicReader::builder(metrics).with_interval(METRICS_INTERVAL).build();
     let meter = SdkMeterProvider::builder().with_resource(resource).with_reader(reader).build();
+    // The scheduler's scaling metrics are registered on the global meter.
+    opentelemetry::global::set_meter_provider(meter.clone());
     if host.enabled {
         register_host_metrics(&meter, host);
     }

@@ -114,6 +114,10 @@ impl Roles {
                     max_workers_per_query: scheduler.max_workers_per_query,
                     default_partitions_per_worker: scheduler.default_partitions_per_worker,
                 },
+                worker_wait: match config.scaling.enabled {
+                    true => config.scaling.registration_timeout.0,
+                    false => crate::scheduler::workers::WORKER_WAIT,
+                },
             };
             Queries::new(r.clone(), policy, root, store, checkpoint_period, credentials.clone())
         });
@@ -270,7 +274,10 @@ pub async fn run(
         // Queries an earlier run of the scheduler left: served, run, resumed or failed.
         queries.restore();
         if let Some(period) = checkpoint_period(&config) {
-            background.spawn(queries.write_checkpoints(period));
+            background.spawn(queries.clone().write_checkpoints(period));
+        }
+        if config.scaling.enabled {
+            background.spawn(crate::scheduler::scaling::run(queries, config.scaling.clone()));
         }
     }
     background.spawn(notify::watchdog());

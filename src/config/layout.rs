@@ -306,6 +306,26 @@ pub fn plan_with(config: &Config, resolution: Resolution) -> Result<Layout, Vec<
     if w.enabled && w.heartbeat_period.0.is_zero() {
         problems.push("`worker.heartbeat_period` must be longer than zero".to_string());
     }
+    let scaling = &config.scaling;
+    if scaling.enabled && s.enabled {
+        if s.default_workers_per_query.is_none() {
+            problems.push(
+                "`scaling.enabled` needs `scheduler.default_workers_per_query`: how many workers a query that names \
+                 none asks the scaler for"
+                    .to_string(),
+            );
+        }
+        match url::Url::parse(&scaling.rest.uri) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            _ => problems.push(format!(
+                "`scaling.rest.uri` = {:?} is not an http:// or https:// URL of the scaler",
+                scaling.rest.uri
+            )),
+        }
+        if scaling.idle_timeout.0.is_zero() || scaling.registration_timeout.0.is_zero() {
+            problems.push("`scaling.idle_timeout` and `scaling.registration_timeout` must be longer than zero".into());
+        }
+    }
     if s.max_task_attempts == 0 {
         problems.push("`scheduler.max_task_attempts` must be at least 1".to_string());
     }

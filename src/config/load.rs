@@ -245,7 +245,6 @@ fn not_yet_implemented(c: &Config) -> Vec<String> {
         }
     };
     check(c.license.is_some(), "license");
-    check(c.scaling.is_some(), "scaling");
     check(c.lineage.is_some(), "lineage");
     check(c.cpu_reserved.is_some(), "cpu_reserved");
     let s = &c.scheduler;

@@ -60,9 +60,10 @@ pub struct Config {
     pub static_leader: StaticLeaderConfig,
     /// Who may call the ports between the nodes (worker service, task service, shuffle service).
     pub internal: InternalConfig,
-    /// Autoscaling hooks of Polars on-premises; accepted, not implemented.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scaling: Option<Opaque>,
+    /// Autoscaling: the scheduler asks a scaler (Polars' Ray launcher, or any service speaking
+    /// its REST protocol) for workers when queries need more than are live, and releases
+    /// workers that stay idle.
+    pub scaling: ScalingConfig,
     /// OpenLineage export of Polars on-premises; accepted, not implemented.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lineage: Option<Opaque>,
@@ -86,7 +87,7 @@ impl Default for Config {
             monitoring: MonitoringConfig::default(),
             static_leader: StaticLeaderConfig::default(),
             internal: InternalConfig::default(),
-            scaling: None,
+            scaling: ScalingConfig::default(),
             lineage: None,
         }
     }
@@ -201,6 +202,45 @@ pub struct InternalTlsConfig {
     pub certificate_key_file: PathBuf,
     /// This node's private key (PEM).
     pub private_key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScalingConfig {
+    /// Drive the scaler at `rest.uri` (the scheduler node only). Needs
+    /// `scheduler.default_workers_per_query`.
+    pub enabled: bool,
+    /// Where the scaler serves `GET /scale_config` and `POST /scale_to`.
+    pub rest: ScalingRestConfig,
+    /// A worker that has run no task for this long, and holds nothing a running query still
+    /// needs, is released (never below the scaler's minimum).
+    pub idle_timeout: ConfigDuration,
+    /// How long a query waits for the workers it asked the scaler for to register.
+    pub registration_timeout: ConfigDuration,
+}
+
+impl Default for ScalingConfig {
+    fn default() -> Self {
+        ScalingConfig {
+            enabled: false,
+            rest: ScalingRestConfig::default(),
+            idle_timeout: ConfigDuration(std::time::Duration::from_secs(60)),
+            registration_timeout: ConfigDuration(std::time::Duration::from_secs(120)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScalingRestConfig {
+    /// Base URL of the scaler (what Polars' Ray launcher renders).
+    pub uri: String,
+}
+
+impl Default for ScalingRestConfig {
+    fn default() -> Self {
+        ScalingRestConfig { uri: "http://127.0.0.1:4001".into() }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, DocumentedFields)]

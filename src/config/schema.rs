@@ -34,6 +34,7 @@ impl Schema for Config {
             "monitoring" => MonitoringConfig::section(),
             "static_leader" => StaticLeaderConfig::section(),
             "internal" => InternalConfig::section(),
+            "scaling" => ScalingConfig::section(),
             _ => return None,
         })
     }
@@ -82,6 +83,12 @@ impl Schema for InternalConfig {
     }
 }
 impl Schema for InternalTlsConfig {}
+impl Schema for ScalingConfig {
+    fn child(field: &str) -> Option<Section> {
+        (field == "rest").then(ScalingRestConfig::section)
+    }
+}
+impl Schema for ScalingRestConfig {}
 impl Schema for StaticLeaderConfig {
     fn child(field: &str) -> Option<Section> {
         matches!(field, "scheduler_service" | "observatory_service").then(PublicAddrConfig::section)

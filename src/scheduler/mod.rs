@@ -5,6 +5,7 @@ pub mod flight;
 pub mod queries;
 pub mod query;
 pub mod registry;
+pub mod scaling;
 pub mod stages;
 pub mod store;
 pub mod workers;

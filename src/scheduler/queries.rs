@@ -59,6 +59,9 @@ pub struct Policy {
     pub allow_local_scans: bool,
     pub allow_local_sinks: bool,
     pub bounds: WorkerBounds,
+    /// How long a query waits for the workers it needs: `workers::WORKER_WAIT`, or
+    /// `scaling.registration_timeout` when a scaler starts them.
+    pub worker_wait: Duration,
 }
 
 #[derive(Clone)]
@@ -502,6 +505,7 @@ impl Queries {
     }
 
     async fn run_on(&self, query: &Query, worker: &WorkerInfo) -> Result<Outcome, tonic::Status> {
+        let _running = self.inner.workers.running_on(&worker.instance_id);
         let mut client = self.inner.workers.task_client(&worker.task_addr)?;
         let target = query.result_target();
         let request = RunTaskRequest {
@@ -832,6 +836,16 @@ impl Queries {
     }
 
     /// The cluster's workers as queries use them.
+    /// Workers that took part in a query still running: they may hold outputs it needs.
+    pub fn workers_in_use(&self) -> std::collections::HashSet<String> {
+        let queries: Vec<Arc<Query>> = self.inner.queries.lock().unwrap().values().cloned().collect();
+        queries
+            .iter()
+            .filter(|q| !q.status().is_terminal())
+            .flat_map(|q| q.participants.lock().unwrap().iter().map(|w| w.instance_id.clone()).collect::<Vec<_>>())
+            .collect()
+    }
+
     pub fn workers(&self) -> &Workers {
         &self.inner.workers
     }

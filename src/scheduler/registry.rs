@@ -22,6 +22,8 @@ const REACHABILITY_TIMEOUT: Duration = Duration::from_secs(3);
 struct Member {
     info: WorkerInfo,
     alive: bool,
+    /// Being released to the scaler: alive, but given no new work.
+    draining: bool,
     last_heartbeat: Instant,
     registrations: u64,
 }
@@ -59,9 +61,26 @@ impl Registry {
         self.live.subscribe()
     }
 
-    /// The live workers, in a stable order.
+    /// The live workers that take new work (not being released), in a stable order.
     pub fn live_worker_infos(&self) -> Vec<WorkerInfo> {
-        self.members.lock().unwrap().values().filter(|m| m.alive).map(|m| m.info.clone()).collect()
+        self.members.lock().unwrap().values().filter(|m| m.alive && !m.draining).map(|m| m.info.clone()).collect()
+    }
+
+    /// Whether `instance_id` is alive (heartbeating), taking new work or being released.
+    pub fn is_alive(&self, instance_id: &str) -> bool {
+        self.members.lock().unwrap().get(instance_id).is_some_and(|m| m.alive)
+    }
+
+    /// Stops (or resumes, `draining = false`) giving new work to these workers while the
+    /// scaler releases them.
+    pub fn set_draining(&self, instance_ids: &[String], draining: bool) {
+        let mut members = self.members.lock().unwrap();
+        for id in instance_ids {
+            if let Some(m) = members.get_mut(id) {
+                m.draining = draining;
+            }
+        }
+        self.publish(&members);
     }
 
     /// Marks a worker lost at once (its task service stopped answering). If it is in fact
@@ -112,7 +131,7 @@ impl Registry {
     }
 
     fn publish(&self, members: &BTreeMap<String, Member>) {
-        let live = members.values().filter(|m| m.alive).count();
+        let live = members.values().filter(|m| m.alive && !m.draining).count();
         self.live.send_if_modified(|n| std::mem::replace(n, live) != live);
     }
 
@@ -169,12 +188,14 @@ impl Membership for Registry {
         let member = members.entry(info.instance_id.clone()).or_insert_with(|| Member {
             info: info.clone(),
             alive: false,
+            draining: false,
             last_heartbeat: Instant::now(),
             registrations: 0,
         });
         let was_alive = member.alive;
         member.info = info.clone();
         member.alive = true;
+        member.draining = false;
         member.last_heartbeat = Instant::now();
         member.registrations += 1;
         info!(

@@ -503,6 +503,7 @@ impl<'a> StageRun<'a> {
             ],
         );
         self.query.note_participant(worker);
+        let _running = self.cluster.running_on(&worker.instance_id);
         let started = Instant::now();
         let result = match self.cluster.task_client(&worker.task_addr) {
             // Given up when the worker is declared lost, even if its connection stays open (a

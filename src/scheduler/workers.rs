@@ -2,9 +2,9 @@
 //! one connection per worker's task service, waits for workers, and how often a task may fail.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -19,8 +19,8 @@ use crate::scheduler::queries::Policy;
 use crate::scheduler::query::{Attempts, Query};
 use crate::scheduler::registry::Registry;
 
-/// How long a query waits for a live worker before it fails.
-const WORKER_WAIT: Duration = Duration::from_secs(30);
+/// How long a query waits for a live worker before it fails (without a scaler).
+pub const WORKER_WAIT: Duration = Duration::from_secs(30);
 /// How long a suspected worker has to answer a health check on a fresh connection.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
@@ -36,6 +36,13 @@ struct Inner {
     allow_local: (bool, bool),
     /// One HTTP/2 connection per worker task service, shared by all queries.
     clients: Mutex<HashMap<String, TaskConnection>>,
+    /// Per worker: tasks running there, and when the last one ended (for releasing idle ones).
+    activity: Mutex<HashMap<String, Activity>>,
+    /// Worker counts that waiting queries need (what the scaler is asked for), by waiter.
+    demand: Mutex<HashMap<u64, u32>>,
+    next_waiter: AtomicU64,
+    /// How long a query waits for workers: longer when a scaler is starting them.
+    worker_wait: Duration,
     /// `[internal]`: carried by every call to a worker.
     credentials: Credentials,
     next_worker: AtomicUsize,
@@ -48,7 +55,7 @@ impl Workers {
     pub(crate) async fn lost(&self, instance_id: &str) {
         let mut live = self.inner.registry.live_workers();
         loop {
-            if !self.inner.registry.live_worker_infos().iter().any(|w| w.instance_id == instance_id) {
+            if !self.inner.registry.is_alive(instance_id) {
                 return;
             }
             if live.changed().await.is_err() {
@@ -63,6 +70,10 @@ impl Workers {
             max_task_attempts: policy.max_task_attempts,
             allow_local: (policy.allow_local_scans, policy.allow_local_sinks),
             clients: Mutex::default(),
+            activity: Mutex::default(),
+            demand: Mutex::default(),
+            next_waiter: AtomicU64::new(0),
+            worker_wait: policy.worker_wait,
             credentials,
             next_worker: AtomicUsize::new(0),
         };
@@ -92,9 +103,13 @@ impl Workers {
         can_run: &(dyn Fn(&WorkerInfo) -> bool + Sync),
     ) -> Option<WorkerInfo> {
         let mut live = self.inner.registry.live_workers();
-        let deadline = tokio::time::Instant::now() + WORKER_WAIT;
+        let deadline = tokio::time::Instant::now() + self.inner.worker_wait;
+        let mut waiting = None;
         loop {
             let mut workers = self.inner.registry.live_worker_infos();
+            if workers.is_empty() {
+                waiting.get_or_insert_with(|| Demand::new(self, 1)); // for the scaler
+            }
             workers.retain(|w| can_run(w));
             if workers.iter().any(|w| !avoid.contains(&w.instance_id)) {
                 workers.retain(|w| !avoid.contains(&w.instance_id));
@@ -111,20 +126,46 @@ impl Workers {
     /// The live workers once there are at least `min`, or an error naming the shortfall after
     /// a bounded wait.
     pub(crate) async fn wait_for_workers(&self, min: u32) -> Result<Vec<WorkerInfo>, String> {
-        let deadline = tokio::time::Instant::now() + WORKER_WAIT;
+        let deadline = tokio::time::Instant::now() + self.inner.worker_wait;
         let mut changed = self.inner.registry.live_workers();
+        let mut waiting = None;
         loop {
             let live = self.inner.registry.live_worker_infos();
             if live.len() >= min as usize {
                 return Ok(live);
             }
+            // Known to the scaling loop while it waits (dropped with the guard).
+            waiting.get_or_insert_with(|| Demand::new(self, min));
             if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
                 return Err(format!(
                     "ComputeError: the query needs at least {min} live worker(s) and {} are live (waited {}s); start more workers or ask for fewer (n_workers)",
                     live.len(),
-                    WORKER_WAIT.as_secs()
+                    self.inner.worker_wait.as_secs()
                 ));
             }
+        }
+    }
+
+    /// The most workers any waiting query needs (0 when none waits).
+    pub(crate) fn demand(&self) -> u32 {
+        self.inner.demand.lock().unwrap().values().copied().max().unwrap_or(0)
+    }
+
+    /// Counts a task running on `instance_id` until the returned guard is dropped.
+    pub(crate) fn running_on(&self, instance_id: &str) -> Running {
+        let mut activity = self.inner.activity.lock().unwrap();
+        let a = activity.entry(instance_id.to_string()).or_insert(Activity { running: 0, last: Instant::now() });
+        a.running += 1;
+        Running { workers: self.clone(), instance_id: instance_id.to_string() }
+    }
+
+    /// How long `instance_id` has run no task: None while one runs; since `otherwise` when it
+    /// never ran one.
+    pub(crate) fn idle_for(&self, instance_id: &str, otherwise: Instant) -> Option<Duration> {
+        match self.inner.activity.lock().unwrap().get(instance_id) {
+            Some(a) if a.running > 0 => None,
+            Some(a) => Some(a.last.elapsed()),
+            None => Some(otherwise.elapsed()),
         }
     }
     pub(crate) fn registry(&self) -> &Registry {
@@ -164,6 +205,46 @@ impl Workers {
             .max_decoding_message_size(256 << 20);
         workers.insert(addr.to_string(), client.clone());
         Ok(client)
+    }
+}
+
+struct Activity {
+    running: usize,
+    last: Instant,
+}
+
+/// A task running on a worker (see `Workers::running_on`).
+pub(crate) struct Running {
+    workers: Workers,
+    instance_id: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(a) = self.workers.inner.activity.lock().unwrap().get_mut(&self.instance_id) {
+            a.running -= 1;
+            a.last = Instant::now();
+        }
+    }
+}
+
+/// A query waiting for `count` workers (see `Workers::demand`).
+struct Demand {
+    workers: Workers,
+    id: u64,
+}
+
+impl Demand {
+    fn new(workers: &Workers, count: u32) -> Demand {
+        let id = workers.inner.next_waiter.fetch_add(1, Ordering::Relaxed);
+        workers.inner.demand.lock().unwrap().insert(id, count);
+        Demand { workers: workers.clone(), id }
+    }
+}
+
+impl Drop for Demand {
+    fn drop(&mut self) {
+        self.workers.inner.demand.lock().unwrap().remove(&self.id);
     }
 }
 
