@@ -25,6 +25,7 @@ use crate::proto::membership_server::MembershipServer;
 use crate::proto::task_server::TaskServer;
 use crate::scheduler::client_service::ClientApi;
 use crate::scheduler::flight::FlightApi;
+use crate::scheduler::lineage::Lineage;
 use crate::scheduler::queries::{Policy, Queries, WorkerBounds};
 use crate::scheduler::registry::Registry;
 use crate::scheduler::store::QueryStore;
@@ -119,7 +120,8 @@ impl Roles {
                     false => crate::scheduler::workers::WORKER_WAIT,
                 },
             };
-            Queries::new(r.clone(), policy, root, store, checkpoint_period, credentials.clone())
+            let lineage = config.lineage.as_ref().map(|l| Lineage::start(l, &config.cluster_id));
+            Queries::new(r.clone(), policy, root, store, checkpoint_period, credentials.clone(), lineage)
         });
         let checkpoint = match (&config.worker.checkpoint_location, config.worker.enabled) {
             (Some(location), true) => Some(Checkpoint::open(location).map_err(anyhow::Error::msg)?),

@@ -306,6 +306,11 @@ pub fn plan_with(config: &Config, resolution: Resolution) -> Result<Layout, Vec<
     if w.enabled && w.heartbeat_period.0.is_zero() {
         problems.push("`worker.heartbeat_period` must be longer than zero".to_string());
     }
+    if let Some(endpoint) = config.lineage.as_ref().and_then(|l| l.transport.http.as_ref()).map(|h| &h.endpoint)
+        && !url::Url::parse(endpoint).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+    {
+        problems.push(format!("`lineage.transport.http.endpoint` = {endpoint:?} is not an http:// or https:// URL"));
+    }
     let scaling = &config.scaling;
     if scaling.enabled && s.enabled {
         if s.default_workers_per_query.is_none() {

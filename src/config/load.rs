@@ -245,7 +245,6 @@ fn not_yet_implemented(c: &Config) -> Vec<String> {
         }
     };
     check(c.license.is_some(), "license");
-    check(c.lineage.is_some(), "lineage");
     check(c.cpu_reserved.is_some(), "cpu_reserved");
     let s = &c.scheduler;
     check(!s.anonymous_result_location.is_local(), "scheduler.anonymous_result_location");

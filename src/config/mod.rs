@@ -64,9 +64,10 @@ pub struct Config {
     /// its REST protocol) for workers when queries need more than are live, and releases
     /// workers that stay idle.
     pub scaling: ScalingConfig,
-    /// OpenLineage export of Polars on-premises; accepted, not implemented.
+    /// OpenLineage run events for every query (START, COMPLETE, FAIL, ABORT), with the
+    /// datasets it reads and writes; sent by the scheduler. Unset: none.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub lineage: Option<Opaque>,
+    pub lineage: Option<LineageConfig>,
 }
 
 impl Default for Config {
@@ -202,6 +203,45 @@ pub struct InternalTlsConfig {
     pub certificate_key_file: PathBuf,
     /// This node's private key (PEM).
     pub private_key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, DocumentedFields)]
+#[serde(deny_unknown_fields, default)]
+pub struct LineageConfig {
+    /// Where events go: `http`, `stdio`, or both.
+    pub transport: LineageTransportConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, DocumentedFields)]
+#[serde(deny_unknown_fields, default)]
+pub struct LineageTransportConfig {
+    /// POSTed as JSON to an OpenLineage HTTP endpoint (Marquez: `http://host:5000/api/v1/lineage`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<LineageHttpConfig>,
+    /// Written as one JSON line each to the scheduler's standard output or error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdio: Option<LineageStdioConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
+#[serde(deny_unknown_fields)]
+pub struct LineageHttpConfig {
+    /// The URL events are POSTed to.
+    pub endpoint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]
+#[serde(deny_unknown_fields)]
+pub struct LineageStdioConfig {
+    /// `"stdout"` or `"stderr"`.
+    pub output_stream: OutputStream,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, DocumentedFields)]

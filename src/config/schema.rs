@@ -35,6 +35,7 @@ impl Schema for Config {
             "static_leader" => StaticLeaderConfig::section(),
             "internal" => InternalConfig::section(),
             "scaling" => ScalingConfig::section(),
+            "lineage" => LineageConfig::section(),
             _ => return None,
         })
     }
@@ -89,6 +90,22 @@ impl Schema for ScalingConfig {
     }
 }
 impl Schema for ScalingRestConfig {}
+impl Schema for LineageConfig {
+    fn child(field: &str) -> Option<Section> {
+        (field == "transport").then(LineageTransportConfig::section)
+    }
+}
+impl Schema for LineageTransportConfig {
+    fn child(field: &str) -> Option<Section> {
+        Some(match field {
+            "http" => LineageHttpConfig::section(),
+            "stdio" => LineageStdioConfig::section(),
+            _ => return None,
+        })
+    }
+}
+impl Schema for LineageHttpConfig {}
+impl Schema for LineageStdioConfig {}
 impl Schema for StaticLeaderConfig {
     fn child(field: &str) -> Option<Section> {
         matches!(field, "scheduler_service" | "observatory_service").then(PublicAddrConfig::section)

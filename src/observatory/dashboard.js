@@ -121,8 +121,16 @@ async function nodesPage() {
   const since = (Date.now() - 15 * 60e3) * 1e6;
   const cards = await Promise.all(nodes.map(async (n) => {
     const series = async (name) => (await api(`/api/v1/metrics?node=${encodeURIComponent(n.node)}&name=${name}&since_ns=${since}`)).points;
-    const [cpu, mem] = await Promise.all([series("host.cpu.utilization"), series("host.memory.used")]);
-    return panel(n.node, chart("CPU", cpu, (v) => `${(v * 100).toFixed(0)} %`), chart("Memory used", mem, (v) => `${(v / 2 ** 30).toFixed(2)} GiB`));
+    const [cpu, mem, live, asked] = await Promise.all([
+      series("host.cpu.utilization"), series("host.memory.used"),
+      series("polars.scaling.live_workers"), series("polars.scaling.desired_workers"),
+    ]);
+    const charts = [chart("CPU", cpu, (v) => `${(v * 100).toFixed(0)} %`), chart("Memory used", mem, (v) => `${(v / 2 ** 30).toFixed(2)} GiB`)];
+    // A scheduler with [scaling] on: its workers, and what it last asked the scaler for.
+    if (live.length || asked.length) {
+      charts.push(chart("Workers live (autoscaling)", live, (v) => `${v}`), chart("Workers asked of the scaler", asked, (v) => `${v}`));
+    }
+    return panel(n.node, ...charts);
   }));
   return el("div", { class: "grid", id: "nodes" }, ...cards);
 }

@@ -200,18 +200,30 @@ async fn metric_points(
     Ok(Json(json!({ "points": points })))
 }
 
-/// Prometheus text exposition of the observatory's own figures.
+/// Prometheus text exposition of the observatory's own figures, and the latest autoscaling
+/// figures each scheduler reported (`polars.scaling.*`, one sample per node).
 async fn prometheus(State(store): State<Store>) -> Result<String, Response> {
-    let (spans, points, bytes) = blocking(move || {
+    let (spans, points, bytes, scaling) = blocking(move || {
         let (spans, points) = store.counts();
-        Ok((spans, points, store.metric_bytes()))
+        Ok((spans, points, store.metric_bytes(), store.latest("polars.scaling.")?))
     })
     .await?;
-    Ok(format!(
+    let mut text = format!(
         "# HELP polars_observatory_spans Spans stored.\n# TYPE polars_observatory_spans gauge\npolars_observatory_spans {spans}\n\
          # HELP polars_observatory_metric_points Metric points stored.\n# TYPE polars_observatory_metric_points gauge\npolars_observatory_metric_points {points}\n\
          # HELP polars_observatory_metric_bytes Bytes of stored metric points (bounded by max_metrics_bytes_total).\n# TYPE polars_observatory_metric_bytes gauge\npolars_observatory_metric_bytes {bytes}\n"
-    ))
+    );
+    let mut typed = std::collections::BTreeSet::new();
+    for (node, name, value) in scaling {
+        let metric = name.replace('.', "_");
+        if typed.insert(metric.clone()) {
+            let kind = if metric.ends_with("_requests") { "counter" } else { "gauge" };
+            text.push_str(&format!("# TYPE {metric} {kind}\n"));
+        }
+        let node = node.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        text.push_str(&format!("{metric}{{node=\"{node}\"}} {value}\n"));
+    }
+    Ok(text)
 }
 
 /// The dashboard, compiled into the binary: it works offline and needs no build step.

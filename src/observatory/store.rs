@@ -233,6 +233,20 @@ impl Store {
         rows.collect()
     }
 
+    /// The latest value of every metric whose name starts with `prefix`, per node and name
+    /// (summed over attribute sets at that time, as counters with labels arrive).
+    pub fn latest(&self, prefix: &str) -> rusqlite::Result<Vec<(String, String, f64)>> {
+        let db = self.db.lock().unwrap();
+        let mut stmt = db.prepare(
+            "SELECT m.node, m.name, SUM(m.value) FROM metrics m
+             JOIN (SELECT node, name, MAX(time_ns) AS t FROM metrics WHERE substr(name, 1, length(?1)) = ?1
+                   GROUP BY node, name) l ON m.node = l.node AND m.name = l.name AND m.time_ns = l.t
+             GROUP BY m.node, m.name ORDER BY m.node, m.name",
+        )?;
+        let rows = stmt.query_map(params![prefix], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect()
+    }
+
     pub fn counts(&self) -> (i64, i64) {
         let db = self.db.lock().unwrap();
         let spans = db.query_row("SELECT COUNT(*) FROM spans", [], |r| r.get(0)).unwrap_or(0);

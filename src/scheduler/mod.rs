@@ -2,6 +2,7 @@
 
 pub mod client_service;
 pub mod flight;
+pub mod lineage;
 pub mod queries;
 pub mod query;
 pub mod registry;

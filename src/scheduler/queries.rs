@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::proto::{CancelTaskRequest, EngineChoice, RunTaskRequest, WorkerInfo, run_task_response::Outcome};
+use crate::scheduler::lineage::Lineage;
 use crate::scheduler::query::{HEAD_ROWS, Query, StageStats, Status, Submission};
 use crate::scheduler::registry::Registry;
 use crate::scheduler::stages::StageRun;
@@ -78,6 +79,8 @@ struct Inner {
     store: QueryStore,
     /// Finished stages of running split queries, when checkpoints are on.
     checkpoints: Option<Checkpointer>,
+    /// OpenLineage events of every query (`[lineage]`).
+    lineage: Option<Lineage>,
 }
 
 impl Queries {
@@ -89,9 +92,11 @@ impl Queries {
         store: QueryStore,
         checkpoint_period: Option<Duration>,
         credentials: crate::security::cluster::Credentials,
+        lineage: Option<Lineage>,
     ) -> Self {
         let inner = Inner {
             workers: Workers::new(registry, &policy, credentials),
+            lineage,
             policy,
             result_root,
             queries: Mutex::default(),
@@ -213,6 +218,9 @@ impl Queries {
             ended: std::sync::OnceLock::new(),
         });
         self.record(&query, &plan);
+        if let Some(lineage) = &self.inner.lineage {
+            lineage.follow(query.clone(), plan.clone());
+        }
         match read {
             // A refused query lives in the table only (`get` reads it back when its client
             // asks): a flood of unreadable plans costs no memory.

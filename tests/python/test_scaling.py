@@ -160,6 +160,8 @@ def test_a_cluster_with_no_workers_grows_for_a_query_and_releases_idle_workers(t
             url = f"http://127.0.0.1:{rest}/api/v1/metrics?node=scheduler&name={name}"
             return [p["value"] for p in json.load(urllib.request.urlopen(url, timeout=10))["points"]]
         wait_until(lambda: 2 in points("polars.scaling.desired_workers") and points("polars.scaling.requests"), 30, "no scaling metrics", c.logs)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{rest}/metrics", timeout=10).read().decode()
+        assert 'polars_scaling_live_workers{node="scheduler"}' in metrics and "# TYPE polars_scaling_requests counter" in metrics, metrics
         # A query still runs on the worker that was kept.
         assert_frame_equal(q.remote(pc.ClusterContext(uri=c.uri)).execute().lazy().collect(), q.collect())
     finally:

@@ -242,6 +242,36 @@ impl Plan {
         found
     }
 
+    /// The datasets the plan reads and writes (for lineage): every scan's sources and every
+    /// sink's target, as written (paths or URLs), each with its schema where Polars can tell
+    /// it here (a scan's schema is read from the files' metadata: unknown when this host
+    /// cannot read them). The result placeholders of `execute()`/`collect()` are not datasets.
+    pub fn datasets(&self) -> Datasets {
+        let mut found = Datasets::default();
+        let schema_of = |plan: &DslPlan| {
+            let schema = guard_panics(|| LazyFrame::from(plan.clone()).collect_schema()).ok()?;
+            Some(schema.iter().map(|(name, dtype)| (name.to_string(), dtype.to_string())).collect::<Vec<_>>())
+        };
+        walk(&self.query, &mut |plan| match plan {
+            DslPlan::Scan { sources: ScanSources::Paths(paths), .. } => {
+                let schema = schema_of(plan);
+                found
+                    .inputs
+                    .extend(paths.iter().map(|p| Dataset { url: p.as_str().to_string(), schema: schema.clone() }));
+            }
+            DslPlan::Sink { input, payload } => {
+                let url = match payload {
+                    SinkType::File(FileSinkOptions { target: SinkTarget::Path(p), .. }) => p.as_str().to_string(),
+                    SinkType::Partitioned(opts) => opts.base_path.as_str().to_string(),
+                    _ => return,
+                };
+                found.outputs.push(Dataset { url, schema: schema_of(input) });
+            }
+            _ => {}
+        });
+        found
+    }
+
     /// The optimized logical plan as text (`plan("ir")`, `explain()`).
     pub fn explain(&self, optimization_flags: Option<u32>) -> PolarsResult<String> {
         self.lazy(optimization_flags).explain(true)
@@ -418,6 +448,21 @@ fn first_ipc_message(path: &Path) -> PolarsResult<Vec<u8>> {
     let mut message = vec![0u8; len];
     File::open(path)?.read_exact(&mut message)?;
     Ok(message)
+}
+
+/// What a plan reads and writes (see `Plan::datasets`).
+#[derive(Debug, Default, Clone)]
+pub struct Datasets {
+    pub inputs: Vec<Dataset>,
+    pub outputs: Vec<Dataset>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// A path or URL, as the plan names it.
+    pub url: String,
+    /// Column names and Polars types, where known.
+    pub schema: Option<Vec<(String, String)>>,
 }
 
 /// Local file-system paths a plan touches.
