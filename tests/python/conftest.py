@@ -142,6 +142,14 @@ scheduler_service.public_addr = "127.0.0.1:1"
             time.sleep(0.2)
         raise TimeoutError(f"workers {names} did not register: {self.live_workers()}\n{self.logs()}")
 
+    def wait_for_log(self, name: str, text: str, timeout: float = 20) -> str:
+        """Waits until node `name`'s log says `text`; the log."""
+        deadline = time.time() + timeout
+        while text not in (log := (self.root / f"{name}.log").read_text()):
+            assert time.time() < deadline, f"{name}'s log never said {text!r}:\n{log[-4000:]}"
+            time.sleep(0.1)
+        return log
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.root.glob("*.log")))
 

@@ -152,11 +152,7 @@ def test_a_worker_of_another_ca_cannot_register(tls_cluster, tmp_path):
         tls_cluster.start_worker("rogue", "127.0.0.63")
     finally:
         tls_cluster.internal = saved
-    log = tls_cluster.root / "rogue.log"
-    deadline = time.time() + 20
-    while "accept registration: invalid peer certificate: UnknownIssuer" not in log.read_text():
-        assert time.time() < deadline, log.read_text()
-        time.sleep(0.1)
+    tls_cluster.wait_for_log("rogue", "accept registration: invalid peer certificate: UnknownIssuer")
     assert tls_cluster.live_workers() == sorted(WORKERS)
     tls_cluster.procs.pop("rogue").kill()
     assert "rogue" not in (tls_cluster.root / "scheduler.log").read_text()

@@ -45,12 +45,8 @@ def test_a_worker_without_the_token_cannot_register(token_cluster):
         token_cluster.start_worker("rogue", "127.0.0.57")
     finally:
         token_cluster.token_file = saved
-    log = token_cluster.root / "rogue.log"
-    deadline = time.time() + 20
-    while "takes calls only from nodes of the cluster" not in log.read_text():
-        assert time.time() < deadline, log.read_text()
-        time.sleep(0.1)
-    assert "serve anyone who can reach them" in log.read_text()  # the rogue's own warning
+    log = token_cluster.wait_for_log("rogue", "takes calls only from nodes of the cluster")
+    assert "serve anyone who can reach them" in log  # the rogue's own warning
     assert token_cluster.live_workers() == ["kw-1", "kw-2"]
     token_cluster.procs.pop("rogue").kill()
 

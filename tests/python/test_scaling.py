@@ -182,8 +182,7 @@ def test_a_scaler_that_fails_or_does_not_answer_costs_a_warning(tmp_path, mode):
         with pytest.raises(pl.exceptions.ComputeError, match="needs at least 2 live worker"):
             q.remote(ctx).distributed(min_workers=2).execute()
         # A silent scaler is given up on after 10 s; a warning either way.
-        log = lambda: (tmp_path / "scheduler.log").read_text()  # noqa: E731
-        wait_until(lambda: "queries run on the workers there are" in log(), 30, "no warning", log)
+        c.wait_for_log("scheduler", "queries run on the workers there are", timeout=30)
         assert c.live_workers() == ["static-1"]
         assert_frame_equal(q.remote(ctx).execute().lazy().collect(), q.collect())
     finally:
