@@ -186,13 +186,13 @@ fn a_real_unimplemented_key_warns_and_the_node_starts() {
         "scheduler",
         dir.path(),
         &format!(
-            "[scheduler]\nenabled = true\nclient_service.bind_addr = \"127.0.0.1:{client}\"\n\
-             worker_service.bind_addr = \"127.0.0.1:{worker}\"\n[lineage.transport.http]\nendpoint = \"http://x\"\n"
+            "cpu_reserved = 1\n[scheduler]\nenabled = true\nclient_service.bind_addr = \"127.0.0.1:{client}\"\n\
+             worker_service.bind_addr = \"127.0.0.1:{worker}\"\n"
         ),
     );
     node.wait_log("node ready", Duration::from_secs(10));
     let log = node.log();
-    assert_eq!(log.matches("`lineage` is accepted but not implemented yet").count(), 1, "{log}");
+    assert_eq!(log.matches("`cpu_reserved` is accepted but not implemented yet").count(), 1, "{log}");
 }
 
 #[test]

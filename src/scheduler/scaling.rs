@@ -27,7 +27,9 @@ use opentelemetry::KeyValue;
 use tracing::{info, warn};
 
 use crate::config::ScalingConfig;
+use crate::proto::WorkerInfo;
 use crate::scheduler::queries::Queries;
+use crate::scheduler::workers::Workers;
 
 const CHECK_PERIOD: Duration = Duration::from_secs(1);
 /// A scale-up request not yet answered by registrations is repeated after this long.
@@ -99,35 +101,56 @@ struct Published {
 
 /// Runs the scaling loop for `queries`' workers until dropped.
 pub async fn run(queries: Queries, config: ScalingConfig) {
-    let scaler = Scaler::new(&config.rest.uri);
-    let published = Arc::new(Mutex::new(Published::default()));
-    let requests = publish(published.clone());
     info!(scaler = %config.rest.uri, idle_timeout = %config.idle_timeout, "autoscaling on");
+    let published = Arc::new(Mutex::new(Published::default()));
+    let mut scaling = Loop {
+        scaler: Scaler::new(&config.rest.uri),
+        requests: publish(published.clone()),
+        published,
+        queries,
+        idle_timeout: config.idle_timeout.0,
+        first_seen: HashMap::new(),
+        released: HashMap::new(),
+        asked: None,
+        last_warning: None,
+    };
     let mut tick = tokio::time::interval(CHECK_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut first_seen: HashMap<String, Instant> = HashMap::new();
-    let mut released: HashMap<String, Instant> = HashMap::new();
-    let mut asked: Option<(u32, Instant)> = None;
-    let mut last_warning: Option<Instant> = None;
-    let mut trouble = |what: String| {
-        if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-            last_warning = Some(Instant::now());
-            warn!("{what}; queries run on the workers there are");
-        }
-    };
     loop {
         tick.tick().await;
-        let workers = queries.workers();
+        scaling.step().await;
+    }
+}
+
+/// The scaling loop's memory between checks.
+struct Loop {
+    scaler: Scaler,
+    queries: Queries,
+    idle_timeout: Duration,
+    published: Arc<Mutex<Published>>,
+    requests: opentelemetry::metrics::Counter<u64>,
+    /// When each live worker was first seen (idle since then if it never ran a task).
+    first_seen: HashMap<String, Instant>,
+    /// Workers named to the scaler for release, and when.
+    released: HashMap<String, Instant>,
+    /// The last scale-up request: how many workers, when.
+    asked: Option<(u32, Instant)>,
+    last_warning: Option<Instant>,
+}
+
+impl Loop {
+    async fn step(&mut self) {
+        let workers = self.queries.workers().clone();
         let registry = workers.registry();
         let live = registry.live_worker_infos();
         let now = Instant::now();
-        first_seen.retain(|id, _| registry.is_alive(id));
+        self.first_seen.retain(|id, _| registry.is_alive(id));
+        workers.forget_gone(|id| registry.is_alive(id));
         for w in &live {
-            first_seen.entry(w.instance_id.clone()).or_insert(now);
+            self.first_seen.entry(w.instance_id.clone()).or_insert(now);
         }
         // Released workers the scaler kept take work again.
-        let kept: Vec<String> = released
-            .iter()
+        let kept: Vec<String> = (self.released.iter())
             .filter(|(id, at)| at.elapsed() > RELEASE_GRACE && registry.is_alive(id))
             .map(|(id, _)| id.clone())
             .collect();
@@ -135,109 +158,120 @@ pub async fn run(queries: Queries, config: ScalingConfig) {
             warn!(workers = ?kept, "the scaler kept workers it was asked to release; they take work again");
             registry.set_draining(&kept, false);
         }
-        released.retain(|id, at| registry.is_alive(id) && at.elapsed() <= RELEASE_GRACE);
+        self.released.retain(|id, at| registry.is_alive(id) && at.elapsed() <= RELEASE_GRACE);
 
         let demand = workers.demand();
         {
-            let mut p = published.lock().unwrap();
+            let mut p = self.published.lock().unwrap();
             p.live = live.len() as u64;
             p.demand = demand as u64;
         }
         if demand as usize > live.len() {
-            if asked.is_some_and(|(n, at)| n >= demand && at.elapsed() < ASK_AGAIN) {
-                continue;
+            self.grow(demand, live.len()).await;
+        } else {
+            self.asked = None;
+            if demand == 0 {
+                self.release(&workers, &live).await; // never while a query waits
             }
-            let scale = match scaler.config().await {
-                Ok(c) => c,
-                Err(e) => {
-                    trouble(format!(
-                        "a query needs {demand} workers and {} are live, but the scaler did not answer: {e}",
-                        live.len()
-                    ));
-                    continue;
-                }
-            };
-            note(&published, &scale);
-            let amount = scale.max.map_or(demand, |max| demand.min(max));
-            if scale.max.is_some_and(|max| max < demand) {
-                warn!(needed = demand, max = scale.max, "a query needs more workers than the scaler allows");
-            }
-            if amount > scale.available || amount > scale.desired {
-                match scaler.scale_to(amount, &[]).await {
-                    Ok(()) => {
-                        info!(
-                            amount,
-                            live = live.len(),
-                            available = scale.available,
-                            needed = demand,
-                            "asked the scaler for more workers"
-                        );
-                        requests.add(1, &[KeyValue::new("direction", "up")]);
-                    }
-                    Err(e) => trouble(format!("the scaler refused to grow to {amount} workers: {e}")),
-                }
-            }
-            asked = Some((demand, now));
-            continue;
         }
-        asked = None;
-        if demand > 0 {
-            continue; // never release while a query waits
-        }
+    }
 
-        let in_use: HashSet<String> = queries.workers_in_use();
-        let idle: Vec<String> = live
-            .iter()
-            .map(|w| &w.instance_id)
-            .filter(|id| !in_use.contains(*id) && !released.contains_key(*id))
-            .filter(|id| workers.idle_for(id, first_seen[*id]).is_some_and(|d| d >= config.idle_timeout.0))
+    /// Asks the scaler for the `demand` workers a waiting query needs (`live` there are).
+    async fn grow(&mut self, demand: u32, live: usize) {
+        if self.asked.is_some_and(|(n, at)| n >= demand && at.elapsed() < ASK_AGAIN) {
+            return;
+        }
+        let scale = match self.scaler.config().await {
+            Ok(c) => c,
+            Err(e) => {
+                return self.trouble(format!(
+                    "a query needs {demand} workers and {live} are live, but the scaler did not answer: {e}"
+                ));
+            }
+        };
+        self.note(&scale);
+        let amount = scale.max.map_or(demand, |max| demand.min(max));
+        if scale.max.is_some_and(|max| max < demand) {
+            warn!(needed = demand, max = scale.max, "a query needs more workers than the scaler allows");
+        }
+        if amount > scale.available || amount > scale.desired {
+            match self.scaler.scale_to(amount, &[]).await {
+                Ok(()) => {
+                    info!(
+                        amount,
+                        live,
+                        available = scale.available,
+                        needed = demand,
+                        "asked the scaler for more workers"
+                    );
+                    self.requests.add(1, &[KeyValue::new("direction", "up")]);
+                }
+                Err(e) => self.trouble(format!("the scaler refused to grow to {amount} workers: {e}")),
+            }
+        }
+        self.asked = Some((demand, Instant::now()));
+    }
+
+    /// Releases the live workers idle for the idle timeout that no running query uses.
+    async fn release(&mut self, workers: &Workers, live: &[WorkerInfo]) {
+        let in_use: HashSet<String> = self.queries.workers_in_use();
+        let idle: Vec<String> = (live.iter().map(|w| &w.instance_id))
+            .filter(|id| !in_use.contains(*id) && !self.released.contains_key(*id))
+            .filter(|id| workers.idle_for(id, self.first_seen[*id]).is_some_and(|d| d >= self.idle_timeout))
             .cloned()
             .collect();
         if idle.is_empty() {
-            continue;
+            return;
         }
-        let scale = match scaler.config().await {
+        let scale = match self.scaler.config().await {
             Ok(c) => c,
             Err(e) => {
-                trouble(format!("{} workers are idle, but the scaler did not answer: {e}", idle.len()));
-                continue;
+                return self.trouble(format!("{} workers are idle, but the scaler did not answer: {e}", idle.len()));
             }
         };
-        note(&published, &scale);
+        self.note(&scale);
         let releasable = scale.available.saturating_sub(scale.min) as usize;
         let release: Vec<String> = idle.into_iter().take(releasable).collect();
         if release.is_empty() {
-            continue;
+            return;
         }
         // Drained first; a task that started meanwhile keeps its worker.
+        let registry = workers.registry();
         registry.set_draining(&release, true);
+        let now = Instant::now();
         let (release, busy): (Vec<String>, Vec<String>) =
             release.into_iter().partition(|id| workers.idle_for(id, now).is_some());
         registry.set_draining(&busy, false);
         if release.is_empty() {
-            continue;
+            return;
         }
         let amount = scale.available - release.len() as u32;
-        match scaler.scale_to(amount, &release).await {
+        match self.scaler.scale_to(amount, &release).await {
             Ok(()) => {
-                info!(workers = ?release, amount, idle_timeout = %config.idle_timeout, "released idle workers to the scaler");
-                requests.add(1, &[KeyValue::new("direction", "down")]);
-                for id in release {
-                    released.insert(id, now);
-                }
+                info!(workers = ?release, amount, idle_timeout = ?self.idle_timeout, "released idle workers to the scaler");
+                self.requests.add(1, &[KeyValue::new("direction", "down")]);
+                self.released.extend(release.into_iter().map(|id| (id, now)));
             }
             Err(e) => {
                 registry.set_draining(&release, false);
-                trouble(format!("the scaler refused to release idle workers {release:?}: {e}"));
+                self.trouble(format!("the scaler refused to release idle workers {release:?}: {e}"));
             }
         }
     }
-}
 
-fn note(published: &Mutex<Published>, scale: &ScaleConfig) {
-    let mut p = published.lock().unwrap();
-    p.available = scale.available as u64;
-    p.desired = scale.desired as u64;
+    fn note(&self, scale: &ScaleConfig) {
+        let mut p = self.published.lock().unwrap();
+        p.available = scale.available as u64;
+        p.desired = scale.desired as u64;
+    }
+
+    /// A warning, at most once a minute: the scaler failed.
+    fn trouble(&mut self, what: String) {
+        if self.last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            self.last_warning = Some(Instant::now());
+            warn!("{what}; queries run on the workers there are");
+        }
+    }
 }
 
 /// Registers the scaling metrics on this node's meter (exported when `[monitoring]` is on);

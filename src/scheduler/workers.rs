@@ -159,6 +159,11 @@ impl Workers {
         Running { workers: self.clone(), instance_id: instance_id.to_string() }
     }
 
+    /// Forgets the task activity of workers that are gone (autoscaling names new ones).
+    pub(crate) fn forget_gone(&self, alive: impl Fn(&str) -> bool) {
+        self.inner.activity.lock().unwrap().retain(|id, a| a.running > 0 || alive(id));
+    }
+
     /// How long `instance_id` has run no task: None while one runs; since `otherwise` when it
     /// never ran one.
     pub(crate) fn idle_for(&self, instance_id: &str, otherwise: Instant) -> Option<Duration> {
