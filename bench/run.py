@@ -8,6 +8,8 @@
 2. Shuffle throughput: one worker fetches a 1 GiB shuffle file from another worker's shuffle
    service, against raw TCP over loopback, both measured by `polars-node bench-shuffle`.
 3. Round trip of a trivial `execute()`: p50 / p99 over `--trips` runs.
+4. The scheduler at scale: `polars-node bench-scheduler` registers `--simulated-workers`
+   (10,000) workers that heartbeat every second; the scheduler process's CPU and RSS.
 
 Writes results.json, report.md and pdsh.png under bench/results/<time>/ and prints the report.
 """
@@ -191,6 +193,12 @@ def report(results) -> str:
     lines.append(f"Shuffle fetch {s['shuffle_MBps']:.0f} MB/s vs raw loopback TCP {s['tcp_MBps']:.0f} MB/s: {100 * s['ratio']:.0f}%")
     r = results["round_trip"]
     lines.append(f"Trivial execute() round trip over {r['trips']} runs: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
+    if (m := results.get("scheduler_load")):
+        lines.append(
+            f"Scheduler with {m['workers']} simulated workers heartbeating every second ({m['alive_at_end']} alive at the end): "
+            f"CPU {100 * m['scheduler_cpu_of_one_core']:.1f}% of one core (target < 10%), RSS {m['scheduler_rss_mib']:.0f} MiB "
+            f"(target < 200 MB), registering them took {m['registration_s']:.1f} s"
+        )
     return "\n".join(lines)
 
 
@@ -204,6 +212,7 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--worker-threads", type=int, help="POLARS_MAX_THREADS of each worker's engine (worker.env_vars)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache/polars-node/bench"))
+    ap.add_argument("--simulated-workers", type=int, default=10_000, help="membership load on one scheduler (0: skip)")
     args = ap.parse_args()
     out = HERE / "results" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
@@ -223,6 +232,11 @@ def main():
             results["round_trip"] = round_trips(ctx, args.trips)
         finally:
             cluster.stop()
+    if args.simulated_workers:
+        print(f"scheduler with {args.simulated_workers} simulated workers", flush=True)
+        out_load = subprocess.run([args.bin, "bench-scheduler", "--workers", str(args.simulated_workers), "--seconds", "20"],
+                                  capture_output=True, text=True, check=True)
+        results["scheduler_load"] = json.loads(out_load.stdout.strip().splitlines()[-1])
     (out / "results.json").write_text(json.dumps(results, indent=2))
     text = report(results)
     (out / "report.md").write_text(text + "\n")

@@ -80,6 +80,17 @@ enum Command {
         #[arg(long)]
         copy_to: Option<std::path::PathBuf>,
     },
+    /// Measure a scheduler under the membership load of a large cluster: simulated workers
+    /// register and heartbeat every second (the benchmark harness in bench/ runs it).
+    #[command(hide = true)]
+    BenchScheduler {
+        /// Simulated workers.
+        #[arg(long, default_value_t = 10_000)]
+        workers: usize,
+        /// Seconds of heartbeats measured.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// List the workers a scheduler knows, live or lost.
     Workers {
         /// The scheduler's worker service (or client service) address.
@@ -132,6 +143,13 @@ fn main() -> ExitCode {
                 .map_err(|e| e.to_string())
                 .and_then(|loaded| run_node(loaded, Some(banner)))
         }
+        Command::BenchScheduler { workers, seconds } => std::env::current_exe()
+            .map_err(|e| e.to_string())
+            .and_then(|exe| {
+                let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+                runtime.block_on(polars_node::scheduler::load::run(&exe, workers, seconds))
+            })
+            .map(|report| println!("{report}")),
         Command::Workers { scheduler, json, token_file, config_path } => {
             cluster_credentials(token_file, config_path, env()).and_then(|c| list_workers(&scheduler, json, c))
         }

@@ -214,3 +214,13 @@ fn json_logs() {
         assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
     }
 }
+
+#[test]
+fn the_scheduler_load_benchmark_keeps_its_simulated_workers_alive() {
+    let out = run(&["bench-scheduler", "--workers", "300", "--seconds", "2"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["alive_at_end"], 300, "{report}");
+    assert!(report["scheduler_cpu_of_one_core"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["scheduler_rss_mib"].as_f64().unwrap() > 1.0, "{report}");
+}

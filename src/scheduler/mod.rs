@@ -3,6 +3,7 @@
 pub mod client_service;
 pub mod flight;
 pub mod lineage;
+pub mod load;
 pub mod queries;
 pub mod query;
 pub mod registry;
