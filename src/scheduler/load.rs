@@ -8,9 +8,10 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 use tonic::transport::Endpoint;
 
@@ -75,55 +76,57 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64) -> Result<Value, Stri
         clients.push(MembershipClient::new(channel));
     }
 
-    // Registration, 64 at a time.
+    // Each simulated worker: registers (64 at a time), then heartbeats once a second (spread
+    // over the second) and registers again when the scheduler does not know it, as a worker
+    // does.
     let started = Instant::now();
-    let sessions: Vec<Result<String, String>> = futures_util::stream::iter(0..workers)
-        .map(|i| {
-            let mut client = clients[i % CONNECTIONS].clone();
-            async move {
-                let info = simulated(i, health_port);
-                client
-                    .register(RegisterRequest { worker: Some(info) })
-                    .await
-                    .map(|r| r.into_inner().scheduler_session)
-                    .map_err(|s| format!("worker {i}: {}", s.message()))
-            }
-        })
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    let session = sessions.into_iter().collect::<Result<Vec<_>, _>>()?.pop().unwrap_or_default();
-    let registration = started.elapsed();
-
-    // Heartbeats: each worker once a second, spread over the second.
+    let registering = Arc::new(tokio::sync::Semaphore::new(64));
+    let registered = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
     let mut beats = tokio::task::JoinSet::new();
-    for (c, client) in clients.iter().enumerate() {
-        let (client, session) = (client.clone(), session.clone());
-        let mine: Vec<String> = (c..workers).step_by(CONNECTIONS).map(|i| format!("sim-{i}")).collect();
+    for i in 0..workers {
+        let mut client = clients[i % CONNECTIONS].clone();
+        let (registering, registered, refused) = (registering.clone(), registered.clone(), refused.clone());
         beats.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            let mut unknown = 0u64;
+            let info = simulated(i, health_port);
+            let mut session = None;
+            let offset = Duration::from_millis((i * 1000 / workers.max(1)) as u64);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, Duration::from_secs(1));
             loop {
+                match &session {
+                    None => {
+                        let _permit = registering.acquire().await;
+                        match client.register(RegisterRequest { worker: Some(info.clone()) }).await {
+                            Ok(r) => {
+                                session = Some(r.into_inner().scheduler_session);
+                                registered.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(_) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Some(s) => {
+                        let request =
+                            HeartbeatRequest { instance_id: info.instance_id.clone(), scheduler_session: s.clone() };
+                        if !matches!(client.heartbeat(request).await.map(|r| r.into_inner().known), Ok(true)) {
+                            session = None; // lost or unknown: register again
+                        }
+                    }
+                }
                 tick.tick().await;
-                let round = Instant::now();
-                let calls: Vec<_> = (mine.iter())
-                    .map(|id| {
-                        let request = HeartbeatRequest { instance_id: id.clone(), scheduler_session: session.clone() };
-                        let mut client = client.clone();
-                        Box::pin(async move { client.heartbeat(request).await.map(|r| r.into_inner().known) })
-                    })
-                    .collect();
-                let answers: Vec<_> = futures_util::stream::iter(calls).buffer_unordered(32).collect().await;
-                unknown += answers.iter().filter(|a| !matches!(a, Ok(true))).count() as u64;
-                if round.elapsed() > Duration::from_secs(1) {
-                    tracing::warn!("a heartbeat round took {:?}", round.elapsed());
-                }
-                if unknown > 0 && unknown % 1000 == 1 {
-                    tracing::warn!("{unknown} heartbeats were not acknowledged");
-                }
             }
         });
     }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while registered.load(Ordering::Relaxed) < workers {
+        if Instant::now() > deadline {
+            return Err(format!("only {} of {workers} workers registered", registered.load(Ordering::Relaxed)));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let registration = started.elapsed();
+    let registrations_before = registered.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(2)).await; // past the registration burst
     let (cpu_before, at) = (cpu_ticks(pid)?, Instant::now());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
@@ -131,12 +134,16 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64) -> Result<Value, Stri
     let (rss, peak) = memory(pid)?;
     let listed = clients[0].list_workers(ListWorkersRequest {}).await.map_err(|s| s.message().to_string())?;
     let alive = listed.into_inner().workers.iter().filter(|w| w.state == WorkerState::Alive as i32).count();
+    // Registrations beyond the first of each worker: workers the scheduler lost meanwhile.
+    let registered_again = registered.load(Ordering::Relaxed) - registrations_before;
     beats.abort_all();
     drop(scheduler);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(json!({
         "workers": workers,
         "alive_at_end": alive,
+        "registered_again_while_measured": registered_again,
+        "registrations_refused": refused.load(Ordering::Relaxed),
         "registration_s": registration.as_secs_f64(),
         "heartbeats_per_s": workers,
         "scheduler_cpu_of_one_core": cpu,
