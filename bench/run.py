@@ -195,7 +195,8 @@ def report(results) -> str:
     lines.append(f"Trivial execute() round trip over {r['trips']} runs: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
     if (m := results.get("scheduler_load")):
         lines.append(
-            f"Scheduler with {m['workers']} simulated workers heartbeating every second ({m['alive_at_end']} alive at the end): "
+            f"Scheduler with {m['workers']} simulated workers heartbeating every second ({m['alive_at_end']} alive at the end, "
+            f"{m['heartbeats_acknowledged_per_s']:.0f} heartbeats/s acknowledged): "
             f"CPU {100 * m['scheduler_cpu_of_one_core']:.1f}% of one core (target < 10%), RSS {m['scheduler_rss_mib']:.0f} MiB "
             f"(target < 200 MB), registering them took {m['registration_s']:.1f} s"
         )

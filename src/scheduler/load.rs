@@ -83,10 +83,12 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64) -> Result<Value, Stri
     let registering = Arc::new(tokio::sync::Semaphore::new(64));
     let registered = Arc::new(AtomicUsize::new(0));
     let refused = Arc::new(AtomicUsize::new(0));
+    let acknowledged = Arc::new(AtomicUsize::new(0));
     let mut beats = tokio::task::JoinSet::new();
     for i in 0..workers {
         let mut client = clients[i % CONNECTIONS].clone();
         let (registering, registered, refused) = (registering.clone(), registered.clone(), refused.clone());
+        let acknowledged = acknowledged.clone();
         beats.spawn(async move {
             let info = simulated(i, health_port);
             let mut session = None;
@@ -109,8 +111,11 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64) -> Result<Value, Stri
                     Some(s) => {
                         let request =
                             HeartbeatRequest { instance_id: info.instance_id.clone(), scheduler_session: s.clone() };
-                        if !matches!(client.heartbeat(request).await.map(|r| r.into_inner().known), Ok(true)) {
-                            session = None; // lost or unknown: register again
+                        match client.heartbeat(request).await.map(|r| r.into_inner().known) {
+                            Ok(true) => {
+                                acknowledged.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => session = None, // lost or unknown: register again
                         }
                     }
                 }
@@ -128,9 +133,11 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64) -> Result<Value, Stri
     let registration = started.elapsed();
     let registrations_before = registered.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(2)).await; // past the registration burst
-    let (cpu_before, at) = (cpu_ticks(pid)?, Instant::now());
+    let (cpu_before, beats_before, at) = (cpu_ticks(pid)?, acknowledged.load(Ordering::Relaxed), Instant::now());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let cpu = (cpu_ticks(pid)? - cpu_before) as f64 / ticks_per_second() / at.elapsed().as_secs_f64();
+    let elapsed = at.elapsed().as_secs_f64();
+    let cpu = (cpu_ticks(pid)? - cpu_before) as f64 / ticks_per_second() / elapsed;
+    let beat_rate = (acknowledged.load(Ordering::Relaxed) - beats_before) as f64 / elapsed;
     let (rss, peak) = memory(pid)?;
     let listed = clients[0].list_workers(ListWorkersRequest {}).await.map_err(|s| s.message().to_string())?;
     let alive = listed.into_inner().workers.iter().filter(|w| w.state == WorkerState::Alive as i32).count();
@@ -145,7 +152,7 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64) -> Result<Value, Stri
         "registered_again_while_measured": registered_again,
         "registrations_refused": refused.load(Ordering::Relaxed),
         "registration_s": registration.as_secs_f64(),
-        "heartbeats_per_s": workers,
+        "heartbeats_acknowledged_per_s": beat_rate,
         "scheduler_cpu_of_one_core": cpu,
         "scheduler_rss_mib": rss as f64 / 1024.0,
         "scheduler_peak_rss_mib": peak as f64 / 1024.0,
