@@ -90,6 +90,10 @@ enum Command {
         /// Seconds of heartbeats measured.
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+        /// Then print the client service's address and time the dispatch of the first stage
+        /// of a query submitted there (the simulated workers hold its tasks, then fail them).
+        #[arg(long)]
+        dispatch: bool,
     },
     /// List the workers a scheduler knows, live or lost.
     Workers {
@@ -143,13 +147,16 @@ fn main() -> ExitCode {
                 .map_err(|e| e.to_string())
                 .and_then(|loaded| run_node(loaded, Some(banner)))
         }
-        Command::BenchScheduler { workers, seconds } => std::env::current_exe()
-            .map_err(|e| e.to_string())
-            .and_then(|exe| {
-                let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-                runtime.block_on(polars_node::scheduler::load::run(&exe, workers, seconds))
-            })
-            .map(|report| println!("{report}")),
+        Command::BenchScheduler { workers, seconds, dispatch } => {
+            raise_open_files_limit();
+            std::env::current_exe()
+                .map_err(|e| e.to_string())
+                .and_then(|exe| {
+                    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+                    runtime.block_on(polars_node::scheduler::load::run(&exe, workers, seconds, dispatch))
+                })
+                .map(|report| println!("{report}"))
+        }
         Command::Workers { scheduler, json, token_file, config_path } => {
             cluster_credentials(token_file, config_path, env()).and_then(|c| list_workers(&scheduler, json, c))
         }
@@ -181,6 +188,18 @@ fn check_config(path: &Path, no_resolve: bool, env: Vec<(String, String)>) -> Re
 
 /// Everything that can fail on bad input happens here, before the runtime and before any
 /// service serves: configuration, addresses, activated sockets, cgroup, binding.
+/// A scheduler holds a connection per worker (and a worker one per peer it fetches from):
+/// the soft limit on open files, often 1024, is raised to the hard limit the system allows.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(soft, hard, "cannot raise the limit on open files: {e}");
+    }
+}
+
 fn run_node(loaded: Loaded, banner: Option<String>) -> Result<(), String> {
     for w in &loaded.warnings {
         tracing::warn!("{w}");
@@ -189,6 +208,7 @@ fn run_node(loaded: Loaded, banner: Option<String>) -> Result<(), String> {
     let layout: Layout = layout::plan(&config).map_err(|p| config::ConfigErrors(p).to_string())?;
     // SAFETY: no thread has been started yet; the runtime is built below.
     let activated = unsafe { Activated::take_from_env() }?;
+    raise_open_files_limit();
     let cgroup = match config.memory_limit {
         Some(limit) => {
             let cg = MemoryCgroup::enter(limit)?;

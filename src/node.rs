@@ -382,6 +382,9 @@ pub async fn run(
     // receiver), then the receiver, then the observatory's export.
     notify::stopping();
     stop_tx.send_replace(true);
+    if let Some(registry) = &registry {
+        registry.stop_heartbeats();
+    }
     let graceful = async {
         if let Some(w) = worker_loop {
             let _ = w.await;

@@ -221,6 +221,7 @@ fn the_scheduler_load_benchmark_keeps_its_simulated_workers_alive() {
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["alive_at_end"], 300, "{report}");
+    assert!(report["heartbeats_per_s"].as_f64().unwrap() > 0.0, "{report}");
     assert!(report["scheduler_cpu_of_one_core"].as_f64().unwrap() > 0.0, "{report}");
     assert!(report["scheduler_rss_mib"].as_f64().unwrap() > 1.0, "{report}");
 }

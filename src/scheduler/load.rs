@@ -1,28 +1,43 @@
 //! The scheduler under the membership load of a large cluster (`polars-node bench-scheduler`,
 //! run by bench/run.sh): a real scheduler process, and N simulated workers that register and
-//! heartbeat every second. Each simulated worker advertises its own loopback address
-//! (127.0.x.y, one port), so the scheduler keeps one connection per worker as it would in a
-//! real cluster; one listener on every address answers their health checks (the scheduler
-//! probes a worker before it accepts it). Reports the scheduler's CPU (share of one core) and
-//! memory while the workers heartbeat, and how long registering them took.
+//! heartbeat every second. Each simulated worker has its own loopback address (127.x.y.z, one
+//! port): it connects from there, so the scheduler holds one connection per worker as in a real
+//! cluster, and advertises it, where one listener answers every worker's health check (the
+//! scheduler probes a worker before it accepts it). Reports the scheduler's CPU (share of one
+//! core) and memory while the workers heartbeat, and how long registering them took.
+//!
+//! With `dispatch`, the same listener serves the task service of every simulated worker: it
+//! notes when each RunTask arrives (and at which worker's address), holds it, and fails it
+//! once the stage's tasks have all arrived. The command prints `{"ready": CLIENT_URI}` and
+//! waits for a query (bench/run.py submits one with the official client, a stage of one task
+//! per worker) and then for its stdin to close; the report gives the arrival times, so the
+//! submitter measures planning and dispatch on its own clock.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status};
 
 use crate::proto::membership_client::MembershipClient;
-use crate::proto::{HeartbeatRequest, ListWorkersRequest, RegisterRequest, WorkerInfo, WorkerState};
+use crate::proto::run_task_response::Outcome;
+use crate::proto::task_server::{Task, TaskServer};
+use crate::proto::{
+    CancelTaskRequest, CancelTaskResponse, FetchResultRequest, HeartbeatRequest, ListWorkersRequest, RegisterRequest,
+    ReleaseQueryRequest, ReleaseQueryResponse, ResultChunk, RunTaskRequest, RunTaskResponse, TaskFailure, WorkerInfo,
+    WorkerState,
+};
 
-/// gRPC connections the simulated workers share (each carries many workers' calls).
-const CONNECTIONS: usize = 16;
+/// How long a dispatched stage may be quiet before its tasks count as all arrived.
+const STAGE_QUIET: Duration = Duration::from_secs(2);
 
-/// Runs the scheduler at `exe` with `workers` simulated workers for `seconds` of heartbeats.
-pub async fn run(exe: &Path, workers: usize, seconds: u64) -> Result<Value, String> {
+/// Runs the scheduler at `exe` with `workers` simulated workers for `seconds` of heartbeats,
+/// then, with `dispatch`, times the dispatch of a submitted query's first stage.
+pub async fn run(exe: &Path, workers: usize, seconds: u64, dispatch: bool) -> Result<Value, String> {
     let dir = std::env::temp_dir().join(format!("polars-node-bench-scheduler-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     // Health checks of every simulated worker's address.
@@ -30,21 +45,22 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64) -> Result<Value, Stri
     let health_port = health.local_addr().map_err(|e| e.to_string())?.port();
     let (reporter, service) = tonic_health::server::health_reporter();
     reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let tasks = SimulatedTasks::default();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
+            .add_service(TaskServer::new(tasks.clone()))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(health)),
     );
 
-    let worker_port = free_port()?;
+    let (worker_port, client_port) = (free_port()?, free_port()?);
     let config = dir.join("scheduler.toml");
     std::fs::write(
         &config,
         format!(
-            "instance_id = \"scheduler\"\n[scheduler]\nenabled = true\nclient_service.bind_addr = \"127.0.0.1:{}\"\n\
+            "instance_id = \"scheduler\"\n[scheduler]\nenabled = true\nclient_service.bind_addr = \"127.0.0.1:{client_port}\"\n\
              worker_service.bind_addr = \"127.0.0.1:{worker_port}\"\ndatabase_path = \"{}\"\n\
              anonymous_result_location.local.path = \"{}\"\n",
-            free_port()?,
             dir.join("queries.db").display(),
             dir.join("results").display()
         ),
@@ -63,63 +79,58 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64) -> Result<Value, Stri
     let pid = scheduler.0.id();
 
     let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{worker_port}")).map_err(|e| e.to_string())?;
-    let mut clients = Vec::new();
-    for _ in 0..CONNECTIONS {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let channel = loop {
-            match endpoint.connect().await {
-                Ok(channel) => break channel,
-                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-                Err(e) => return Err(format!("the scheduler does not answer: {e}")),
-            }
-        };
-        clients.push(MembershipClient::new(channel));
-    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut admin = loop {
+        match endpoint.connect().await {
+            Ok(channel) => break MembershipClient::new(channel),
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => return Err(format!("the scheduler does not answer: {e}")),
+        }
+    };
 
-    // Each simulated worker: registers (64 at a time), then heartbeats once a second (spread
-    // over the second) and registers again when the scheduler does not know it, as a worker
-    // does.
+    // Each simulated worker: registers (64 at a time), then sends a heartbeat every second
+    // (spread over the second) on its open heartbeat call, and registers again when the
+    // scheduler ends that call, as a worker does.
     let started = Instant::now();
     let registering = Arc::new(tokio::sync::Semaphore::new(64));
     let registered = Arc::new(AtomicUsize::new(0));
     let refused = Arc::new(AtomicUsize::new(0));
-    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
     let mut beats = tokio::task::JoinSet::new();
     for i in 0..workers {
-        let mut client = clients[i % CONNECTIONS].clone();
-        let (registering, registered, refused) = (registering.clone(), registered.clone(), refused.clone());
-        let acknowledged = acknowledged.clone();
+        let info = simulated(i, health_port);
+        let own = info.task_addr.parse::<std::net::SocketAddr>().map_err(|e| e.to_string())?.ip();
+        let mut client = MembershipClient::new(endpoint.clone().local_address(Some(own)).connect_lazy());
+        let (registering, registered, refused, sent) =
+            (registering.clone(), registered.clone(), refused.clone(), sent.clone());
         beats.spawn(async move {
-            let info = simulated(i, health_port);
-            let mut session = None;
             let offset = Duration::from_millis((i * 1000 / workers.max(1)) as u64);
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, Duration::from_secs(1));
             loop {
-                match &session {
-                    None => {
-                        let _permit = registering.acquire().await;
-                        match client.register(RegisterRequest { worker: Some(info.clone()) }).await {
-                            Ok(r) => {
-                                session = Some(r.into_inner().scheduler_session);
-                                registered.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(_) => {
-                                refused.fetch_add(1, Ordering::Relaxed);
-                            }
+                let session = {
+                    let _permit = registering.acquire().await;
+                    match client.register(RegisterRequest { worker: Some(info.clone()) }).await {
+                        Ok(r) => r.into_inner().scheduler_session,
+                        Err(_) => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
                         }
                     }
-                    Some(s) => {
-                        let request =
-                            HeartbeatRequest { instance_id: info.instance_id.clone(), scheduler_session: s.clone() };
-                        match client.heartbeat(request).await.map(|r| r.into_inner().known) {
-                            Ok(true) => {
-                                acknowledged.fetch_add(1, Ordering::Relaxed);
-                            }
-                            _ => session = None, // lost or unknown: register again
-                        }
+                };
+                registered.fetch_add(1, Ordering::Relaxed);
+                let beat = HeartbeatRequest { instance_id: info.instance_id.clone(), scheduler_session: session };
+                let (sender, stream) = tokio::sync::mpsc::channel(4);
+                let call = client.heartbeat(tokio_stream::wrappers::ReceiverStream::new(stream));
+                tokio::pin!(call);
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = &mut call => break, // unknown, or failed: register again
+                        _ = tick.tick() => if sender.try_send(beat.clone()).is_ok() {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                        },
                     }
                 }
-                tick.tick().await;
             }
         });
     }
@@ -133,26 +144,33 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64) -> Result<Value, Stri
     let registration = started.elapsed();
     let registrations_before = registered.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(2)).await; // past the registration burst
-    let (cpu_before, beats_before, at) = (cpu_ticks(pid)?, acknowledged.load(Ordering::Relaxed), Instant::now());
+    let (cpu_before, beats_before, at) = (cpu_ticks(pid)?, sent.load(Ordering::Relaxed), Instant::now());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let elapsed = at.elapsed().as_secs_f64();
     let cpu = (cpu_ticks(pid)? - cpu_before) as f64 / ticks_per_second() / elapsed;
-    let beat_rate = (acknowledged.load(Ordering::Relaxed) - beats_before) as f64 / elapsed;
+    let beat_rate = (sent.load(Ordering::Relaxed) - beats_before) as f64 / elapsed;
     let (rss, peak) = memory(pid)?;
-    let listed = clients[0].list_workers(ListWorkersRequest {}).await.map_err(|s| s.message().to_string())?;
+    let listed = admin.list_workers(ListWorkersRequest {}).await.map_err(|s| s.message().to_string())?;
     let alive = listed.into_inner().workers.iter().filter(|w| w.state == WorkerState::Alive as i32).count();
     // Registrations beyond the first of each worker: workers the scheduler lost meanwhile.
     let registered_again = registered.load(Ordering::Relaxed) - registrations_before;
+    let dispatched = match dispatch {
+        true => Some(tasks.time_a_stage(client_port).await?),
+        false => None,
+    };
     beats.abort_all();
     drop(scheduler);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(json!({
+        "dispatch": dispatched,
         "workers": workers,
         "alive_at_end": alive,
         "registered_again_while_measured": registered_again,
         "registrations_refused": refused.load(Ordering::Relaxed),
         "registration_s": registration.as_secs_f64(),
-        "heartbeats_acknowledged_per_s": beat_rate,
+        // Sent on open heartbeat calls; the scheduler answers only to refuse one, which shows
+        // as registrations beyond the first.
+        "heartbeats_per_s": beat_rate,
         "scheduler_cpu_of_one_core": cpu,
         "scheduler_rss_mib": rss as f64 / 1024.0,
         "scheduler_peak_rss_mib": peak as f64 / 1024.0,
@@ -160,7 +178,82 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64) -> Result<Value, Stri
     }))
 }
 
-/// Worker `i` at its own loopback address (127.0.x.y), all served by one listener.
+/// The task services of all simulated workers: RunTask calls are noted and held.
+#[derive(Clone, Default)]
+struct SimulatedTasks {
+    /// Arrival (Unix time, ns) and the simulated worker's address of each RunTask.
+    arrivals: Arc<Mutex<Vec<(u128, String)>>>,
+    released: Arc<tokio::sync::Notify>,
+    release: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SimulatedTasks {
+    /// Prints the client service's address, waits for a query's stage to arrive (until it
+    /// has been quiet for `STAGE_QUIET`), fails its tasks, and waits for stdin to close.
+    async fn time_a_stage(&self, client_port: u16) -> Result<Value, String> {
+        println!("{}", json!({ "ready": format!("http://127.0.0.1:{client_port}") }));
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut seen = 0;
+        loop {
+            tokio::time::sleep(STAGE_QUIET).await;
+            let now = self.arrivals.lock().unwrap().len();
+            if now > 0 && now == seen {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no stage arrived within 5 minutes ({now} tasks)"));
+            }
+            seen = now;
+        }
+        self.release.store(true, Ordering::SeqCst);
+        self.released.notify_waiters();
+        let closed = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()));
+        let _ = tokio::time::timeout(Duration::from_secs(120), closed).await;
+        let arrivals = self.arrivals.lock().unwrap();
+        let workers: std::collections::BTreeSet<&String> = arrivals.iter().map(|(_, w)| w).collect();
+        Ok(json!({
+            "tasks": arrivals.len(),
+            "workers": workers.len(),
+            "first_arrival_unix_ns": arrivals.iter().map(|(t, _)| *t).min().unwrap_or(0) as u64,
+            "last_arrival_unix_ns": arrivals.iter().map(|(t, _)| *t).max().unwrap_or(0) as u64,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Task for SimulatedTasks {
+    async fn run_task(&self, request: Request<RunTaskRequest>) -> Result<Response<RunTaskResponse>, Status> {
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let worker = request.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+        self.arrivals.lock().unwrap().push((at, worker));
+        let released = self.released.notified();
+        if !self.release.load(Ordering::SeqCst) {
+            released.await;
+        }
+        Ok(Response::new(RunTaskResponse {
+            outcome: Some(Outcome::Failure(TaskFailure {
+                message: "ComputeError: a simulated worker runs no tasks".into(),
+                ..Default::default()
+            })),
+        }))
+    }
+
+    async fn cancel_task(&self, _: Request<CancelTaskRequest>) -> Result<Response<CancelTaskResponse>, Status> {
+        Ok(Response::new(CancelTaskResponse { was_running: false }))
+    }
+
+    type FetchResultStream = tokio_stream::Empty<Result<ResultChunk, Status>>;
+
+    async fn fetch_result(&self, _: Request<FetchResultRequest>) -> Result<Response<Self::FetchResultStream>, Status> {
+        Err(Status::unimplemented("a simulated worker holds no results"))
+    }
+
+    async fn release_query(&self, _: Request<ReleaseQueryRequest>) -> Result<Response<ReleaseQueryResponse>, Status> {
+        Ok(Response::new(ReleaseQueryResponse {}))
+    }
+}
+
+/// Worker `i` at its own loopback address (127.x.y.z), all served by one listener.
 fn simulated(i: usize, port: u16) -> WorkerInfo {
     let n = i + 1;
     let addr = format!("127.{}.{}.{}:{port}", 1 + n / 65_536, (n / 256) % 256, n % 256);

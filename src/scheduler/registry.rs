@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::proto::membership_server::Membership;
@@ -39,6 +39,8 @@ pub struct Registry {
     lost_after: u32,
     members: Arc<Mutex<BTreeMap<String, Member>>>,
     live: watch::Sender<usize>,
+    /// Set when the node stops: open heartbeat calls end, so the server can stop.
+    stopping: watch::Sender<bool>,
     /// How the scheduler reaches a registering worker's task service (`[internal]`).
     credentials: Credentials,
 }
@@ -52,8 +54,14 @@ impl Registry {
             lost_after,
             members: Arc::default(),
             live: watch::channel(0).0,
+            stopping: watch::channel(false).0,
             credentials,
         }
+    }
+
+    /// Ends the open heartbeat calls (the node stops; a server waits for its calls to end).
+    pub fn stop_heartbeats(&self) {
+        self.stopping.send_replace(true);
     }
 
     /// The number of live workers, updated as it changes.
@@ -127,6 +135,21 @@ impl Registry {
                 }
             }
             self.publish(&members);
+        }
+    }
+
+    /// One heartbeat: whether the scheduler knows the worker (this session, and alive).
+    fn beat(&self, hb: &HeartbeatRequest) -> bool {
+        if hb.scheduler_session != self.session {
+            return false;
+        }
+        match self.members.lock().unwrap().get_mut(&hb.instance_id) {
+            // A worker marked lost registers again (and is probed again) to come back.
+            Some(m) if m.alive => {
+                m.last_heartbeat = Instant::now();
+                true
+            }
+            _ => false,
         }
     }
 
@@ -211,19 +234,24 @@ impl Membership for Registry {
         }))
     }
 
-    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        let hb = request.into_inner();
-        let mut members = self.members.lock().unwrap();
-        let known = hb.scheduler_session == self.session
-            && match members.get_mut(&hb.instance_id) {
-                // A worker marked lost registers again (and is probed again) to come back.
-                Some(m) if m.alive => {
-                    m.last_heartbeat = Instant::now();
-                    true
-                }
-                _ => false,
+    async fn heartbeat(
+        &self,
+        request: Request<Streaming<HeartbeatRequest>>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let mut beats = request.into_inner();
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            let hb = tokio::select! {
+                hb = beats.message() => hb?,
+                _ = stopping.wait_for(|s| *s) => return Err(Status::unavailable("the scheduler is stopping")),
             };
-        Ok(Response::new(HeartbeatResponse { known }))
+            match hb {
+                Some(hb) if self.beat(&hb) => {}
+                Some(_) => return Ok(Response::new(HeartbeatResponse { known: false })),
+                // The worker ended its heartbeats (it stops, and deregisters on its way out).
+                None => return Ok(Response::new(HeartbeatResponse { known: true })),
+            }
+        }
     }
 
     async fn deregister(&self, request: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
