@@ -122,10 +122,11 @@ pub(super) fn collect_aggregates(node: Node, arena: &Arena<AExpr>, schema: &Sche
                 | IRAggExpr::Min { input, .. }
                 | IRAggExpr::Max { input, .. } => *input,
                 // Combined as sum / count: numbers only (the mean of a date is a date, and
-                // dates have no sum).
+                // dates have no sum). Decimals too (TPC-H's money columns): their partial sums
+                // are exact and the mean is a Float64, as Polars' own.
                 IRAggExpr::Mean(input) => {
                     let dtype = arena.get(*input).to_dtype(&ToFieldContext::new(arena, schema)).ok()?;
-                    if !(dtype.is_primitive_numeric() || dtype.is_bool()) {
+                    if !(dtype.is_primitive_numeric() || dtype.is_bool() || dtype.is_decimal()) {
                         return None;
                     }
                     *input
