@@ -437,8 +437,9 @@ def report(results) -> str:
         )
     if (d := results.get("dispatch")):
         lines.append(f"Planning and dispatching a stage of {d['tasks']} tasks on {d['workers_reached']} of {d['workers']} simulated "
-                     f"workers: {d['plan_and_dispatch_ms']:.0f} ms from execute() to the last task's arrival (target < 100 ms; "
-                     f"{d['dispatch_spread_ms']:.0f} ms from the first task's arrival to the last)")
+                     f"workers: {d['plan_and_dispatch_ms']:.0f} ms from execute() to the last task's arrival (target < 100 ms): "
+                     f"submission and planning until the first task {d['plan_and_dispatch_ms'] - d['dispatch_spread_ms']:.0f} ms, "
+                     f"then {d['dispatch_spread_ms']:.0f} ms until the last)")
     return "\n".join(lines)
 
 
@@ -499,14 +500,16 @@ def main():
         if "spark" in args.peers:
             print(f"Spark local[{cores}], TPC-H SF-{scale}", flush=True)
             p["spark"] = peers.spark_tpch(data, args.queries, args.repeat, cores, args.spark_memory)
+    # Before the heartbeat load: tearing down its 10,000 connections keeps the kernel busy
+    # for a while after it ends.
+    if args.dispatch_workers:
+        print(f"planning and dispatching a stage on {args.dispatch_workers} simulated workers", flush=True)
+        results["dispatch"] = dispatch.time_dispatch(args.bin, Path(args.cache), args.dispatch_workers)
     if args.simulated_workers:
         print(f"scheduler with {args.simulated_workers} simulated workers", flush=True)
         out_load = subprocess.run([args.bin, "bench-scheduler", "--workers", str(args.simulated_workers), "--seconds", "20"],
                                   capture_output=True, text=True, check=True)
         results["scheduler_load"] = json.loads(out_load.stdout.strip().splitlines()[-1])
-    if args.dispatch_workers:
-        print(f"planning and dispatching a stage on {args.dispatch_workers} simulated workers", flush=True)
-        results["dispatch"] = dispatch.time_dispatch(args.bin, Path(args.cache), args.dispatch_workers)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     text = report(results)
     (out / "report.md").write_text(text + "\n")
