@@ -183,8 +183,8 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64, dispatch: bool) -> Re
 struct SimulatedTasks {
     /// Arrival (Unix time, ns) and the simulated worker's address of each RunTask.
     arrivals: Arc<Mutex<Vec<(u128, String)>>>,
-    released: Arc<tokio::sync::Notify>,
-    release: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once the stage is in: the held tasks fail.
+    released: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl SimulatedTasks {
@@ -205,8 +205,7 @@ impl SimulatedTasks {
             }
             seen = now;
         }
-        self.release.store(true, Ordering::SeqCst);
-        self.released.notify_waiters();
+        self.released.send_replace(true);
         let closed = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()));
         let _ = tokio::time::timeout(Duration::from_secs(120), closed).await;
         let arrivals = self.arrivals.lock().unwrap();
@@ -226,10 +225,7 @@ impl Task for SimulatedTasks {
         let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let worker = request.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
         self.arrivals.lock().unwrap().push((at, worker));
-        let released = self.released.notified();
-        if !self.release.load(Ordering::SeqCst) {
-            released.await;
-        }
+        let _ = self.released.subscribe().wait_for(|released| *released).await;
         Ok(Response::new(RunTaskResponse {
             outcome: Some(Outcome::Failure(TaskFailure {
                 message: "ComputeError: a simulated worker runs no tasks".into(),
