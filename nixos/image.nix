@@ -28,6 +28,7 @@ dockerTools.buildLayeredImage {
     ExposedPorts = {
       "5049/tcp" = { };
       "5050/tcp" = { };
+      "5050/udp" = { };
       "5051/tcp" = { };
       "5052/tcp" = { };
       "5053/tcp" = { };

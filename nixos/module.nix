@@ -251,6 +251,9 @@ in
     ];
 
     networking.firewall.allowedTCPPorts = map portOf (builtins.filter (s: s.opts.openFirewall) enabledServices);
+    # Workers send their heartbeats as datagrams to the worker service's port.
+    networking.firewall.allowedUDPPorts =
+      map portOf (builtins.filter (s: s.opts.openFirewall && s.name == "worker") enabledServices);
 
     environment.etc."polars/node.toml".source = configFile;
     # `polars-node workers`, `check-config` for operators.
@@ -318,9 +321,11 @@ in
       (s: lib.nameValuePair "polars-node-${s.name}" {
         wantedBy = [ "sockets.target" ];
         after = deviceUnits;
-        socketConfig = {
+        socketConfig = rec {
           ListenStream =
             if builtins.isString s.opts.bind && !(isInterface s.opts.bind) then s.opts.bind else toString (portOf s);
+          # The scheduler's heartbeat datagrams, on the worker service's address.
+          ListenDatagram = lib.mkIf (s.name == "worker") ListenStream;
           BindToDevice = lib.mkIf (isInterface s.opts.bind) s.opts.bind;
           FileDescriptorName = s.name;
           Service = "polars-node.service";

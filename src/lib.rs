@@ -7,12 +7,14 @@
 //!   scheduler's hold on its workers (`workers`), the registry of live workers.
 //! - `worker`: the task service, the execution processes that run tasks, the shuffle storage and
 //!   service, the registration with the scheduler.
+//! - `membership`: the heartbeat datagrams workers send the scheduler (wire form, MACs).
 //! - `observatory`: the OTLP receiver, its store, the REST API and dashboard.
 //! - `systemd` (socket activation, sd-notify, the memory cgroup), `security` (TLS, bearer
 //!   tokens), `monitoring` (this node's traces and metrics), `logging`.
 //! - `node` assembles the roles a configuration enables; `main.rs` is the command line.
 pub mod config;
 pub mod logging;
+pub mod membership;
 pub mod monitoring;
 pub mod node;
 pub mod observatory;

@@ -296,6 +296,7 @@ fn list_workers(scheduler: &str, json: bool, credentials: Credentials) -> Result
                 "shuffle_addr": info.shuffle_addr, "cpus": info.cpus, "memory_bytes": info.memory_bytes,
                 "version": info.version, "millis_since_heartbeat": w.millis_since_heartbeat,
                 "registrations": w.registrations,
+                "heartbeats": if w.heartbeat_datagrams { "datagram" } else { "call" },
             })
         })
         .collect();

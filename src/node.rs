@@ -288,7 +288,14 @@ pub async fn run(
     let (receiver_stop_tx, receiver_stop_rx) = watch::channel(false);
     let mut servers = JoinSet::new();
     let mut receiver_running = false;
-    for (kind, listener) in listeners.0 {
+    if let (Some(registry), Some(socket)) = (&registry, listeners.heartbeats) {
+        // Behind NAT the public port may differ from the bound one (the datagrams then need the
+        // same mapping for UDP; without it workers fall back to gRPC calls).
+        let public = layout.endpoint(ServiceKind::Worker).and_then(|e| e.public.as_ref()).map(|a| a.port);
+        let port = public.unwrap_or(socket.local_addr().context("heartbeat datagrams")?.port());
+        registry.serve_heartbeat_datagrams(socket, port).context("heartbeat datagrams")?;
+    }
+    for (kind, listener) in listeners.tcp {
         receiver_running |= kind == ServiceKind::Otlp;
         let shutdown = match kind {
             ServiceKind::Otlp => stopped(receiver_stop_rx.clone()),

@@ -47,6 +47,10 @@ fn workers_register_are_marked_lost_and_come_back_after_a_scheduler_restart() {
     assert!(w1["cpus"].as_u64().unwrap() >= 1);
     assert!(w1["memory_bytes"].as_u64().unwrap() > 0);
     assert_eq!(w1["version"], env!("CARGO_PKG_VERSION"));
+    // Heartbeats come as datagrams, whichever port the worker registered at.
+    wait_until("heartbeat datagrams from both workers", T, || {
+        workers(&sched_addr)?.iter().all(|w| w["heartbeats"] == "datagram").then_some(())
+    });
 
     // A killed worker is marked lost after missed heartbeats...
     w2.kill();

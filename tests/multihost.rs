@@ -163,6 +163,10 @@ fn seed_layout_across_hosts_with_interface_names_and_nat() {
         &["iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.231.2.0/24", "-o", "br0", "-j", "MASQUERADE"],
     );
 
+    // A firewall on the scheduler's host drops worker-2's UDP: its heartbeats take the gRPC
+    // call instead, and it stays alive.
+    hosts.exec("sched", &["iptables", "-A", "INPUT", "-p", "udp", "-s", "10.231.1.3", "-j", "DROP"]);
+
     // Scheduler + observatory with the defaults: every interface, standard ports.
     let _sched = hosts.node(
         "sched",
@@ -196,7 +200,7 @@ fn seed_layout_across_hosts_with_interface_names_and_nat() {
         &seed_worker("worker-3", "\":4005\"", "\":4006\"", Some("10.231.1.10"), "10.231.1.2:5050"),
     );
 
-    let workers = || -> Vec<(String, String, String)> {
+    let workers = || -> Vec<(String, String, String, String)> {
         let out = hosts.run("w1", &["workers", "--json", "--scheduler", "10.231.1.2:5050"]);
         if !out.status.success() {
             return Vec::new();
@@ -211,19 +215,25 @@ fn seed_layout_across_hosts_with_interface_names_and_nat() {
                     w["instance_id"].as_str().unwrap().to_string(),
                     w["state"].as_str().unwrap().to_string(),
                     w["task_addr"].as_str().unwrap().to_string(),
+                    w["heartbeats"].as_str().unwrap().to_string(),
                 )
             })
             .collect();
         rows.sort();
         rows
     };
-    let row = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+    let beating = |a: &str, b: &str, c: &str, d: &str| (a.to_string(), b.to_string(), c.to_string(), d.to_string());
+    // Datagrams through NAT too (worker-3), and from a worker that registered at the client port.
     let expected = vec![
-        row("worker-1", "alive", "10.231.1.1:4005"),
-        row("worker-2", "alive", "10.231.1.3:4005"),
-        row("worker-3", "alive", "10.231.1.10:4005"),
+        beating("worker-1", "alive", "10.231.1.1:4005", "datagram"),
+        beating("worker-2", "alive", "10.231.1.3:4005", "call"),
+        beating("worker-3", "alive", "10.231.1.10:4005", "datagram"),
     ];
     wait_until("three workers registered across hosts", T, || (workers() == expected).then_some(()));
+    // Several heartbeat periods later, all three are still alive, heartbeating as before.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(workers(), expected);
+    let row = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
 
     // The NAT'd worker is reachable only through its public address.
     assert!(hosts.can_connect("sched", "10.231.1.10:4005"));

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+const T: Duration = Duration::from_secs(20);
+
 /// Starts the node under systemd-socket-activate with one socket per (name, port), and
 /// connects once so that it launches the node (it waits for the first connection).
 fn activate(dir: &Path, name: &str, sockets: &[(&str, u16)], config: &str, env: &[(&str, &str)]) -> Node {
@@ -175,4 +177,109 @@ fn a_descriptor_for_a_service_the_node_does_not_run_is_an_error() {
         log.contains("a socket-activated descriptor is named `task`, but this node runs no worker task service"),
         "{log}"
     );
+}
+
+/// Starts the node with `fds` passed as systemd passes them (descriptors 3.. named by
+/// LISTEN_FDNAMES, LISTEN_PID set by the shell that becomes the node): unlike
+/// systemd-socket-activate, this can pass stream and datagram sockets together.
+fn pass_descriptors(dir: &Path, name: &str, config: &str, fds: Vec<(std::os::fd::OwnedFd, &str)>) -> Node {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let names: Vec<&str> = fds.iter().map(|(_, n)| *n).collect();
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "LISTEN_PID=$$ exec \"$@\"", "sh", BIN, "service", "--config-path"]).arg(&path);
+    cmd.env("LISTEN_FDS", fds.len().to_string()).env("LISTEN_FDNAMES", names.join(":"));
+    let mut raw = [-1i32; 8];
+    for (slot, (fd, _)) in raw.iter_mut().zip(&fds) {
+        *slot = fd.as_raw_fd();
+    }
+    let n = fds.len();
+    // SAFETY: only fcntl and dup2 (no allocation) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Out of the way first, so that moving one into place cannot close another.
+            let mut high = [-1i32; 8];
+            for (h, &fd) in high.iter_mut().zip(&raw).take(n) {
+                *h = nix::libc::fcntl(fd, nix::libc::F_DUPFD, 100);
+            }
+            for (i, &fd) in high.iter().enumerate().take(n) {
+                if fd < 0 || nix::libc::dup2(fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let node = Node::spawn(name, dir, cmd, dir.join(format!("{name}.log")), &[]);
+    drop(fds);
+    node
+}
+
+/// A scheduler and a worker in one node, its worker service at `worker_port` (the configured
+/// binds are ports held by the caller, so only passed sockets can serve).
+fn one_node_config(worker_port: u16, held: &[std::net::TcpListener]) -> String {
+    let h = |i: usize| held[i].local_addr().unwrap().port();
+    let (task, shuffle) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    format!(
+        "instance_id = \"node\"\n[scheduler]\nenabled = true\nclient_service.bind_addr = \"127.0.0.1:{}\"\nworker_service.bind_addr = \"127.0.0.1:{}\"\n\
+         [worker]\nenabled = true\nheartbeat_period = \"200ms\"\ntask_service.bind_addr = \"127.0.0.1:{task}\"\nshuffle_service.bind_addr = \"127.0.0.1:{shuffle}\"\n\
+         [static_leader]\nscheduler_service.public_addr = \"127.0.0.1:{worker_port}\"\n",
+        h(0),
+        h(1),
+    )
+}
+
+fn held_ports() -> Vec<std::net::TcpListener> {
+    (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect()
+}
+
+fn heartbeats_of(scheduler: &str) -> Option<String> {
+    workers(scheduler)?.first().map(|w| w["heartbeats"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn a_datagram_socket_named_worker_takes_the_heartbeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, worker) = (std::net::TcpListener::bind("127.0.0.1:0").unwrap(), free_port("127.0.0.1"));
+    let stream = std::net::TcpListener::bind(("127.0.0.1", worker)).unwrap();
+    let datagrams = std::net::UdpSocket::bind(("127.0.0.1", worker)).unwrap();
+    let held = held_ports();
+    let fds = vec![(client.into(), "client"), (stream.into(), "worker"), (datagrams.into(), "worker")];
+    let node = pass_descriptors(dir.path(), "node", &one_node_config(worker, &held), fds);
+    let scheduler = format!("127.0.0.1:{worker}");
+    let beats = wait_until("heartbeat datagrams", T, || heartbeats_of(&scheduler).filter(|h| h == "datagram"));
+    assert_eq!(beats, "datagram", "{}", node.log());
+}
+
+#[test]
+fn heartbeats_take_grpc_calls_when_the_udp_port_cannot_be_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, worker) = (std::net::TcpListener::bind("127.0.0.1:0").unwrap(), free_port("127.0.0.1"));
+    let stream = std::net::TcpListener::bind(("127.0.0.1", worker)).unwrap();
+    // Another process has the UDP port; only the stream socket is passed.
+    let _taken = std::net::UdpSocket::bind(("127.0.0.1", worker)).unwrap();
+    let held = held_ports();
+    let fds = vec![(client.into(), "client"), (stream.into(), "worker")];
+    let node = pass_descriptors(dir.path(), "node", &one_node_config(worker, &held), fds);
+    node.wait_log("add ListenDatagram=", T);
+    let scheduler = format!("127.0.0.1:{worker}");
+    wait_until("a live worker", T, || (worker_states(&scheduler) == pairs(&[("node", "alive")])).then_some(()));
+    std::thread::sleep(Duration::from_secs(1)); // five heartbeat periods
+    assert_eq!(worker_states(&scheduler), pairs(&[("node", "alive")]), "{}", node.log());
+    assert_eq!(heartbeats_of(&scheduler).as_deref(), Some("call"));
+}
+
+#[test]
+fn a_datagram_socket_of_another_service_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let datagrams = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let held = held_ports();
+    let fds = vec![(client.into(), "client"), (datagrams.into(), "client")];
+    let mut node = pass_descriptors(dir.path(), "node", &one_node_config(free_port("127.0.0.1"), &held), fds);
+    let status = node.wait_exit(Duration::from_secs(10));
+    assert!(!status.success());
+    assert!(node.log().contains("is a datagram socket: only `worker` takes one"), "{}", node.log());
 }

@@ -111,7 +111,7 @@ pub struct SchedulerConfig {
     pub enabled: bool,
     /// The service the Python client talks to (gRPC, `pc.ClusterContext(uri="http://HOST:5051")`).
     pub client_service: SecuredServiceConfig<ClientPort>,
-    /// Worker registration and heartbeats (gRPC).
+    /// Worker registration (gRPC) and heartbeats (UDP datagrams on the same port, else gRPC).
     pub worker_service: ServiceConfig<WorkerServicePort>,
     /// Allow queries that scan the worker's local file system.
     pub allow_local_scans: bool,

@@ -1,9 +1,9 @@
 //! The scheduler under the membership load of a large cluster (`polars-node bench-scheduler`,
 //! run by bench/run.sh): a real scheduler process, and N simulated workers that register and
 //! heartbeat every second. Each simulated worker has its own loopback address (127.x.y.z, one
-//! port): it connects from there, so the scheduler holds one connection per worker as in a real
-//! cluster, and advertises it, where one listener answers every worker's health check (the
-//! scheduler probes a worker before it accepts it). Reports the scheduler's CPU (share of one
+//! port): it registers and sends its heartbeat datagrams from there, as a real worker does
+//! from its host, and advertises it, where one listener answers every worker's health check
+//! (the scheduler probes a worker before it accepts it). Reports the scheduler's CPU (share of one
 //! core) and memory while the workers heartbeat, and how long registering them took.
 //!
 //! With `dispatch`, the same listener serves the task service of every simulated worker: it
@@ -23,14 +23,16 @@ use serde_json::{Value, json};
 use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
+use crate::membership::HeartbeatKey;
 use crate::proto::membership_client::MembershipClient;
 use crate::proto::run_task_response::Outcome;
 use crate::proto::task_server::{Task, TaskServer};
 use crate::proto::{
-    CancelTaskRequest, CancelTaskResponse, FetchResultRequest, HeartbeatRequest, ListWorkersRequest, RegisterRequest,
+    CancelTaskRequest, CancelTaskResponse, FetchResultRequest, ListWorkersRequest, RegisterRequest, RegisterResponse,
     ReleaseQueryRequest, ReleaseQueryResponse, ResultChunk, RunTaskRequest, RunTaskResponse, TaskFailure, WorkerInfo,
     WorkerState,
 };
+use crate::worker::registration::{DatagramBeats, DatagramsEnded};
 
 /// How long a dispatched stage may be quiet before its tasks count as all arrived.
 const STAGE_QUIET: Duration = Duration::from_secs(2);
@@ -88,49 +90,48 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64, dispatch: bool) -> Re
         }
     };
 
-    // Each simulated worker: registers (64 at a time), then sends a heartbeat every second
-    // (spread over the second) on its open heartbeat call, and registers again when the
-    // scheduler ends that call, as a worker does.
+    // Each simulated worker: registers (64 at a time) on a connection of its own that closes
+    // once it is registered, then sends heartbeat datagrams every second from its own address
+    // as a worker does (`DatagramBeats`), and registers again when they end.
     let started = Instant::now();
     let registering = Arc::new(tokio::sync::Semaphore::new(64));
     let registered = Arc::new(AtomicUsize::new(0));
     let refused = Arc::new(AtomicUsize::new(0));
     let sent = Arc::new(AtomicUsize::new(0));
+    let unanswered = Arc::new(AtomicUsize::new(0));
+    let (_running, stop) = tokio::sync::watch::channel(false);
     let mut beats = tokio::task::JoinSet::new();
     for i in 0..workers {
         let info = simulated(i, health_port);
         let own = info.task_addr.parse::<std::net::SocketAddr>().map_err(|e| e.to_string())?.ip();
-        let mut client = MembershipClient::new(endpoint.clone().local_address(Some(own)).connect_lazy());
-        let (registering, registered, refused, sent) =
-            (registering.clone(), registered.clone(), refused.clone(), sent.clone());
+        let endpoint = endpoint.clone().local_address(Some(own));
+        let (registering, registered, refused, sent, unanswered) =
+            (registering.clone(), registered.clone(), refused.clone(), sent.clone(), unanswered.clone());
+        let mut stop = stop.clone();
         beats.spawn(async move {
-            let offset = Duration::from_millis((i * 1000 / workers.max(1)) as u64);
             loop {
-                let session = {
+                let registration = {
                     let _permit = registering.acquire().await;
-                    match client.register(RegisterRequest { worker: Some(info.clone()) }).await {
-                        Ok(r) => r.into_inner().scheduler_session,
-                        Err(_) => {
-                            refused.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            continue;
-                        }
-                    }
+                    let mut client = MembershipClient::new(endpoint.connect_lazy());
+                    client.register(RegisterRequest { worker: Some(info.clone()) }).await
+                };
+                let socket = match registration {
+                    Ok(r) => datagram_socket(own, r.into_inner()).await,
+                    Err(e) => Err(e.message().to_string()),
+                };
+                let Ok((socket, key, lost_after)) = socket else {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 };
                 registered.fetch_add(1, Ordering::Relaxed);
-                let beat = HeartbeatRequest { instance_id: info.instance_id.clone(), scheduler_session: session };
-                let (sender, stream) = tokio::sync::mpsc::channel(4);
-                let call = client.heartbeat(tokio_stream::wrappers::ReceiverStream::new(stream));
-                tokio::pin!(call);
-                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, Duration::from_secs(1));
-                loop {
-                    tokio::select! {
-                        _ = &mut call => break, // unknown, or failed: register again
-                        _ = tick.tick() => if sender.try_send(beat.clone()).is_ok() {
-                            sent.fetch_add(1, Ordering::Relaxed);
-                        },
-                    }
-                }
+                let period = Duration::from_secs(1);
+                let beats = DatagramBeats { socket, key, instance_id: &info.instance_id, period, lost_after };
+                // Unknown, or unanswered: register again.
+                match beats.run(&sent, &mut stop).await {
+                    DatagramsEnded::Unanswered(_) => unanswered.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
             }
         });
     }
@@ -167,9 +168,12 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64, dispatch: bool) -> Re
         "alive_at_end": alive,
         "registered_again_while_measured": registered_again,
         "registrations_refused": refused.load(Ordering::Relaxed),
+        // Heartbeat datagrams of a registration that went unanswered for the scheduler's
+        // patience (then the worker registers again); the rest of the registrations beyond the
+        // first were answered "unknown" (the scheduler marked the worker lost).
+        "datagrams_unanswered": unanswered.load(Ordering::Relaxed),
         "registration_s": registration.as_secs_f64(),
-        // Sent on open heartbeat calls; the scheduler answers only to refuse one, which shows
-        // as registrations beyond the first.
+        // Datagrams sent; the scheduler answers each one.
         "heartbeats_per_s": beat_rate,
         "scheduler_cpu_of_one_core": cpu,
         "scheduler_rss_mib": rss as f64 / 1024.0,
@@ -247,6 +251,21 @@ impl Task for SimulatedTasks {
     async fn release_query(&self, _: Request<ReleaseQueryRequest>) -> Result<Response<ReleaseQueryResponse>, Status> {
         Ok(Response::new(ReleaseQueryResponse {}))
     }
+}
+
+/// A simulated worker's heartbeat socket at its own address `own`, connected to the port the
+/// registration names, with the registration's key and the scheduler's patience.
+async fn datagram_socket(
+    own: std::net::IpAddr,
+    registration: RegisterResponse,
+) -> Result<(tokio::net::UdpSocket, HeartbeatKey, u32), String> {
+    if registration.heartbeat_port == 0 {
+        return Err("the scheduler takes no heartbeat datagrams".into());
+    }
+    let socket = tokio::net::UdpSocket::bind((own, 0)).await.map_err(|e| e.to_string())?;
+    socket.connect(("127.0.0.1", registration.heartbeat_port as u16)).await.map_err(|e| e.to_string())?;
+    let key = HeartbeatKey::from_bytes(&registration.heartbeat_key);
+    Ok((socket, key, registration.lost_after_missed_heartbeats))
 }
 
 /// Worker `i` at its own loopback address (127.x.y.z), all served by one listener.

@@ -2,19 +2,25 @@
 //! (the membership service workers call, see `crate::worker::registration`).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prost::Message as _;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::membership::{self, HeartbeatKey, MAX_DATAGRAM};
 use crate::proto::membership_server::Membership;
 use crate::proto::{
-    DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, ListWorkersRequest,
+    DeregisterRequest, DeregisterResponse, HeartbeatDatagram, HeartbeatRequest, HeartbeatResponse, ListWorkersRequest,
     ListWorkersResponse, RegisterRequest, RegisterResponse, WorkerInfo, WorkerState, WorkerStatus,
 };
 use crate::security::cluster::Credentials;
+
+/// The receive buffer asked for the heartbeat socket (the kernel caps it at net.core.rmem_max).
+const HEARTBEAT_RECEIVE_BUFFER: usize = 8 << 20;
 
 /// How long the scheduler waits for a worker's task service to answer a health check.
 const REACHABILITY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -26,6 +32,12 @@ struct Member {
     draining: bool,
     last_heartbeat: Instant,
     registrations: u64,
+    /// The key of this registration's heartbeat datagrams.
+    key: HeartbeatKey,
+    /// The highest datagram sequence accepted in this registration (replays are older).
+    sequence: u64,
+    /// Whether the last heartbeat came as a datagram.
+    by_datagram: bool,
 }
 
 /// The scheduler's view of its workers.
@@ -43,6 +55,8 @@ pub struct Registry {
     stopping: watch::Sender<bool>,
     /// How the scheduler reaches a registering worker's task service (`[internal]`).
     credentials: Credentials,
+    /// Where workers send heartbeat datagrams (0 until the scheduler takes them).
+    heartbeat_port: Arc<AtomicU16>,
 }
 
 impl Registry {
@@ -56,7 +70,55 @@ impl Registry {
             live: watch::channel(0).0,
             stopping: watch::channel(false).0,
             credentials,
+            heartbeat_port: Arc::default(),
         }
+    }
+
+    /// Answers heartbeat datagrams on `socket` on a thread of their own until the node stops;
+    /// registrations from now on tell workers to send them to `advertised_port` (the worker
+    /// service's port as workers reach it). A thread blocked in `recv` reads each datagram as it
+    /// arrives, however busy the async runtime is (registrations, queries): a socket read late
+    /// overflows its buffer with thousands of workers, and lost heartbeats send workers back
+    /// to registering.
+    pub fn serve_heartbeat_datagrams(&self, socket: std::net::UdpSocket, advertised_port: u16) -> std::io::Result<()> {
+        socket.set_nonblocking(false)?;
+        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        // As large as the host allows (net.core.rmem_max): bursts of heartbeats wait there.
+        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(HEARTBEAT_RECEIVE_BUFFER);
+        self.heartbeat_port.store(advertised_port, Ordering::Relaxed);
+        let registry = self.clone();
+        std::thread::Builder::new().name("heartbeats".into()).spawn(move || {
+            let mut buf = [0u8; MAX_DATAGRAM];
+            while !*registry.stopping.borrow() {
+                // A timeout (to look at `stopping`) or an error: read again.
+                let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
+                if let Some(answer) = registry.datagram(&buf[..n]) {
+                    // A failed send loses the answer, as the network might.
+                    let _ = socket.send_to(&answer, from);
+                }
+            }
+        })?;
+        Ok(())
+    }
+
+    /// One heartbeat datagram, and the answer to send back (none to a forged or replayed one).
+    fn datagram(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+        let beat = HeartbeatDatagram::decode(bytes).ok()?;
+        let mut members = self.members.lock().unwrap();
+        let Some(m) = members.get_mut(&beat.instance_id) else {
+            // Not registered here (this scheduler restarted): the worker asks over its call.
+            return Some(membership::unauthenticated_unknown(&beat.instance_id, beat.sequence));
+        };
+        if beat.sequence <= m.sequence || !m.key.verify_beat(&beat) {
+            return None;
+        }
+        m.sequence = beat.sequence;
+        // A worker marked lost registers again (and is probed again) to come back.
+        if m.alive {
+            m.last_heartbeat = Instant::now();
+            m.by_datagram = true;
+        }
+        Some(m.key.ack(&beat.instance_id, beat.sequence, m.alive))
     }
 
     /// Ends the open heartbeat calls (the node stops; a server waits for its calls to end).
@@ -147,6 +209,7 @@ impl Registry {
             // A worker marked lost registers again (and is probed again) to come back.
             Some(m) if m.alive => {
                 m.last_heartbeat = Instant::now();
+                m.by_datagram = false;
                 true
             }
             _ => false,
@@ -207,6 +270,7 @@ impl Membership for Registry {
                 info.instance_id, info.task_addr
             )));
         }
+        let (key_bytes, key) = HeartbeatKey::generate();
         let mut members = self.members.lock().unwrap();
         let member = members.entry(info.instance_id.clone()).or_insert_with(|| Member {
             info: info.clone(),
@@ -214,6 +278,9 @@ impl Membership for Registry {
             draining: false,
             last_heartbeat: Instant::now(),
             registrations: 0,
+            key: key.clone(),
+            sequence: 0,
+            by_datagram: false,
         });
         let was_alive = member.alive;
         member.info = info.clone();
@@ -221,6 +288,9 @@ impl Membership for Registry {
         member.draining = false;
         member.last_heartbeat = Instant::now();
         member.registrations += 1;
+        member.key = key;
+        member.sequence = 0;
+        member.by_datagram = false;
         info!(
             worker = %info.instance_id, task = %info.task_addr, shuffle = info.shuffle_addr.as_deref().unwrap_or("-"),
             cpus = info.cpus, memory_bytes = info.memory_bytes, rejoined = member.registrations > 1, was_alive,
@@ -231,6 +301,8 @@ impl Membership for Registry {
             scheduler_instance_id: self.instance_id.clone(),
             scheduler_session: self.session.clone(),
             lost_after_missed_heartbeats: self.lost_after,
+            heartbeat_port: self.heartbeat_port.load(Ordering::Relaxed).into(),
+            heartbeat_key: key_bytes,
         }))
     }
 
@@ -273,8 +345,75 @@ impl Membership for Registry {
                 state: if m.alive { WorkerState::Alive } else { WorkerState::Lost } as i32,
                 millis_since_heartbeat: m.last_heartbeat.elapsed().as_millis() as u64,
                 registrations: m.registrations,
+                heartbeat_datagrams: m.by_datagram,
             })
             .collect();
         Ok(Response::new(ListWorkersResponse { scheduler_instance_id: self.instance_id.clone(), workers }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::HeartbeatAck;
+
+    /// A registry holding worker `w1` as a registration leaves it, and w1's key.
+    fn registered() -> (Registry, HeartbeatKey) {
+        let registry = Registry::new("scheduler", "cluster", 3, Credentials::default());
+        let (_, key) = HeartbeatKey::generate();
+        let member = Member {
+            info: WorkerInfo { instance_id: "w1".into(), heartbeat_period_ms: 1000, ..Default::default() },
+            alive: true,
+            draining: false,
+            last_heartbeat: Instant::now() - Duration::from_secs(2),
+            registrations: 1,
+            key: key.clone(),
+            sequence: 0,
+            by_datagram: false,
+        };
+        registry.members.lock().unwrap().insert("w1".into(), member);
+        (registry, key)
+    }
+
+    fn answer(registry: &Registry, datagram: &[u8]) -> Option<HeartbeatAck> {
+        registry.datagram(datagram).map(|a| HeartbeatAck::decode(a.as_slice()).unwrap())
+    }
+
+    fn since_heartbeat(registry: &Registry) -> Duration {
+        registry.members.lock().unwrap()["w1"].last_heartbeat.elapsed()
+    }
+
+    #[test]
+    fn a_datagram_heartbeat_counts_once_and_only_with_the_registrations_key() {
+        let (registry, key) = registered();
+        let (_, stranger) = HeartbeatKey::generate();
+        assert!(answer(&registry, &stranger.beat("w1", 1)).is_none(), "forged: no answer");
+        assert!(since_heartbeat(&registry) >= Duration::from_secs(2), "and no heartbeat");
+
+        let ack = answer(&registry, &key.beat("w1", 1)).unwrap();
+        assert!(ack.known && key.verify_ack(&ack) && ack.sequence == 1);
+        assert!(since_heartbeat(&registry) < Duration::from_secs(1));
+        assert!(registry.members.lock().unwrap()["w1"].by_datagram);
+
+        // A replayed (or reordered) datagram is ignored; a later one counts.
+        registry.members.lock().unwrap().get_mut("w1").unwrap().last_heartbeat -= Duration::from_secs(2);
+        assert!(answer(&registry, &key.beat("w1", 1)).is_none());
+        assert!(since_heartbeat(&registry) >= Duration::from_secs(2));
+        assert!(answer(&registry, &key.beat("w1", 5)).unwrap().known);
+        assert!(answer(&registry, &key.beat("w1", 3)).is_none());
+        assert!(answer(&registry, b"\xff\xff not a datagram").is_none());
+    }
+
+    #[test]
+    fn a_worker_marked_lost_or_unknown_is_told_to_register_again() {
+        let (registry, key) = registered();
+        registry.suspect("w1");
+        let ack = answer(&registry, &key.beat("w1", 1)).unwrap();
+        assert!(!ack.known && key.verify_ack(&ack), "authenticated: the worker registers again");
+        assert!(!registry.is_alive("w1"), "a datagram does not bring a lost worker back");
+        // A worker this scheduler never registered (it restarted) gets an answer it cannot
+        // trust, which only makes it ask over its authenticated call.
+        let hint = answer(&registry, &key.beat("w9", 1)).unwrap();
+        assert!(!hint.known && hint.mac.is_empty());
     }
 }

@@ -1,14 +1,18 @@
-//! A worker's registration with the scheduler and its heartbeat loop (the scheduler side is
-//! `crate::scheduler::registry`).
+//! A worker's registration with the scheduler and its heartbeats (the scheduler side is
+//! `crate::scheduler::registry`, the datagrams' form `crate::membership`).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use prost::Message as _;
+use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
+use crate::membership::{HeartbeatKey, MAX_DATAGRAM};
 use crate::proto::membership_client::MembershipClient;
-use crate::proto::{DeregisterRequest, HeartbeatRequest, RegisterRequest, WorkerInfo};
+use crate::proto::{DeregisterRequest, HeartbeatAck, HeartbeatRequest, RegisterRequest, RegisterResponse, WorkerInfo};
 use crate::security::cluster::Credentials;
 use crate::worker::task::TaskService;
 
@@ -35,10 +39,11 @@ enum Beats {
 }
 
 /// Registers this worker with the scheduler at `scheduler_addr` and keeps it registered:
-/// heartbeats every period on one open call, registering again whenever the scheduler does
-/// not know it (it restarted, or marked the worker lost: then the tasks still running here,
-/// which run elsewhere by now, are killed) or the call fails. Ends when `stop` fires,
-/// deregistering on the way out.
+/// heartbeats every period (as datagrams when the scheduler takes them and they get through,
+/// else on one open call), registering again whenever the scheduler does not know it (it
+/// restarted, or marked the worker lost: then the tasks still running here, which run
+/// elsewhere by now, are killed) or the call fails. Ends when `stop` fires, deregistering on
+/// the way out.
 pub async fn run_worker(
     info: WorkerInfo,
     scheduler_addr: String,
@@ -58,22 +63,48 @@ pub async fn run_worker(
             return;
         }
     };
-    // Connects lazily and reconnects by itself after the scheduler restarts.
-    let mut client = MembershipClient::with_interceptor(endpoint.connect_lazy(), credentials.attach());
+    // A new connection for each registration: with datagram heartbeats it closes once the
+    // worker is registered, so the scheduler holds no connection per idle worker.
+    let client = || MembershipClient::with_interceptor(endpoint.connect_lazy(), credentials.attach());
     let mut last_problem = String::new();
+    let mut datagrams_failed = String::new();
     loop {
+        let mut membership = client();
         let registered =
-            tokio::time::timeout(CALL_TIMEOUT, client.register(RegisterRequest { worker: Some(info.clone()) }));
+            tokio::time::timeout(CALL_TIMEOUT, membership.register(RegisterRequest { worker: Some(info.clone()) }));
         let failure = match registered.await {
             Ok(Ok(response)) => {
                 info!(scheduler = %scheduler_addr, "registered with the scheduler");
                 last_problem.clear();
                 state.send_if_modified(|r| std::mem::replace(r, Registration::Registered) != Registration::Registered);
+                let response = response.into_inner();
+                let mut ended = None;
+                if let Some(socket) = datagram_socket(&scheduler_addr, &response).await {
+                    drop(membership);
+                    let key = HeartbeatKey::from_bytes(&response.heartbeat_key);
+                    let lost_after = response.lost_after_missed_heartbeats;
+                    let beats = DatagramBeats { socket, key, instance_id: &info.instance_id, period, lost_after };
+                    match beats.run(&AtomicUsize::new(0), &mut stop).await {
+                        DatagramsEnded::Stopped => break,
+                        DatagramsEnded::Unknown => ended = Some(Beats::Unknown),
+                        DatagramsEnded::Unanswered(why) => {
+                            if why != datagrams_failed {
+                                info!(scheduler = %scheduler_addr, "heartbeat datagrams are not answered ({why}): heartbeats go on a gRPC call instead");
+                                datagrams_failed = why;
+                            }
+                        }
+                    }
+                    membership = client();
+                }
                 let beat = HeartbeatRequest {
                     instance_id: info.instance_id.clone(),
-                    scheduler_session: response.into_inner().scheduler_session,
+                    scheduler_session: response.scheduler_session,
                 };
-                match heartbeats(client.clone(), beat, period, &mut stop).await {
+                let ended = match ended {
+                    Some(ended) => ended,
+                    None => heartbeats(membership, beat, period, &mut stop).await,
+                };
+                match ended {
                     Beats::Stopped => break,
                     Beats::Unknown => {
                         info!(scheduler = %scheduler_addr, "the scheduler does not know this worker (restarted or marked it lost); registering again");
@@ -106,9 +137,108 @@ pub async fn run_worker(
     }
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
-        client.deregister(DeregisterRequest { instance_id: info.instance_id.clone() }),
+        client().deregister(DeregisterRequest { instance_id: info.instance_id.clone() }),
     )
     .await;
+}
+
+/// A UDP socket connected to the scheduler's heartbeat port, when the registration names one
+/// (on the host of `scheduler_addr`, the address the worker registered at). None sends the
+/// heartbeats on the gRPC call.
+async fn datagram_socket(scheduler_addr: &str, registration: &RegisterResponse) -> Option<UdpSocket> {
+    let port = u16::try_from(registration.heartbeat_port).ok().filter(|p| *p != 0)?;
+    if registration.heartbeat_key.is_empty() {
+        return None;
+    }
+    let host = scheduler_addr.rsplit_once(':').map_or(scheduler_addr, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let target = match tokio::net::lookup_host((host, port)).await.ok().and_then(|mut a| a.next()) {
+        Some(target) => target,
+        None => {
+            warn!(scheduler = %scheduler_addr, "cannot resolve the scheduler's host for heartbeat datagrams; heartbeats go on a gRPC call");
+            return None;
+        }
+    };
+    let unspecified: std::net::SocketAddr = match target {
+        std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(unspecified).await.ok()?;
+    // Connected: the kernel passes on only the scheduler's datagrams, and reports an
+    // unreachable port as an error.
+    socket.connect(target).await.ok()?;
+    Some(socket)
+}
+
+/// How datagram heartbeats ended.
+pub enum DatagramsEnded {
+    /// The scheduler answered, authenticated, that it does not know the worker: register again.
+    Unknown,
+    /// No authenticated answer came in time, or the scheduler has no key for this worker (it
+    /// restarted, or the answer was forged): the gRPC call decides.
+    Unanswered(String),
+    Stopped,
+}
+
+/// One registration's heartbeat datagrams.
+pub struct DatagramBeats<'a> {
+    /// Connected to the scheduler's heartbeat port.
+    pub socket: UdpSocket,
+    pub key: HeartbeatKey,
+    pub instance_id: &'a str,
+    pub period: Duration,
+    /// The scheduler marks a worker lost after this many periods without a heartbeat.
+    pub lost_after: u32,
+}
+
+impl DatagramBeats<'_> {
+    /// Sends a heartbeat at once and then every period (counting them in `sent`) until the
+    /// scheduler does not know the worker, answers stop coming or `stop` fires. The
+    /// datagrams give up half a period before the scheduler would mark the worker lost, so
+    /// that the call's first heartbeat arrives in time.
+    pub async fn run(&self, sent: &AtomicUsize, stop: &mut watch::Receiver<bool>) -> DatagramsEnded {
+        let patience = self.period * self.lost_after.saturating_sub(1) + self.period / 2;
+        let mut tick = tokio::time::interval(self.period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sequence = 0u64;
+        let mut answered = tokio::time::Instant::now();
+        let mut buf = [0u8; MAX_DATAGRAM];
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    sequence += 1;
+                    // A send that fails (no route yet, a full buffer) is a lost datagram.
+                    if self.socket.try_send(&self.key.beat(self.instance_id, sequence)).is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                received = self.socket.recv(&mut buf) => {
+                    let n = match received {
+                        Ok(n) => n,
+                        Err(e) => return DatagramsEnded::Unanswered(format!("the scheduler's heartbeat port: {e}")),
+                    };
+                    let Ok(ack) = HeartbeatAck::decode(&buf[..n]) else { continue };
+                    if ack.instance_id != self.instance_id {
+                        continue;
+                    }
+                    if !self.key.verify_ack(&ack) {
+                        if !ack.known && ack.mac.is_empty() {
+                            return DatagramsEnded::Unanswered("the scheduler has no key for this worker".into());
+                        }
+                        continue; // forged
+                    }
+                    if !ack.known {
+                        return DatagramsEnded::Unknown;
+                    }
+                    answered = tokio::time::Instant::now();
+                }
+                _ = tokio::time::sleep_until(answered + patience) => {
+                    return DatagramsEnded::Unanswered(format!("no answer for {} ms", patience.as_millis()));
+                }
+                _ = stop.wait_for(|s| *s) => return DatagramsEnded::Stopped,
+            }
+        }
+    }
 }
 
 /// Sends `beat` every `period` on one heartbeat call until the scheduler answers (it does
@@ -128,9 +258,10 @@ where
     let (sender, beats) = mpsc::channel(4);
     let call = client.heartbeat(ReceiverStream::new(beats));
     tokio::pin!(call);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    // After a stall (the process was stopped) one beat goes at once: the scheduler says
-    // whether it marked the worker lost meanwhile.
+    // The first beat goes at once (the call may take over from datagrams that went
+    // unanswered). After a stall (the process was stopped) one beat goes at once: the
+    // scheduler says whether it marked the worker lost meanwhile.
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
