@@ -590,8 +590,10 @@ impl Queries {
         let live = self.inner.workers.wait_for_workers(distribution.min_workers.max(1)).await?;
         // Spread queries over the cluster: each starts at the next worker.
         let start = self.inner.workers.next_start();
-        let workers: Vec<String> =
-            (0..live.len().min(max as usize)).map(|i| live[(start + i) % live.len()].instance_id.clone()).collect();
+        let chosen: Vec<WorkerInfo> =
+            (0..live.len().min(max as usize)).map(|i| live[(start + i) % live.len()].clone()).collect();
+        self.inner.workers.connect_ahead(&chosen);
+        let workers: Vec<String> = chosen.into_iter().map(|w| w.instance_id).collect();
         let per_worker =
             distribution.partitions_per_worker.or(bounds.default_partitions_per_worker).unwrap_or(1).max(1);
         if per_worker > MAX_PARTITIONS_PER_WORKER {

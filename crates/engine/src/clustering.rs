@@ -71,7 +71,7 @@ pub fn clustered(paths: &[PlRefPath], schema: &Schema, columns: &[PlSmallStr]) -
     if candidates.is_empty() {
         return None;
     }
-    let files: Vec<Arc<FileMetadata>> = paths.iter().map(|p| metadata(p.as_str())).collect::<Option<_>>()?;
+    let files = footers(paths)?;
     'columns: for key in candidates {
         let mut units = Vec::new();
         for (file, md) in files.iter().enumerate() {
@@ -145,6 +145,26 @@ impl Clustered {
             .collect();
         Some(parts)
     }
+}
+
+/// The footers of `paths`, in order; many are read on several threads (a scan of a thousand
+/// files waits on a thousand reads otherwise: opening each, reading and decoding its footer).
+fn footers(paths: &[PlRefPath]) -> Option<Vec<Arc<FileMetadata>>> {
+    const FILES_PER_THREAD: usize = 32;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores.min(paths.len() / FILES_PER_THREAD).max(1);
+    if threads == 1 {
+        return paths.iter().map(|p| metadata(p.as_str())).collect();
+    }
+    let chunk = paths.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = paths
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(|p| metadata(p.as_str())).collect::<Option<Vec<_>>>()))
+            .collect();
+        let parts: Option<Vec<Vec<_>>> = readers.into_iter().map(|r| r.join().ok().flatten()).collect();
+        parts.map(|p| p.concat())
+    })
 }
 
 /// A local Parquet file's footer, read once per file version (size and modification time).
