@@ -91,7 +91,8 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
         /// Then print the client service's address and time the dispatch of the first stage
-        /// of a query submitted there (the simulated workers hold its tasks, then fail them).
+        /// of two queries submitted there, the first on new connections to the simulated
+        /// workers, the second on those (the workers hold the tasks, then fail them).
         #[arg(long)]
         dispatch: bool,
     },

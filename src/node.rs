@@ -115,6 +115,7 @@ impl Roles {
                     max_workers_per_query: scheduler.max_workers_per_query,
                     default_partitions_per_worker: scheduler.default_partitions_per_worker,
                 },
+                min_split_bytes: scheduler.min_split_bytes,
                 worker_wait: match config.scaling.enabled {
                     true => config.scaling.registration_timeout.0,
                     false => crate::scheduler::workers::WORKER_WAIT,

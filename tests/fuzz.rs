@@ -192,6 +192,7 @@ fn fuzz_submitted_plans() {
             max_workers_per_query: None,
             default_partitions_per_worker: None,
         },
+        min_split_bytes: 0,
         worker_wait: std::time::Duration::from_secs(30),
     };
     let version = prop::option::of(prop::sample::select(vec![

@@ -15,6 +15,7 @@ const LIMITS: Limits = Limits {
     max_tasks: 3,
     broadcast_limit: 1 << 30,
     min_rows_per_task: 100,
+    min_split_bytes: 0,
     pre_aggregate: true,
     partitioned_sort: true,
 };

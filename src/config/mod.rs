@@ -150,6 +150,13 @@ pub struct SchedulerConfig {
     /// whose execution process dies, runs again elsewhere (as Spark's `spark.task.maxFailures`).
     /// A query's `n_retries` adds to it.
     pub max_task_attempts: u32,
+    /// A distributed query whose scans read less than this in all (bytes on disk of the
+    /// columns they read) runs whole on one worker: each stage of a split costs milliseconds
+    /// (tasks, their fragments planned again, data handed over) that small inputs do not win
+    /// back. A query with `single_worker_ops="forbid"` is split whatever its size; 0 splits
+    /// every query that can be.
+    #[serde(deserialize_with = "byte_size")]
+    pub min_split_bytes: u64,
 }
 
 impl Default for SchedulerConfig {
@@ -173,6 +180,7 @@ impl Default for SchedulerConfig {
             checkpoint: None,
             lost_after_missed_heartbeats: 3,
             max_task_attempts: 4,
+            min_split_bytes: 64 << 20,
         }
     }
 }

@@ -9,9 +9,10 @@
 //! With `dispatch`, the same listener serves the task service of every simulated worker: it
 //! notes when each RunTask arrives (and at which worker's address), holds it, and fails it
 //! once the stage's tasks have all arrived. The command prints `{"ready": CLIENT_URI}` and
-//! waits for a query (bench/run.py submits one with the official client, a stage of one task
-//! per worker) and then for its stdin to close; the report gives the arrival times, so the
-//! submitter measures planning and dispatch on its own clock.
+//! waits for two queries (bench/dispatch.py submits them with the official client, each a
+//! stage of one task per worker: the first finds no connections to the workers, the second
+//! those the first made) and then for its stdin to close; the report gives the arrival times,
+//! so the submitter measures planning and dispatch on its own clock.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -34,16 +35,22 @@ use crate::proto::{
 };
 use crate::worker::registration::{DatagramBeats, DatagramsEnded};
 
+/// Queries whose first stage is timed: the first on new connections, the second on them.
+const DISPATCHED_STAGES: usize = 2;
 /// How long a dispatched stage may be quiet before its tasks count as all arrived.
 const STAGE_QUIET: Duration = Duration::from_secs(2);
 
 /// Runs the scheduler at `exe` with `workers` simulated workers for `seconds` of heartbeats,
-/// then, with `dispatch`, times the dispatch of a submitted query's first stage.
+/// then, with `dispatch`, times the dispatch of the first stage of two submitted queries.
 pub async fn run(exe: &Path, workers: usize, seconds: u64, dispatch: bool) -> Result<Value, String> {
     let dir = std::env::temp_dir().join(format!("polars-node-bench-scheduler-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    // Health checks of every simulated worker's address.
-    let health = tokio::net::TcpListener::bind("0.0.0.0:0").await.map_err(|e| e.to_string())?;
+    // Health checks of every simulated worker's address. The queue of connections waiting to
+    // be accepted is as long as the system allows: a thousand workers' connections arrive at
+    // once (each worker has a queue of its own in a real cluster).
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    socket.bind("0.0.0.0:0".parse().expect("an address")).map_err(|e| e.to_string())?;
+    let health = socket.listen(4096).map_err(|e| e.to_string())?;
     let health_port = health.local_addr().map_err(|e| e.to_string())?.port();
     let (reporter, service) = tonic_health::server::health_reporter();
     reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
@@ -156,7 +163,7 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64, dispatch: bool) -> Re
     // Registrations beyond the first of each worker: workers the scheduler lost meanwhile.
     let registered_again = registered.load(Ordering::Relaxed) - registrations_before;
     let dispatched = match dispatch {
-        true => Some(tasks.time_a_stage(client_port).await?),
+        true => Some(tasks.time_stages(client_port, DISPATCHED_STAGES).await?),
         false => None,
     };
     beats.abort_all();
@@ -185,41 +192,48 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64, dispatch: bool) -> Re
 /// The task services of all simulated workers: RunTask calls are noted and held.
 #[derive(Clone, Default)]
 struct SimulatedTasks {
-    /// Arrival (Unix time, ns) and the simulated worker's address of each RunTask.
+    /// Arrival (Unix time, ns) and the simulated worker's address of each RunTask of the
+    /// stage being timed.
     arrivals: Arc<Mutex<Vec<(u128, String)>>>,
-    /// Set once the stage is in: the held tasks fail.
-    released: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Stages let go so far: a held task fails once the stage it arrived in is let go.
+    released: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl SimulatedTasks {
-    /// Prints the client service's address, waits for a query's stage to arrive (until it
-    /// has been quiet for `STAGE_QUIET`), fails its tasks, and waits for stdin to close.
-    async fn time_a_stage(&self, client_port: u16) -> Result<Value, String> {
+    /// Prints the client service's address, then for each of `stages` queries waits for its
+    /// stage to arrive (until it has been quiet for `STAGE_QUIET`) and fails its tasks; then
+    /// waits for stdin to close. The first query finds no connection to the simulated task
+    /// services, the next ones find those the first made (as on a cluster that has run queries).
+    async fn time_stages(&self, client_port: u16, stages: usize) -> Result<Value, String> {
         println!("{}", json!({ "ready": format!("http://127.0.0.1:{client_port}") }));
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let mut seen = 0;
-        loop {
-            tokio::time::sleep(STAGE_QUIET).await;
-            let now = self.arrivals.lock().unwrap().len();
-            if now > 0 && now == seen {
-                break;
+        let mut timed = Vec::new();
+        for _ in 0..stages {
+            let deadline = Instant::now() + Duration::from_secs(300);
+            let mut seen = 0;
+            loop {
+                tokio::time::sleep(STAGE_QUIET).await;
+                let now = self.arrivals.lock().unwrap().len();
+                if now > 0 && now == seen {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("no stage arrived within 5 minutes ({now} tasks)"));
+                }
+                seen = now;
             }
-            if Instant::now() > deadline {
-                return Err(format!("no stage arrived within 5 minutes ({now} tasks)"));
-            }
-            seen = now;
+            let arrivals = std::mem::take(&mut *self.arrivals.lock().unwrap());
+            self.released.send_modify(|n| *n += 1);
+            let workers: std::collections::BTreeSet<&String> = arrivals.iter().map(|(_, w)| w).collect();
+            timed.push(json!({
+                "tasks": arrivals.len(),
+                "workers": workers.len(),
+                "first_arrival_unix_ns": arrivals.iter().map(|(t, _)| *t).min().unwrap_or(0) as u64,
+                "last_arrival_unix_ns": arrivals.iter().map(|(t, _)| *t).max().unwrap_or(0) as u64,
+            }));
         }
-        self.released.send_replace(true);
         let closed = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()));
         let _ = tokio::time::timeout(Duration::from_secs(120), closed).await;
-        let arrivals = self.arrivals.lock().unwrap();
-        let workers: std::collections::BTreeSet<&String> = arrivals.iter().map(|(_, w)| w).collect();
-        Ok(json!({
-            "tasks": arrivals.len(),
-            "workers": workers.len(),
-            "first_arrival_unix_ns": arrivals.iter().map(|(t, _)| *t).min().unwrap_or(0) as u64,
-            "last_arrival_unix_ns": arrivals.iter().map(|(t, _)| *t).max().unwrap_or(0) as u64,
-        }))
+        Ok(Value::Array(timed))
     }
 }
 
@@ -228,8 +242,12 @@ impl Task for SimulatedTasks {
     async fn run_task(&self, request: Request<RunTaskRequest>) -> Result<Response<RunTaskResponse>, Status> {
         let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let worker = request.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-        self.arrivals.lock().unwrap().push((at, worker));
-        let _ = self.released.subscribe().wait_for(|released| *released).await;
+        let stage = {
+            let mut arrivals = self.arrivals.lock().unwrap();
+            arrivals.push((at, worker));
+            *self.released.borrow()
+        };
+        let _ = self.released.subscribe().wait_for(|released| *released > stage).await;
         Ok(Response::new(RunTaskResponse {
             outcome: Some(Outcome::Failure(TaskFailure {
                 message: "ComputeError: a simulated worker runs no tasks".into(),

@@ -60,6 +60,8 @@ pub struct Policy {
     pub allow_local_scans: bool,
     pub allow_local_sinks: bool,
     pub bounds: WorkerBounds,
+    /// `scheduler.min_split_bytes`.
+    pub min_split_bytes: u64,
     /// How long a query waits for the workers it needs: `workers::WORKER_WAIT`, or
     /// `scaling.registration_timeout` when a scaler starts them.
     pub worker_wait: Duration,
@@ -590,10 +592,8 @@ impl Queries {
         let live = self.inner.workers.wait_for_workers(distribution.min_workers.max(1)).await?;
         // Spread queries over the cluster: each starts at the next worker.
         let start = self.inner.workers.next_start();
-        let chosen: Vec<WorkerInfo> =
-            (0..live.len().min(max as usize)).map(|i| live[(start + i) % live.len()].clone()).collect();
-        self.inner.workers.connect_ahead(&chosen);
-        let workers: Vec<String> = chosen.into_iter().map(|w| w.instance_id).collect();
+        let workers: Vec<String> =
+            (0..live.len().min(max as usize)).map(|i| live[(start + i) % live.len()].instance_id.clone()).collect();
         let per_worker =
             distribution.partitions_per_worker.or(bounds.default_partitions_per_worker).unwrap_or(1).max(1);
         if per_worker > MAX_PARTITIONS_PER_WORKER {
@@ -606,6 +606,11 @@ impl Queries {
             max_tasks: workers.len() * per_worker as usize,
             broadcast_limit: distribution.broadcast_limit,
             min_rows_per_task: MIN_ROWS_PER_TASK,
+            // The client asks for a split whatever the size with `single_worker_ops="forbid"`.
+            min_split_bytes: match distribution.forbid_single_worker {
+                true => 0,
+                false => self.inner.policy.min_split_bytes,
+            },
             pre_aggregate: distribution.pre_aggregate,
             partitioned_sort: distribution.partitioned_sort,
         };

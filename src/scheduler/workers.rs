@@ -35,7 +35,7 @@ struct Inner {
     /// `scheduler.allow_local_scans` and `allow_local_sinks`, sent with every task.
     allow_local: (bool, bool),
     /// One HTTP/2 connection per worker task service, shared by all queries.
-    clients: Mutex<HashMap<String, Channel>>,
+    clients: Mutex<HashMap<String, TaskConnection>>,
     /// Per worker: tasks running there, and when the last one ended (for releasing idle ones).
     activity: Mutex<HashMap<String, Activity>>,
     /// Worker counts that waiting queries need (what the scaler is asked for), by waiter.
@@ -197,40 +197,19 @@ impl Workers {
     /// A client of the task service at `addr`, over the connection kept for that worker (made
     /// lazily, re-established by itself when the worker comes back).
     pub fn task_client(&self, addr: &str) -> Result<TaskConnection, tonic::Status> {
-        let channel = self.channel(addr)?;
-        Ok(TaskClient::with_interceptor(channel, self.inner.credentials.attach()).max_decoding_message_size(256 << 20))
-    }
-
-    /// Connects to the task services of `workers` that have no connection yet, in the
-    /// background: a query calls it before it plans, so that its first tasks find their
-    /// connections made (a stage of 1,000 tasks otherwise waits for 1,000 connections after
-    /// planning). A health check makes the connection (and needs no token).
-    pub(crate) fn connect_ahead(&self, workers: &[WorkerInfo]) {
-        for worker in workers {
-            let fresh = !self.inner.clients.lock().unwrap().contains_key(&worker.task_addr);
-            if let (true, Ok(channel)) = (fresh, self.channel(&worker.task_addr)) {
-                tokio::spawn(async move {
-                    let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
-                    let _ = tonic_health::pb::health_client::HealthClient::new(channel).check(request).await;
-                });
-            }
-        }
-    }
-
-    /// The connection kept for the task service at `addr`.
-    fn channel(&self, addr: &str) -> Result<Channel, tonic::Status> {
-        let mut channels = self.inner.clients.lock().unwrap();
-        if let Some(channel) = channels.get(addr) {
-            return Ok(channel.clone());
+        let mut workers = self.inner.clients.lock().unwrap();
+        if let Some(client) = workers.get(addr) {
+            return Ok(client.clone());
         }
         let endpoint = (self.inner.credentials.endpoint(addr))
             .map_err(tonic::Status::internal)?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20));
-        let channel = endpoint.connect_lazy();
-        channels.insert(addr.to_string(), channel.clone());
-        Ok(channel)
+        let client = TaskClient::with_interceptor(endpoint.connect_lazy(), self.inner.credentials.attach())
+            .max_decoding_message_size(256 << 20);
+        workers.insert(addr.to_string(), client.clone());
+        Ok(client)
     }
 }
 

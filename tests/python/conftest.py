@@ -47,6 +47,10 @@ class Cluster:
 
     def start_scheduler(self, extra: str = "", tables: str = "") -> None:
         """`extra`: further [scheduler] keys; `tables`: further TOML tables."""
+        # The tests' inputs are small: they are split as large ones would be (by default a
+        # query reading under 64 MiB runs whole on one worker).
+        if "min_split_bytes" not in extra:
+            extra = f"min_split_bytes = 0\n{extra}"
         self.start(
             "scheduler",
             f"""instance_id = "scheduler"

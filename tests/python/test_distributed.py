@@ -309,3 +309,20 @@ def test_user_sink_of_a_split_query(tpch, tmp_path, dctx):
     result = q.remote(dctx).sink_parquet(str(target), sink_to_single_file=True).await_result()
     assert result.total_stages >= 2, result.total_stages
     assert_frame_equal(pl.read_parquet(target), q.collect(), check_exact=False, rel_tol=1e-9)
+
+
+def test_small_queries_run_whole_unless_the_client_forbids_it(tpch, tmp_path):
+    """A distributed query whose scans read less than scheduler.min_split_bytes runs whole on
+    one worker (a split costs more than it wins on small inputs), and the scheduler says why;
+    `single_worker_ops="forbid"` splits it anyway."""
+    workers = {"mw-1": "127.0.0.8", "mw-2": "127.0.0.9"}
+    with running_cluster(tmp_path, workers, 'min_split_bytes = "1GiB"') as c:
+        ctx = pc.ClusterContext(uri=c.uri)
+        q = pdsh.q1(pdsh.tables(tpch))
+        whole = q.remote(ctx).distributed().execute()
+        assert_frame_equal(whole.lazy().collect(), q.collect(), check_exact=False, rel_tol=1e-9)
+        assert whole.total_stages == 1
+        assert "less than a split pays for (scheduler.min_split_bytes = 1.0 GiB" in split_log(c), split_log(c)[-2000:]
+        split = q.remote(ctx).distributed(single_worker_ops="forbid").execute()
+        assert_frame_equal(split.lazy().collect(), q.collect(), check_exact=False, rel_tol=1e-9)
+        assert split.total_stages >= 2

@@ -203,10 +203,10 @@ ctx = pc.ClusterContext(uri="http://10.231.1.2:5051")
 q = pl.LazyFrame({"k": ["a", "b", "a"] * 50, "v": list(range(150))}).group_by("k").agg(pl.col("v").sum()).sort("k")
 assert q.remote(ctx).collect().equals(q.collect())
 # A split query: both workers scan parts of the files and exchange shuffle partitions across
-# hosts (worker-2 only at its NAT address).
+# hosts (worker-2 only at its NAT address). The files are small: the client asks for a split.
 facts = pl.scan_parquet(sys.argv[1] + "/facts-*.parquet")
 joined = facts.join(facts.select("id", w="v"), on="id").group_by("k").agg(pl.len(), pl.col("w").sum()).sort("k")
-res = joined.remote(ctx).distributed(equi_join_broadcast_limit=0).execute()
+res = joined.remote(ctx).distributed(equi_join_broadcast_limit=0, single_worker_ops="forbid").execute()
 assert res.lazy().collect().equals(joined.collect()), res.lazy().collect()
 assert res.total_stages >= 3 and max(s.num_workers_used for s in res.stage_statistics()) == 2, res.stage_statistics()
 print("SPLIT", res.total_stages, flush=True)

@@ -57,6 +57,9 @@ pub struct Limits {
     pub broadcast_limit: u64,
     /// Smallest number of rows worth a task of its own when a single file is split.
     pub min_rows_per_task: u64,
+    /// Queries whose scans read less than this (bytes on disk of the columns they read) run
+    /// whole.
+    pub min_split_bytes: u64,
     /// Aggregate within each part before shuffling (the client's `allow_pre_aggregation`).
     pub pre_aggregate: bool,
     /// Sort by range partitions rather than in one task (`allow_partitioned_sort`).
@@ -97,6 +100,15 @@ pub fn plan_stages(query: &DslPlan, optimization_flags: Option<u32>, limits: Lim
     };
     if planner.largest_scan.is_none() {
         return Ok(Split::Whole("the query reads no files".into()));
+    }
+    let read = scans::read_bytes(&ir);
+    if read < limits.min_split_bytes {
+        return Ok(Split::Whole(format!(
+            "its scans read about {} in all, less than a split pays for (scheduler.min_split_bytes = {}; \
+             single_worker_ops=\"forbid\" splits it anyway)",
+            scans::size(read),
+            scans::size(limits.min_split_bytes)
+        )));
     }
     let root = match planner.visit(ir.lp_top) {
         Ok(rel) => rel,

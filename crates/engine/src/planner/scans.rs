@@ -277,6 +277,32 @@ pub(super) fn largest_scan(ir: &IRPlan) -> Option<Node> {
     best.map(|(_, n)| n)
 }
 
+/// What all the scans of `ir` read (bytes on disk of the columns they return).
+pub(super) fn read_bytes(ir: &IRPlan) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![ir.lp_top];
+    while let Some(node) = stack.pop() {
+        let plan = ir.lp_arena.get(node);
+        if let IR::Scan { sources, file_info, output_schema, .. } = plan {
+            let columns: Option<Vec<PlSmallStr>> = output_schema.as_ref().map(|s| s.iter_names().cloned().collect());
+            let read = scan_bytes(sources) as f64 * read_share(&file_info.schema, columns.as_deref());
+            total = total.saturating_add(read as u64);
+        }
+        stack.extend(plan.inputs());
+    }
+    total
+}
+
+/// `bytes` for people: "12.3 MiB".
+pub(super) fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
 pub(super) fn scan_bytes(sources: &ScanSources) -> u64 {
     match sources {
         ScanSources::Paths(paths) => paths
