@@ -126,14 +126,15 @@ pub async fn run(exe: &Path, workers: usize, seconds: u64, dispatch: bool) -> Re
                     Ok(r) => datagram_socket(own, r.into_inner()).await,
                     Err(e) => Err(e.message().to_string()),
                 };
-                let Ok((socket, key, lost_after)) = socket else {
+                let Ok((socket, scheduler, key, lost_after)) = socket else {
                     refused.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 };
                 registered.fetch_add(1, Ordering::Relaxed);
                 let period = Duration::from_secs(1);
-                let beats = DatagramBeats { socket, key, instance_id: &info.instance_id, period, lost_after };
+                let instance_id = &info.instance_id;
+                let beats = DatagramBeats { socket, scheduler, key, instance_id, period, lost_after };
                 // Unknown, or unanswered: register again.
                 match beats.run(&sent, &mut stop).await {
                     DatagramsEnded::Unanswered(_) => unanswered.fetch_add(1, Ordering::Relaxed),
@@ -271,19 +272,19 @@ impl Task for SimulatedTasks {
     }
 }
 
-/// A simulated worker's heartbeat socket at its own address `own`, connected to the port the
-/// registration names, with the registration's key and the scheduler's patience.
+/// A simulated worker's heartbeat socket at its own address `own`, the port the registration
+/// names, the registration's key and the scheduler's patience.
 async fn datagram_socket(
     own: std::net::IpAddr,
     registration: RegisterResponse,
-) -> Result<(tokio::net::UdpSocket, HeartbeatKey, u32), String> {
+) -> Result<(tokio::net::UdpSocket, std::net::SocketAddr, HeartbeatKey, u32), String> {
     if registration.heartbeat_port == 0 {
         return Err("the scheduler takes no heartbeat datagrams".into());
     }
     let socket = tokio::net::UdpSocket::bind((own, 0)).await.map_err(|e| e.to_string())?;
-    socket.connect(("127.0.0.1", registration.heartbeat_port as u16)).await.map_err(|e| e.to_string())?;
+    let scheduler = (std::net::Ipv4Addr::LOCALHOST, registration.heartbeat_port as u16).into();
     let key = HeartbeatKey::from_bytes(&registration.heartbeat_key);
-    Ok((socket, key, registration.lost_after_missed_heartbeats))
+    Ok((socket, scheduler, key, registration.lost_after_missed_heartbeats))
 }
 
 /// Worker `i` at its own loopback address (127.x.y.z), all served by one listener.

@@ -1,6 +1,7 @@
 //! A worker's registration with the scheduler and its heartbeats (the scheduler side is
 //! `crate::scheduler::registry`, the datagrams' form `crate::membership`).
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -79,11 +80,12 @@ pub async fn run_worker(
                 state.send_if_modified(|r| std::mem::replace(r, Registration::Registered) != Registration::Registered);
                 let response = response.into_inner();
                 let mut ended = None;
-                if let Some(socket) = datagram_socket(&scheduler_addr, &response).await {
+                if let Some((socket, scheduler)) = datagram_socket(&scheduler_addr, &response).await {
                     drop(membership);
                     let key = HeartbeatKey::from_bytes(&response.heartbeat_key);
                     let lost_after = response.lost_after_missed_heartbeats;
-                    let beats = DatagramBeats { socket, key, instance_id: &info.instance_id, period, lost_after };
+                    let instance_id = &info.instance_id;
+                    let beats = DatagramBeats { socket, scheduler, key, instance_id, period, lost_after };
                     match beats.run(&AtomicUsize::new(0), &mut stop).await {
                         DatagramsEnded::Stopped => break,
                         DatagramsEnded::Unknown => ended = Some(Beats::Unknown),
@@ -142,10 +144,10 @@ pub async fn run_worker(
     .await;
 }
 
-/// A UDP socket connected to the scheduler's heartbeat port, when the registration names one
-/// (on the host of `scheduler_addr`, the address the worker registered at). None sends the
-/// heartbeats on the gRPC call.
-async fn datagram_socket(scheduler_addr: &str, registration: &RegisterResponse) -> Option<UdpSocket> {
+/// A UDP socket and the scheduler's heartbeat port, when the registration names one (on the
+/// host of `scheduler_addr`, the address the worker registered at). None sends the heartbeats
+/// on the gRPC call.
+async fn datagram_socket(scheduler_addr: &str, registration: &RegisterResponse) -> Option<(UdpSocket, SocketAddr)> {
     let port = u16::try_from(registration.heartbeat_port).ok().filter(|p| *p != 0)?;
     if registration.heartbeat_key.is_empty() {
         return None;
@@ -159,15 +161,14 @@ async fn datagram_socket(scheduler_addr: &str, registration: &RegisterResponse) 
             return None;
         }
     };
-    let unspecified: std::net::SocketAddr = match target {
-        std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    let unspecified: SocketAddr = match target {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
     };
+    // Not connected: a scheduler on a host of several addresses may answer from another one
+    // than the worker sent to; its answers are known by their MAC, not by their source.
     let socket = UdpSocket::bind(unspecified).await.ok()?;
-    // Connected: the kernel passes on only the scheduler's datagrams, and reports an
-    // unreachable port as an error.
-    socket.connect(target).await.ok()?;
-    Some(socket)
+    Some((socket, target))
 }
 
 /// How datagram heartbeats ended.
@@ -182,8 +183,9 @@ pub enum DatagramsEnded {
 
 /// One registration's heartbeat datagrams.
 pub struct DatagramBeats<'a> {
-    /// Connected to the scheduler's heartbeat port.
     pub socket: UdpSocket,
+    /// The scheduler's heartbeat port.
+    pub scheduler: SocketAddr,
     pub key: HeartbeatKey,
     pub instance_id: &'a str,
     pub period: Duration,
@@ -208,13 +210,14 @@ impl DatagramBeats<'_> {
                 _ = tick.tick() => {
                     sequence += 1;
                     // A send that fails (no route yet, a full buffer) is a lost datagram.
-                    if self.socket.try_send(&self.key.beat(self.instance_id, sequence)).is_ok() {
+                    let beat = self.key.beat(self.instance_id, sequence);
+                    if self.socket.try_send_to(&beat, self.scheduler).is_ok() {
                         sent.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                received = self.socket.recv(&mut buf) => {
+                received = self.socket.recv_from(&mut buf) => {
                     let n = match received {
-                        Ok(n) => n,
+                        Ok((n, _)) => n,
                         Err(e) => return DatagramsEnded::Unanswered(format!("the scheduler's heartbeat port: {e}")),
                     };
                     let Ok(ack) = HeartbeatAck::decode(&buf[..n]) else { continue };
