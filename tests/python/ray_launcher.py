@@ -58,6 +58,8 @@ config = PolarsRayClusterConfig(
 # idle time before extra workers are released.
 env = {
     "PC_CUBLET__scheduler__database_path": f"{work}/queries.db",
+    # The test's tables are small: split them as large ones would be.
+    "PC_CUBLET__scheduler__min_split_bytes": "0",
     "PC_CUBLET__scaling__idle_timeout": "5s",
 }
 ray.init(address=spec["ray_address"], namespace=config.cluster_id, runtime_env={"env_vars": env})
